@@ -1,0 +1,103 @@
+"""Multi-head Latent Attention (MLA), in its two forms.
+
+Axis legend: B batch, S query positions, T cache slots (= key positions), D hidden, H heads,
+K qk_nope_head_dim, P qk_rope_head_dim, V v_head_dim, R kv_lora_rank, C = R + P cache width.
+
+The cache holds, per token and layer, only the normalised KV latent (R = 512) and the roped
+shared key (P = 64): 576 values instead of 2 x 128 heads x 128. Two ways to attend over it:
+- naive (prefill): up-project the latent to per-head keys and values, then ordinary attention;
+  cheapest when many queries share the keys.
+- absorbed (decode): fold kv_b_proj's key half into the query and its value half into the
+  output, so attention runs directly in the 512-wide latent space and the cache is never
+  expanded; cheapest for one query per sequence.
+Both give the same numbers up to float rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import Linear, RMSNorm, apply_rope
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
+MASKED = -1e30  # finite, so a padding query whose every key is masked gives zeros, not NaN
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs):
+        self.cfg = cfg
+        D, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, ("q_lora", "embed"), dtype, rngs)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype, "q_lora")
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, ("heads", "q_lora"), dtype, rngs)
+        else:
+            self.q_proj = Linear(D, H * cfg.qk_head_dim, ("heads", "embed"), dtype, rngs)
+        self.kv_a_proj_with_mqa = Linear(D, R + P, ("kv_latent", "embed"), dtype, rngs)
+        self.kv_a_layernorm = RMSNorm(R, LATENT_NORM_EPS, dtype, "kv_latent")
+        self.kv_b_proj = Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("heads", "kv_latent"), dtype, rngs)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, ("embed", "heads"), dtype, rngs)
+
+    def queries(self, x, cos, sin):
+        """x [B, S, D] -> q_nope [B, S, H, K], q_pe [B, S, H, P] (roped)."""
+        cfg = self.cfg
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q = q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_pe = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latents(self, x, cos, sin):
+        """x [B, S, D] -> cache rows [B, S, C]: normalised latent then roped shared key."""
+        kv, k_pe = jnp.split(self.kv_a_proj_with_mqa(x), [self.cfg.kv_lora_rank], axis=-1)
+        return jnp.concatenate([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], axis=-1)
+
+    def _kv_b(self):
+        cfg = self.cfg
+        w = self.kv_b_proj.weight[...].reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
+                                              cfg.kv_lora_rank)
+        return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, K, R], [H, V, R]
+
+    def _softmax(self, scores, mask):
+        scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, MASKED)
+        return jax.nn.softmax(scores, axis=-1)
+
+    def attend_naive(self, q_nope, q_pe, rows, mask):
+        """rows [B, T, C] of the cache, mask bool[B, S, T] -> [B, S, H, V]."""
+        w_k, w_v = self._kv_b()
+        latent, k_pe = jnp.split(rows, [self.cfg.kv_lora_rank], axis=-1)
+        k_nope = jnp.einsum("btr,hkr->bthk", latent, w_k)
+        v = jnp.einsum("btr,hvr->bthv", latent, w_v)
+        scores = (jnp.einsum("bshk,bthk->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
+        probs = self._softmax(scores, mask).astype(v.dtype)
+        return jnp.einsum("bhst,bthv->bshv", probs, v)
+
+    def attend_absorbed(self, q_nope, q_pe, rows, mask):
+        """Same contract as attend_naive, computed in latent space."""
+        w_k, w_v = self._kv_b()
+        latent, k_pe = jnp.split(rows, [self.cfg.kv_lora_rank], axis=-1)
+        q_latent = jnp.einsum("bshk,hkr->bshr", q_nope, w_k)
+        scores = (jnp.einsum("bshr,btr->bhst", q_latent, latent, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
+        probs = self._softmax(scores, mask).astype(latent.dtype)
+        context = jnp.einsum("bhst,btr->bshr", probs, latent)
+        return jnp.einsum("bshr,hvr->bshv", context, w_v)
+
+    def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed: bool):
+        """x [B, S, D]; cache [L, B, T, C]; slots int32[B, S] (-1: padding, not written).
+
+        Writes this layer's new rows into the cache, then attends over the layer's cache
+        (earlier chunks and this one alike), so prefill, chunked prefill and decode share one path.
+        """
+        q_nope, q_pe = self.queries(x, cos, sin)
+        rows = self.latents(x, cos, sin).astype(cache.dtype)
+        T = cache.shape[2]
+        batch_idx = jnp.arange(x.shape[0])[:, None]
+        cache = cache.at[layer, batch_idx, jnp.where(slots < 0, T, slots)].set(rows, mode="drop")
+        layer_rows = cache[layer].astype(x.dtype)
+        attend = self.attend_absorbed if absorbed else self.attend_naive
+        out = attend(q_nope, q_pe, layer_rows, mask)
+        return self.o_proj(out.reshape(*x.shape[:-1], -1)), cache

@@ -1,0 +1,111 @@
+"""Building blocks: parameter declaration, Linear, RMSNorm, YaRN rotary embedding, SwiGLU MLP.
+
+Axis legend: B batch, S query positions, T key positions, D hidden, H heads, F intermediate.
+Weights keep DeepSeek's [out, in] layout, so checkpoint tensors load without transposes and
+FP8 128x128 scale blocks keep their meaning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.config import ModelConfig
+
+INIT_STD = 0.02  # HF initializer_range; only random-init models (tests, training) see it
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    """Declares one weight with its logical axes; shardings, Orbax targets and the loader derive from it."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    # eager_sharding off: placement is decided once, by sharding.mesh's rule table, not at init.
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs):
+        self.weight = param(rngs, (d_out, d_in), axes, dtype)  # [out, in]
+
+    def __call__(self, x):
+        return linear(x, self.weight[...])
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axis: str | None = None):
+        self.eps = eps
+        self.weight = param(None, (dim,), (axis,), dtype, init="ones")
+
+    def __call__(self, x):
+        # Statistics in fp32 whatever the activation dtype, as DeepSeek and HF compute them.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: the dense layers and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int, dtype, rngs):
+        self.gate_proj = Linear(dim, hidden, ("mlp", "embed"), dtype, rngs)
+        self.up_proj = Linear(dim, hidden, ("mlp", "embed"), dtype, rngs)
+        self.down_proj = Linear(hidden, dim, ("embed", "mlp"), dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- rotary embedding ------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [qk_rope_head_dim // 2], YaRN-corrected when configured (as HF's `yarn` init)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolation = 1.0 / pos_freqs
+    if cfg.rope_type != "yarn":
+        return extrapolation.astype(np.float32)
+    interpolation = 1.0 / (cfg.rope_factor * pos_freqs)
+
+    def correction_dim(rotations):
+        return dim * math.log(cfg.rope_original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the ramp needs a non-empty interval
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    # Low frequencies (long wavelengths) are interpolated, high ones keep their trained values.
+    extrapolation_weight = 1 - ramp
+    return (interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """positions int32[B, S] -> cos, sin float32[B, S, qk_rope_head_dim // 2]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    scale = cfg.yarn_attention_factor
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates DeepSeek's interleaved pairs (x0, x1), (x2, x3), ...; x [B, S, (H,) R], cos/sin [B, S, R/2]."""
+    if x.ndim == cos.ndim + 1:  # per-head input
+        cos, sin = cos[..., None, :], sin[..., None, :]
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    return rotated.reshape(x.shape)

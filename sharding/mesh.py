@@ -1,0 +1,60 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("dp", "tp")
+
+# Every parameter and activation dimension carries one of these names (model/*.py declares
+# them); a new layout is a new table, not new model code. DeepSeek's deployment is tp = 1:
+# attention, dense and shared-expert weights replicated (DP attention), routed experts over all.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": "dp",
+    "expert": ("dp", "tp"),
+    "heads": "tp",
+    "mlp": "tp",
+    "layers": None,
+    "embed": None,
+    "vocab": None,
+    "kv_latent": None,
+    "q_lora": None,
+    "expert_mlp": None,
+}
+
+
+def make_mesh(dp: int, tp: int = 1, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if dp < 1 or tp < 1:
+        raise ValueError(f"mesh dp={dp}, tp={tp}: both must be >= 1")
+    if dp * tp > len(devices):
+        raise ValueError(f"mesh dp={dp} x tp={tp} needs {dp * tp} devices, only {len(devices)} available")
+    return Mesh(np.asarray(devices[:dp * tp]).reshape(dp, tp), MESH_AXES)
+
+
+def logical_to_spec(axes, rules=LOGICAL_RULES) -> PartitionSpec:
+    unknown = [a for a in axes if a is not None and a not in rules]
+    if unknown:
+        raise KeyError(f"logical axes {unknown} have no rule in sharding.mesh.LOGICAL_RULES")
+    spec = [rules[a] if a is not None else None for a in axes]
+    used = [m for s in spec if s for m in ((s,) if isinstance(s, str) else s)]
+    if len(used) != len(set(used)):
+        raise ValueError(f"logical axes {axes} map two dimensions onto one mesh axis: {spec}")
+    return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedSharding of every parameter, from the logical axes declared with it."""
+    def one(var):
+        spec = logical_to_spec(var.get_metadata()["out_sharding"])
+        for dim, mesh_axes in zip(var.shape, spec):
+            size = int(np.prod([mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else
+                                                         mesh_axes or ())]))
+            if dim % size:
+                raise ValueError(f"a parameter of shape {var.shape} cannot be split {size} ways along {mesh_axes} "
+                                 f"(spec {spec})")
+        return NamedSharding(mesh, spec)
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
