@@ -102,8 +102,16 @@ class DeepseekV3(nnx.Module):
         self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r), cfg.n_mtp_layers, rngs)
 
     # ---- pure math (call inside jit) --------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
-        """The latent KV cache: [L, B, T, C] zeros (C = 512 + 64 for DeepSeek-V3)."""
+    def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> jax.Array:
+        """The latent KV cache: [L, B, T, C] zeros (C = 512 + 64 for DeepSeek-V3), committed to
+        `sharding` (default: the weights' device), as the caches the step returns are; an
+        uncommitted first cache would cost a second compilation."""
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(min(self.embed_tokens.weight[...].devices(),
+                                                             key=lambda d: d.id))
+        return jax.device_put(self._zero_cache(batch, max_len, dtype), sharding)
+
+    def _zero_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
         cfg = self.config
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         return jnp.zeros(shape, dtype or self.dtype)
@@ -150,7 +158,7 @@ class DeepseekV3(nnx.Module):
     def _full(self, tokens):
         B, S = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        hidden, _ = self.forward_step(tokens, positions, self.init_cache(B, S))
+        hidden, _ = self.forward_step(tokens, positions, self._zero_cache(B, S))
         return hidden, positions
 
     def _logits_full(self, tokens):
