@@ -19,12 +19,14 @@ import numpy as np
 from flax import nnx
 
 from model.config import ConfigError, ModelConfig
+from model.moe import default_placement
 from model.quant import FP8, WEIGHT_BLOCK, dequantize_blocks, quantize_blocks, scale_shape
 from model.transformer import DeepseekV3
 
 log = logging.getLogger(__name__)
 
 ORBAX_DIR = "orbax"  # inside a directory written by DeepseekV3.save, beside config.json
+LAYOUT_FILE = "jaxseek.json"  # beside them: the physical expert count the state was saved with
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": FP8, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -150,10 +152,16 @@ def _leaves(pure: dict) -> list[tuple[tuple[str, ...], object]]:
 
 
 def hf_tensors(net: DeepseekV3):
-    """Yields (DeepSeek tensor name, host array) for every parameter, one checkpoint tensor at a time."""
-    for path, value in _leaves(nnx.to_pure_dict(nnx.state(net))):
-        n_stacked = stacked_dims(path)
-        for index in np.ndindex(*value.shape[:n_stacked]):
+    """Yields (DeepSeek tensor name, host array) for every parameter, one checkpoint tensor at a time;
+    a routed expert is written once, from its first replica."""
+    for path, value in _leaves(nnx.to_pure_dict(nnx.state(net, nnx.Param))):
+        if "experts" in path:
+            log2phy = np.asarray(getattr(net, path[0]).mlp.log2phy[...])  # [L, E, max replicas]
+            for layer, expert in np.ndindex(*log2phy.shape[:2]):
+                yield (tensor_name(net.config, path, (layer, expert)),
+                       np.asarray(value[layer, log2phy[layer, expert, 0]]))
+            continue
+        for index in np.ndindex(*value.shape[:stacked_dims(path)]):
             yield tensor_name(net.config, path, index), np.asarray(value[index])
 
 
@@ -220,26 +228,33 @@ class _TensorReader:
         return np.asarray(raw[index], dtype=dtype)
 
 
-def _load_leaf(reader: _TensorReader, cfg, path, abstract, sharding) -> jax.Array:
+def _load_leaf(reader: _TensorReader, cfg, placement, path, abstract, sharding) -> jax.Array:
+    if path[-1] in placement:  # expert maps are not in the checkpoint: every layer starts at the default
+        return jax.device_put(np.broadcast_to(placement[path[-1]], abstract.shape).astype(abstract.dtype), sharding)
     n_stacked = stacked_dims(path)
     stack_shape, tensor_shape = abstract.shape[:n_stacked], tuple(abstract.shape[n_stacked:])
+
+    def name(stack_index):  # a physical expert slot reads its logical expert's tensor
+        if "experts" in path:
+            stack_index = (stack_index[0], int(placement["phy2log"][stack_index[1]]))
+        return tensor_name(cfg, path, stack_index)
+
     for index in np.ndindex(*stack_shape):
-        reader.check(tensor_name(cfg, path, index), tensor_shape)
+        reader.check(name(index), tensor_shape)
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         ranges = [range(*s.indices(n)) for s, n in zip(index[:n_stacked], stack_shape)]
         out = np.empty([len(r) for r in ranges] + [len(range(*s.indices(n))) for s, n in
                                                     zip(index[n_stacked:], tensor_shape)], abstract.dtype)
         for pos in np.ndindex(*out.shape[:n_stacked]):
-            stack_index = tuple(r[i] for r, i in zip(ranges, pos))
-            out[pos] = reader.read(tensor_name(cfg, path, stack_index), abstract.dtype, index[n_stacked:])
+            out[pos] = reader.read(name(tuple(r[i] for r, i in zip(ranges, pos))), abstract.dtype, index[n_stacked:])
         return out
 
     return jax.make_array_from_callback(abstract.shape, sharding, shard)
 
 
-def _abstract(cfg: ModelConfig, dtype):
-    return nnx.split(nnx.eval_shape(lambda: DeepseekV3(cfg, dtype, nnx.Rngs(0))))
+def _abstract(cfg: ModelConfig, dtype, n_physical):
+    return nnx.split(nnx.eval_shape(lambda: DeepseekV3(cfg, dtype, nnx.Rngs(0), n_physical)))
 
 
 def _shardings(abstract_state, mesh):
@@ -250,24 +265,39 @@ def _shardings(abstract_state, mesh):
     return nnx.to_pure_dict(param_shardings(abstract_state, mesh))
 
 
-def load(path, dtype=jnp.float32, mesh=None) -> DeepseekV3:
+def load(path, dtype=jnp.float32, mesh=None, deployment=None) -> DeepseekV3:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg = ModelConfig.from_json(path / "config.json")
+    ep, n_physical = None, None
+    if mesh is not None or deployment is not None:
+        from sharding.deployment import resolve
+        deployment, mesh = resolve(deployment, mesh)
+        ep = deployment.ep_config(mesh)
+        n_physical = deployment.n_physical_experts(cfg.n_routed_experts) if cfg.n_routed_experts else None
     if (path / ORBAX_DIR).is_dir():
-        return _load_orbax(path, cfg, dtype, mesh)
+        net = _load_orbax(path, cfg, dtype, mesh, n_physical)
+    else:
+        net = _load_hf(path, cfg, dtype, mesh, n_physical)
+    net.set_expert_parallel(ep)
+    return net
+
+
+def _load_hf(path: Path, cfg: ModelConfig, dtype, mesh, n_physical) -> DeepseekV3:
     files = SafetensorsDir(path)
     if cfg.n_mtp_layers and not any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in files.entries):
         # transformers' save_pretrained drops DeepSeek's MTP layer; serve without it.
         log.warning("%s: config has %d MTP layer(s) but the checkpoint holds none; loading without MTP",
                     path, cfg.n_mtp_layers)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    graphdef, abstract = _abstract(cfg, dtype)
+    graphdef, abstract = _abstract(cfg, dtype, n_physical)
     reader = _TensorReader(files, cfg)
+    placement = default_placement(cfg.n_routed_experts, n_physical or cfg.n_routed_experts) if cfg.n_moe_layers else {}
     shardings = _shardings(abstract, mesh)
     state = jax.tree_util.tree_map_with_path(
-        lambda kp, a, s: _load_leaf(reader, cfg, _key_path(kp), a, s), nnx.to_pure_dict(abstract), shardings)
+        lambda kp, a, s: _load_leaf(reader, cfg, placement, _key_path(kp), a, s), nnx.to_pure_dict(abstract),
+        shardings)
     nnx.replace_by_pure_dict(abstract, state)
     return nnx.merge(graphdef, abstract)
 
@@ -279,14 +309,20 @@ def save_orbax(net: DeepseekV3, path) -> None:
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(net.config.to_dict(), indent=2))
+    (path / LAYOUT_FILE).write_text(json.dumps({"n_physical_experts": net.n_physical_experts}))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / ORBAX_DIR, nnx.to_pure_dict(nnx.state(net)), force=True)
         ckptr.wait_until_finished()
 
 
-def _load_orbax(path: Path, cfg: ModelConfig, dtype, mesh) -> DeepseekV3:
+def _load_orbax(path: Path, cfg: ModelConfig, dtype, mesh, n_physical) -> DeepseekV3:
+    """Restores the exact state saved, physical expert slots and their placement included."""
     import orbax.checkpoint as ocp
-    graphdef, abstract = _abstract(cfg, dtype)
+    saved = json.loads((path / LAYOUT_FILE).read_text())["n_physical_experts"] or None
+    if n_physical is not None and saved != n_physical:
+        raise CheckpointError(f"{path}: saved with {saved} physical experts per layer, but the deployment asks "
+                              f"for {n_physical}; load it without a deployment, or re-export it with save_safetensors")
+    graphdef, abstract = _abstract(cfg, dtype, saved)
     shardings = _shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract), shardings)

@@ -19,8 +19,9 @@ from model.config import ModelConfig
 INIT_STD = 0.02  # HF initializer_range; only random-init models (tests, training) see it
 
 
-def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
-    """Declares one weight with its logical axes; shardings, Orbax targets and the loader derive from it."""
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", rows=None) -> nnx.Param:
+    """Declares one weight with its logical axes; shardings, Orbax targets and the loader derive from it.
+    `rows` gathers along the first axis after init (replicas of a logical expert share its weights)."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "ones":
         value = jnp.ones(shape, dtype)
@@ -28,6 +29,8 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nn
         value = jnp.zeros(shape, dtype)
     else:
         value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    if rows is not None:
+        value = value[jnp.asarray(rows)]
     # eager_sharding off: placement is decided once, by sharding.mesh's rule table, not at init.
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 

@@ -1,17 +1,19 @@
 """The gate and the MoE block: routed experts plus a shared expert.
 
-Axis legend: N tokens, D hidden, E routed experts, G expert groups, k experts per token,
-F moe_intermediate_size.
+Axis legend: N tokens, D hidden, E logical routed experts, P physical experts (E + redundant
+replicas of hot experts), G expert groups, k experts per token, F moe_intermediate_size.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
 from model.layers import MLP, param
+from sharding.ep import ep_routed_experts, grouped_ffn_ragged
 
 
 class Gate(nnx.Module):
@@ -22,7 +24,7 @@ class Gate(nnx.Module):
         self.e_score_correction_bias = param(None, (cfg.n_routed_experts,), (None,), jnp.float32, init="zeros")
 
     def __call__(self, x):
-        """x [N, D] -> weights float32[N, k], expert ids int32[N, k]."""
+        """x [N, D] -> weights float32[N, k], logical expert ids int32[N, k]."""
         cfg = self.cfg
         N, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
         scores = jax.nn.sigmoid(x.astype(jnp.float32) @ self.weight[...].astype(jnp.float32).T)  # [N, E]
@@ -40,54 +42,72 @@ class Gate(nnx.Module):
         return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
 
 
+class ExpertMap(nnx.Variable):
+    """Where each logical expert lives among the physical slots; set by EPLB, never trained."""
+
+
+def default_placement(n_logical: int, n_physical: int) -> dict[str, np.ndarray]:
+    """Slot p holds expert p % E: the redundant slots replicate experts 0, 1, ... until EPLB,
+    which sees real loads, decides. Shapes as DeepSeek's EPLB: phy2log [P], log2phy [E, P-E+1]
+    (padded with -1), logcnt [E]."""
+    if n_physical < n_logical:
+        raise ValueError(f"{n_physical} physical experts cannot hold {n_logical} logical experts")
+    phy2log = np.arange(n_physical) % n_logical
+    log2phy = np.full((n_logical, n_physical - n_logical + 1), -1, np.int32)
+    logcnt = np.bincount(phy2log, minlength=n_logical).astype(np.int32)
+    for e in range(n_logical):
+        slots = np.flatnonzero(phy2log == e)
+        log2phy[e, :len(slots)] = slots
+    return {"phy2log": phy2log.astype(np.int32), "log2phy": log2phy, "logcnt": logcnt}
+
+
 class ExpertLinear(nnx.Module):
-    def __init__(self, n: int, d_in: int, d_out: int, axes, dtype, rngs):
-        self.weight = param(rngs, (n, d_out, d_in), axes, dtype)  # [E, out, in]
+    def __init__(self, phy2log, d_in: int, d_out: int, axes, dtype, rngs):
+        n_logical = int(phy2log.max()) + 1
+        self.weight = param(rngs, (n_logical, d_out, d_in), axes, dtype, rows=phy2log)  # [P, out, in]
 
 
 class Experts(nnx.Module):
-    """All routed experts of one layer, stacked so one grouped GEMM serves them."""
+    """All routed experts of one layer, physical slots stacked so one grouped GEMM serves them."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs):
-        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = ExpertLinear(E, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs)
-        self.up_proj = ExpertLinear(E, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs)
-        self.down_proj = ExpertLinear(E, F, D, ("expert", "embed", "expert_mlp"), dtype, rngs)
+    def __init__(self, cfg: ModelConfig, phy2log, dtype, rngs):
+        D, F = cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = ExpertLinear(phy2log, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs)
+        self.up_proj = ExpertLinear(phy2log, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs)
+        self.down_proj = ExpertLinear(phy2log, F, D, ("expert", "embed", "expert_mlp"), dtype, rngs)
 
-    def __call__(self, x, ids, weights):
-        return grouped_expert_ffn(x, ids, weights, self.gate_proj.weight[...], self.up_proj.weight[...],
-                                  self.down_proj.weight[...])
-
-
-def grouped_expert_ffn(x, ids, weights, w_gate, w_up, w_down):
-    """Every (token, expert) pair through its expert, weighted and summed per token; nothing dropped.
-
-    x [N, D], ids int32[N, k], weights [N, k]; w_gate/w_up [E, F, D], w_down [E, D, F] -> [N, D].
-    Rows are sorted by expert so one ragged GEMM covers all experts (the single-device reference).
-    """
-    N, k = ids.shape
-    E = w_gate.shape[0]
-    flat_ids = ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)
-    token_of_row = order // k
-    rows = x[token_of_row]  # [N*k, D]
-    group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
-    gate = jax.lax.ragged_dot(rows, jnp.swapaxes(w_gate, 1, 2), group_sizes)
-    up = jax.lax.ragged_dot(rows, jnp.swapaxes(w_up, 1, 2), group_sizes)
-    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), group_sizes)  # [N*k, D]
-    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-    return jnp.zeros_like(x).at[token_of_row].add(y)
+    def weights(self):
+        return self.gate_proj.weight[...], self.up_proj.weight[...], self.down_proj.weight[...]
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, n_physical: int | None = None):
+        placement = default_placement(cfg.n_routed_experts, n_physical or cfg.n_routed_experts)
         self.gate = Gate(cfg, dtype, rngs)
-        self.experts = Experts(cfg, dtype, rngs)
+        self.experts = Experts(cfg, placement["phy2log"], dtype, rngs)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, rngs)
+        for name, value in placement.items():
+            setattr(self, name, ExpertMap(jnp.asarray(value), out_sharding=(None,) * value.ndim,
+                                          eager_sharding=False))
+        self.ep = None  # sharding.ep.EPConfig when the experts are spread over a mesh
 
-    def __call__(self, x):
-        """x [B, S, D] -> [B, S, D]."""
+    def to_physical(self, ids):
+        """Logical ids [N, k] -> physical slots, spreading the tokens of a replicated expert
+        round-robin over its replicas."""
+        N, k = ids.shape
+        turn = (jnp.arange(N)[:, None] * k + jnp.arange(k)[None, :]) % self.logcnt[...][ids]
+        return self.log2phy[...][ids, turn]
+
+    def __call__(self, x, valid):
+        """x [B, S, D], valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
-        routed = self.experts(flat, ids, weights)
-        return routed.reshape(x.shape) + self.shared_experts(x)
+        phys = self.to_physical(ids)
+        valid = valid.reshape(-1)
+        if self.ep is None:
+            routed, load, _ = grouped_ffn_ragged(flat, jnp.where(valid[:, None], phys, -1), weights,
+                                                 *self.experts.weights())
+            stats = {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": jnp.bool_(False)}
+        else:
+            routed, stats = ep_routed_experts(flat, phys, weights, valid, *self.experts.weights(), self.ep)
+        return routed.astype(x.dtype).reshape(x.shape) + self.shared_experts(x), stats

@@ -24,20 +24,25 @@ from model.moe import MoE
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs, n_physical: int | None = None):
         D = cfg.hidden_size
         self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
         self.self_attn = MLA(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-        self.mlp = MoE(cfg, dtype, rngs) if moe else MLP(D, cfg.intermediate_size, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, rngs, n_physical) if moe else MLP(D, cfg.intermediate_size, dtype, rngs)
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed):
+        """-> (x, cache, routed-expert stats or None for a dense layer)."""
         with jax.named_scope("attention"):
             h, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, mask, absorbed)
         x = x + h
         with jax.named_scope("ffn"):
-            x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+            h = self.post_attention_layernorm(x)
+            if isinstance(self.mlp, MoE):
+                h, stats = self.mlp(h, slots >= 0)
+            else:
+                h, stats = self.mlp(h), None
+        return x + h, cache, stats
 
 
 class Embedding(nnx.Module):
@@ -61,8 +66,8 @@ class MTPLayer(DecoderLayer):
     i+1 and predicts token i+2 (used for speculative decoding).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs):
-        super().__init__(cfg, True, dtype, rngs)
+    def __init__(self, cfg: ModelConfig, dtype, rngs, n_physical: int | None = None):
+        super().__init__(cfg, True, dtype, rngs, n_physical)
         D = cfg.hidden_size
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
         self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
@@ -89,24 +94,43 @@ def causal_mask(positions, T: int):
 
 
 class DeepseekV3(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 n_physical_experts: int | None = None):
+        """n_physical_experts: routed-expert slots per MoE layer (logical + redundant replicas)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.dtype = dtype
-        D = cfg.hidden_size
+        self.ep = None  # sharding.ep.EPConfig once the experts are spread over a mesh
+        D, P = cfg.hidden_size, n_physical_experts
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
         self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r), cfg.n_dense_layers, rngs)
-        self.moe_layers = _stack(lambda r: DecoderLayer(cfg, True, dtype, r), cfg.n_moe_layers, rngs)
+        self.moe_layers = _stack(lambda r: DecoderLayer(cfg, True, dtype, r, P), cfg.n_moe_layers, rngs)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
         self.lm_head = None if cfg.tie_word_embeddings else Linear(D, cfg.vocab_size, ("vocab", "embed"), dtype, rngs)
-        self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r), cfg.n_mtp_layers, rngs)
+        self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r, P), cfg.n_mtp_layers, rngs)
+
+    def set_expert_parallel(self, ep) -> None:
+        """Routes every MoE layer through sharding.ep with this EPConfig (None: single device)."""
+        self.ep = ep
+        for stack in (self.moe_layers, self.mtp):
+            if stack is not None:
+                stack.mlp.ep = ep
+
+    @property
+    def n_physical_experts(self) -> int:
+        stack = self.moe_layers if self.moe_layers is not None else self.mtp
+        return 0 if stack is None else stack.mlp.phy2log.shape[-1]
 
     # ---- pure math (call inside jit) --------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> jax.Array:
         """The latent KV cache: [L, B, T, C] zeros (C = 512 + 64 for DeepSeek-V3), committed to
-        `sharding` (default: the weights' device), as the caches the step returns are; an
-        uncommitted first cache would cost a second compilation."""
-        if sharding is None:
+        `sharding` (default: batch over the dp axis under EP, else the weights' device), as the
+        caches the step returns are; an uncommitted first cache would cost a second compilation."""
+        if sharding is None and self.ep is not None:
+            dp = self.ep.mesh.shape[self.ep.batch_axis]
+            spec = jax.sharding.PartitionSpec(None, self.ep.batch_axis if batch % dp == 0 else None)
+            sharding = jax.sharding.NamedSharding(self.ep.mesh, spec)
+        elif sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(min(self.embed_tokens.weight[...].devices(),
                                                              key=lambda d: d.id))
         return jax.device_put(self._zero_cache(batch, max_len, dtype), sharding)
@@ -119,19 +143,21 @@ class DeepseekV3(nnx.Module):
     def forward_step(self, tokens, positions, cache, absorbed: bool = False):
         """Runs tokens int32[B, S] at positions int32[B, S] (-1: padding) over the cache [L, B, T, C].
 
-        Returns the final-norm hidden states [B, S, D] and the cache with these tokens' rows written.
+        Returns the final-norm hidden states [B, S, D], the cache with these tokens' rows written,
+        and the routed-expert stats per MoE layer (expert_load [L, P], rows_sent [L, R], overflow).
         A full forward, a prefill, a chunked prefill and a decode step are all this call.
         """
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         mask = causal_mask(positions, cache.shape[2])
-        layer0 = 0
-        for stack in (self.dense_layers, self.moe_layers):
-            if stack is None:
-                continue
-            x, cache = _scan_layers(stack, x, cos, sin, cache, layer0, positions, mask, absorbed)
-            layer0 += _stack_len(stack)
-        return self.norm(x), cache
+        stats = {}
+        if self.dense_layers is not None:
+            x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
+        if self.moe_layers is not None:
+            x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
+                                           positions, mask, absorbed)
+            stats = {**stats, "overflow": jnp.any(stats["overflow"])}
+        return self.norm(x), cache, stats
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
@@ -141,7 +167,7 @@ class DeepseekV3(nnx.Module):
     def mtp_logits(self, hidden, tokens, positions):
         """Next-next-token logits [B, S, V] from the main model's hidden states [B, S, D] (after the
         final norm, as vLLM and SGLang feed DeepSeek's MTP) and the tokens [B, S] of the sequence:
-        position i sees token i+1 and predicts token i+2. Uses the first MTP module."""
+        position i sees token i+1 and predicts token i+2. Uses the first MTP module. -> (logits, stats)"""
         assert self.mtp is not None, "this model has no MTP module"
         graphdef, stacked = nnx.split(self.mtp)
         mtp = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
@@ -151,35 +177,47 @@ class DeepseekV3(nnx.Module):
         B, S = tokens.shape
         cache = jnp.zeros((1, B, S, self.config.kv_lora_rank + self.config.qk_rope_head_dim), x.dtype)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
-        x, _ = mtp(x, cos, sin, cache, 0, positions, causal_mask(positions, S), False)
+        x, _, stats = mtp(x, cos, sin, cache, 0, positions, causal_mask(positions, S), False)
         head = mtp.shared_head
-        return jnp.einsum("...d,vd->...v", head.norm(x), head.head.weight[...], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", head.norm(x), head.head.weight[...], preferred_element_type=jnp.float32)
+        return logits, stats
 
     def _full(self, tokens):
         B, S = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        hidden, _ = self.forward_step(tokens, positions, self._zero_cache(B, S))
-        return hidden, positions
+        hidden, _, stats = self.forward_step(tokens, positions, self._zero_cache(B, S))
+        return hidden, positions, stats
 
     def _logits_full(self, tokens):
-        return self.logits(self._full(tokens)[0])
+        hidden, _, stats = self._full(tokens)
+        return self.logits(hidden), stats
 
     def _mtp_full(self, tokens):
-        hidden, positions = self._full(tokens)
-        return self.mtp_logits(hidden, tokens, positions)
+        hidden, positions, stats = self._full(tokens)
+        logits, mtp_stats = self.mtp_logits(hidden, tokens, positions)
+        return logits, {"overflow": stats.get("overflow", False) | mtp_stats["overflow"]}
 
     def _step_logits(self, tokens, positions, cache, absorbed):
-        hidden, cache = self.forward_step(tokens, positions, cache, absorbed)
-        return self.logits(hidden), cache
+        hidden, cache, stats = self.forward_step(tokens, positions, cache, absorbed)
+        return self.logits(hidden), cache, stats
 
     # ---- host-facing calls (each jitted on the split state) ---------------------------------------
+    def run(self, method: str, *args, **kwargs):
+        """Runs a pure method jitted on the split state; its last output is the routed-expert stats.
+        An overflowing dispatch re-runs at the next capacity bucket, so no token is ever dropped."""
+        while True:
+            out = _jit_method(self, method, *args, **kwargs)
+            if self.ep is None or not bool(out[-1].get("overflow", False)):
+                return out
+            self.set_expert_parallel(self.ep.escalated())
+
     def __call__(self, tokens) -> jax.Array:
         """tokens int32[B, S] -> logits float32[B, S, V], full causal forward."""
-        return _jit_method(self, "_logits_full", self.check_tokens(tokens))
+        return self.run("_logits_full", self.check_tokens(tokens))[0]
 
     def mtp_forward(self, tokens) -> jax.Array:
         """tokens int32[B, S] -> MTP logits [B, S, V] (position i predicts token i+2)."""
-        return _jit_method(self, "_mtp_full", self.check_tokens(tokens))
+        return self.run("_mtp_full", self.check_tokens(tokens))[0]
 
     def prefill(self, tokens, lengths, cache, start=None):
         """Writes prompts into the cache (naive MLA). tokens int32[B, S] right-padded, lengths int32[B]
@@ -190,14 +228,14 @@ class DeepseekV3(nnx.Module):
         start = jnp.zeros((B,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
         offsets = jnp.arange(S, dtype=jnp.int32)[None]
         positions = jnp.where(offsets < jnp.asarray(lengths)[:, None], start[:, None] + offsets, -1)
-        return _jit_method(self, "_step_logits", tokens, positions, cache, absorbed=False)
+        return self.run("_step_logits", tokens, positions, cache, absorbed=False)[:2]
 
     def decode(self, tokens, positions, cache):
         """One token per sequence with the absorbed MLA form. tokens, positions int32[B] (-1: idle row).
         Returns logits [B, V] and the cache."""
         tokens = self.check_tokens(jnp.asarray(tokens)[:, None])
-        logits, cache = _jit_method(self, "_step_logits", tokens, jnp.asarray(positions, jnp.int32)[:, None],
-                                    cache, absorbed=True)
+        logits, cache, _ = self.run("_step_logits", tokens, jnp.asarray(positions, jnp.int32)[:, None], cache,
+                                    absorbed=True)
         return logits[:, 0], cache
 
     def check_tokens(self, tokens) -> jax.Array:
@@ -213,11 +251,13 @@ class DeepseekV3(nnx.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None) -> "DeepseekV3":
+    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, deployment=None) -> "DeepseekV3":
         """A HF directory (config.json + safetensors, BF16/FP32 or FP8 with weight_scale_inv) or a
-        directory written by `save` (Orbax)."""
+        directory written by `save` (Orbax). With a mesh (or a deployment file, which names the mesh,
+        redundant experts and dispatch precision), each device's shard is loaded straight onto it and
+        the routed experts run expert-parallel."""
         from model import checkpoint
-        return checkpoint.load(path, dtype=dtype, mesh=mesh)
+        return checkpoint.load(path, dtype=dtype, mesh=mesh, deployment=deployment)
 
     def save(self, path) -> None:
         """Orbax checkpoint + config.json; reload with `from_pretrained(path)`."""
@@ -225,20 +265,17 @@ class DeepseekV3(nnx.Module):
         checkpoint.save_orbax(self, path)
 
 
-def _stack_len(stack) -> int:
-    return jax.tree.leaves(nnx.state(stack))[0].shape[0]
-
-
 def _scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):
+    """-> x, cache, per-layer stats stacked on a leading L axis."""
     graphdef, params = nnx.split(stack)
 
     def body(carry, layer_params):
         x, cache, layer = carry
-        x, cache = nnx.merge(graphdef, layer_params)(x, cos, sin, cache, layer, slots, mask, absorbed)
-        return (x, cache, layer + 1), None
+        x, cache, stats = nnx.merge(graphdef, layer_params)(x, cos, sin, cache, layer, slots, mask, absorbed)
+        return (x, cache, layer + 1), stats
 
-    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(layer0)), params)
-    return x, cache
+    (x, cache, _), stats = jax.lax.scan(body, (x, cache, jnp.int32(layer0)), params)
+    return x, cache, stats
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "absorbed"))
@@ -251,6 +288,5 @@ def _jit_method(net: DeepseekV3, method: str, *args, **kwargs):
     return _run_method(graphdef, state, method, *args, **kwargs)
 
 
-def param_count(net_or_state) -> int:
-    state = nnx.state(net_or_state) if isinstance(net_or_state, nnx.Module) else net_or_state
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+def param_count(net: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(net, nnx.Param))))

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from model import DeepseekV3, ModelConfig
 from model.checkpoint import save_safetensors
 from sharding import make_mesh
+from sharding.deployment import Deployment
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "config.json"
 
@@ -26,11 +27,13 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("dp,tp", [(8, 1), (4, 2)])
 def test_from_pretrained_on_mesh(saved, dp, tp):
     path, reference = saved
-    net = DeepseekV3.from_pretrained(path, mesh=make_mesh(dp, tp))
+    deployment = Deployment(name="t", dp=dp, tp=tp, dispatch_dtype="fp32", combine_dtype="fp32")
+    net = DeepseekV3.from_pretrained(path, mesh=make_mesh(dp, tp), deployment=deployment)
     experts = net.moe_layers.mlp.experts.down_proj.weight[...]
     assert experts.sharding.spec == P(None, ("dp", "tp"), None, None)
     # each device holds 16 / 8 = 2 of the 16 experts of every MoE layer
     assert {s.data.shape for s in experts.addressable_shards} == {(2, 2, 64, 32)}
+    assert net.moe_layers.mlp.phy2log[...].sharding.spec == P(None, None)
     q_b = net.dense_layers.self_attn.q_b_proj.weight[...]
     assert q_b.sharding.spec == P(None, "tp", None)
     assert {s.data.shape[1] for s in q_b.addressable_shards} == {q_b.shape[1] // tp}

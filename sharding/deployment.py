@@ -1,0 +1,100 @@
+"""Deployment files (configs/deploy/*.json): the mesh, expert parallelism and dispatch precision.
+
+    {"name": "cpu8", "mesh": {"dp": 8, "tp": 1}, "experts": {"redundant": 8},
+     "dispatch": {"dtype": "fp8", "combine_dtype": "bf16", "capacity_factors": [2.0, 4.0, null]}}
+
+EP spans every device of the mesh (dp x tp); routed experts + redundant replicas must divide
+evenly over it (DeepSeek: 256 + 32 = 288 = 32 x 9 for prefill, 144 x 2 for decode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from sharding.ep import EPConfig
+from sharding.mesh import make_mesh
+
+SECTIONS = {"name": None, "description": None, "mesh": {"dp", "tp"}, "experts": {"redundant"},
+            "dispatch": {"dtype", "combine_dtype", "capacity_factors"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    name: str
+    dp: int
+    tp: int = 1
+    redundant_experts: int = 0
+    dispatch_dtype: str = "fp8"
+    combine_dtype: str = "bf16"
+    capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
+    source: str = "<deployment>"  # the file, for error messages
+
+    def __post_init__(self):
+        if self.dp < 1 or self.tp < 1 or self.redundant_experts < 0:
+            raise ValueError(f"{self.source}: mesh dp={self.dp}, tp={self.tp} must be >= 1 and "
+                             f"experts.redundant={self.redundant_experts} >= 0")
+
+    @property
+    def ep_size(self) -> int:
+        return self.dp * self.tp
+
+    @classmethod
+    def from_json(cls, path) -> "Deployment":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: deployment file not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        for key, value in raw.items():
+            if key not in SECTIONS:
+                raise ValueError(f"{path}: unknown section '{key}' (known: {', '.join(SECTIONS)})")
+            allowed = SECTIONS[key]
+            if allowed is not None and (not isinstance(value, dict) or set(value) - allowed):
+                raise ValueError(f"{path}: section '{key}' may hold only {sorted(allowed)}, got {value!r}")
+        mesh, experts, dispatch = raw.get("mesh", {}), raw.get("experts", {}), raw.get("dispatch", {})
+        factors = dispatch.get("capacity_factors", [2.0, 4.0, None])
+        try:
+            dep = cls(name=raw.get("name", path.stem), dp=int(mesh.get("dp", 1)), tp=int(mesh.get("tp", 1)),
+                      redundant_experts=int(experts.get("redundant", 0)),
+                      dispatch_dtype=dispatch.get("dtype", "fp8"),
+                      combine_dtype=dispatch.get("combine_dtype", "bf16"),
+                      capacity_factors=tuple(factors), source=str(path))
+            EPConfig(mesh=None, dispatch_dtype=dep.dispatch_dtype, combine_dtype=dep.combine_dtype,
+                     capacity_factors=dep.capacity_factors)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        return dep
+
+    def n_physical_experts(self, n_routed_experts: int) -> int:
+        """Routed experts + redundant replicas, checked to divide over the EP group."""
+        physical = n_routed_experts + self.redundant_experts
+        if physical % self.ep_size:
+            raise ValueError(f"{self.source}: {physical} physical experts ({n_routed_experts} routed + "
+                             f"{self.redundant_experts} redundant) do not divide over EP{self.ep_size} "
+                             f"(dp={self.dp} x tp={self.tp})")
+        return physical
+
+    def make_mesh(self, devices=None):
+        return make_mesh(self.dp, self.tp, devices)
+
+    def ep_config(self, mesh) -> EPConfig:
+        return EPConfig(mesh=mesh, dispatch_dtype=self.dispatch_dtype, combine_dtype=self.combine_dtype,
+                        capacity_factors=self.capacity_factors)
+
+
+def resolve(deployment, mesh=None) -> tuple[Deployment, object]:
+    """A Deployment (or its file) and the mesh it runs on; a bare mesh gets production defaults."""
+    if deployment is None:
+        deployment = Deployment(name="mesh", dp=mesh.shape["dp"], tp=mesh.shape["tp"])
+    elif not isinstance(deployment, Deployment):
+        deployment = Deployment.from_json(deployment)
+    if mesh is None:
+        mesh = deployment.make_mesh()
+    elif (mesh.shape["dp"], mesh.shape["tp"]) != (deployment.dp, deployment.tp):
+        raise ValueError(f"{deployment.source}: names mesh dp={deployment.dp} x tp={deployment.tp}, "
+                         f"but the mesh given is {dict(mesh.shape)}")
+    return deployment, mesh

@@ -1,0 +1,235 @@
+"""Expert parallelism: dispatch tokens to the devices holding their experts, compute, combine.
+
+Axis legend: n tokens on this device, k experts per token, R ranks (devices) in the EP group,
+C rows one rank sends another (capacity), El physical experts per rank, Ce rows per local expert
+(capacity), D hidden, F expert intermediate. Suffix `_local`: a per-shard value.
+
+Per MoE layer, inside `shard_map` over the EP axes (all devices):
+1. plan: each token goes once to every rank that holds at least one of its experts (deduplicated),
+   carrying the ids of its experts there (local numbering) and their gate weights;
+2. dispatch: one all-to-all of [R, C, D] rows (FP8 e4m3 + 1x128 scales, or bf16/fp32);
+3. experts: received (row, expert) pairs grouped by local expert into [El, Ce, D], SwiGLU as one
+   batched GEMM, weighted and summed per row, so one vector per row goes back;
+4. combine: the reverse all-to-all of [R, C, D] in BF16; the sender sums each token's returns.
+Capacities are shape buckets: an overflow is detected (never silently dropped) and reported,
+and the host re-runs the step at the next bucket, ending with one that cannot overflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from model.quant import ACTIVATION_BLOCK, FP8, dequantize_blocks, quantize_blocks
+
+PAYLOAD_DTYPES = {"fp8": FP8, "bf16": jnp.bfloat16, "fp32": jnp.float32}
+ROW_ALIGN = 8  # capacities are rounded up to this, so nearby batch sizes share one compilation
+
+
+@dataclasses.dataclass(frozen=True)
+class EPConfig:
+    mesh: Mesh
+    axes: tuple[str, ...] = ("dp", "tp")  # experts sharded over all of these (DeepSeek: every device)
+    batch_axis: str = "dp"  # tokens arrive sharded over this axis (DP attention)
+    dispatch_dtype: str = "fp8"
+    combine_dtype: str = "bf16"
+    # Capacity buckets as multiples of the expected load; None = the worst case, which cannot
+    # overflow, so the last bucket always completes the step.
+    capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
+    level: int = 0
+
+    def __post_init__(self):
+        if self.dispatch_dtype not in PAYLOAD_DTYPES:
+            raise ValueError(f"dispatch_dtype {self.dispatch_dtype!r} is not one of {sorted(PAYLOAD_DTYPES)}")
+        if self.combine_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"combine_dtype {self.combine_dtype!r} must be 'bf16' or 'fp32'")
+        if not self.capacity_factors or self.capacity_factors[-1] is not None:
+            raise ValueError("capacity_factors must end with null (the bucket that cannot overflow)")
+        if any(f is not None and f <= 0 for f in self.capacity_factors):
+            raise ValueError(f"capacity_factors must be positive, got {self.capacity_factors}")
+
+    @property
+    def ranks(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        return self.capacity_factors[self.level]
+
+    def escalated(self) -> "EPConfig | None":
+        """The next capacity bucket, or None when this one already cannot overflow."""
+        if self.level + 1 >= len(self.capacity_factors):
+            return None
+        return dataclasses.replace(self, level=self.level + 1)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def capacities(n: int, k: int, ranks: int, experts_local: int, factor: float | None) -> tuple[int, int]:
+    """(C, Ce) for n tokens per rank. Expected rows per destination: n * min(k, R) / R; expected
+    (row, expert) pairs per local expert: n * k / El. The worst case bounds both."""
+    worst_send, worst_expert = n, ranks * n
+    if factor is None:
+        return worst_send, worst_expert
+    send = min(worst_send, _round_up(math.ceil(factor * n * min(k, ranks) / ranks), ROW_ALIGN))
+    expert = min(ranks * send, _round_up(math.ceil(factor * n * k / experts_local), ROW_ALIGN))
+    return send, expert
+
+
+# ---- per-shard pieces (pure, testable on their own) -------------------------------------------------
+
+def slots_by_key(keys, n_keys: int):
+    """keys int[m] in [0, n_keys] (n_keys = not placed) -> slot of each within its key, count per key [n_keys]."""
+    order = jnp.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    starts = jnp.searchsorted(sorted_keys, jnp.arange(n_keys + 1), side="left")
+    slot_sorted = jnp.arange(keys.shape[0]) - starts[sorted_keys]
+    slots = jnp.zeros_like(keys).at[order].set(slot_sorted)
+    return slots, (starts[1:] - starts[:-1]).astype(jnp.int32)
+
+
+def plan_dispatch(ids, valid, experts_per_rank: int, ranks: int):
+    """ids int32[n, k] physical experts, valid bool[n] ->
+    pair_dest int32[n*k] (ranks = no row for this pair), pair_ids int32[n*k, k] local expert ids
+    the row carries (-1 = not on that rank). Pair (t, j) is a row iff choice j is token t's first
+    choice on its rank: one row per (token, destination rank)."""
+    n, k = ids.shape
+    dest = ids // experts_per_rank  # [n, k]
+    same = dest[:, :, None] == dest[:, None, :]  # [n, k, k]
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # earlier[j, i]: choice i comes before j
+    first = ~jnp.any(same & earlier, axis=-1) & valid[:, None]  # [n, k]
+    pair_dest = jnp.where(first, dest, ranks).reshape(-1)
+    pair_ids = jnp.where(same, (ids % experts_per_rank)[:, None, :], -1).reshape(n * k, k)
+    return pair_dest, pair_ids
+
+
+def grouped_ffn_padded(rows, ids, weights, w_gate, w_up, w_down, capacity: int):
+    """rows [M, D] each with up to k (local expert id or -1, weight) pairs -> ([M, D], count per
+    expert int32[El], overflow). Pairs are packed per expert into [El, Ce, D] for one batched GEMM."""
+    M, k = ids.shape
+    El = w_gate.shape[0]
+    pair_expert = jnp.where(ids >= 0, ids, El).reshape(-1)  # [M*k]
+    slots, counts = slots_by_key(pair_expert, El)
+    row_of_pair = jnp.arange(M * k) // k
+    # Unused slots point at row M: a zero row in, a discarded row out.
+    src = jnp.full((El, capacity), M, jnp.int32).at[pair_expert, slots].set(row_of_pair, mode="drop")
+    w = jnp.zeros((El, capacity), jnp.float32).at[pair_expert, slots].set(weights.reshape(-1), mode="drop")
+    x = jnp.concatenate([rows, jnp.zeros_like(rows[:1])])[src]  # [El, Ce, D]
+    h = jax.nn.silu(jnp.einsum("ecd,efd->ecf", x, w_gate)) * jnp.einsum("ecd,efd->ecf", x, w_up)
+    y = jnp.einsum("ecf,edf->ecd", h, w_down) * w[..., None].astype(rows.dtype)
+    out = jnp.zeros((M + 1, rows.shape[1]), jnp.float32).at[src].add(y.astype(jnp.float32))[:M]
+    return out, counts, jnp.any(counts > capacity)
+
+
+def grouped_ffn_ragged(rows, ids, weights, w_gate, w_up, w_down):
+    """Same contract as grouped_ffn_padded (never overflows), with lax.ragged_dot over pairs sorted
+    by expert: the GPU grouped GEMM's form, and the reference for the padded one."""
+    M, k = ids.shape
+    El = w_gate.shape[0]
+    pair_expert = jnp.where(ids >= 0, ids, El).reshape(-1)
+    order = jnp.argsort(pair_expert, stable=True)
+    counts = jnp.bincount(pair_expert, length=El + 1).astype(jnp.int32)
+    x = rows[order // k]  # [M*k, D]; pairs of no expert sort last, outside every group: zeros
+    gate = jax.lax.ragged_dot(x, jnp.swapaxes(w_gate, 1, 2), counts[:El])
+    up = jax.lax.ragged_dot(x, jnp.swapaxes(w_up, 1, 2), counts[:El])
+    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), counts[:El])
+    w = jnp.where(ids >= 0, weights, 0.0).reshape(-1)[order]
+    y = y.astype(jnp.float32) * w[:, None]
+    return jnp.zeros((M, rows.shape[1]), jnp.float32).at[order // k].add(y), counts[:El], jnp.bool_(False)
+
+
+def _encode(x, dtype: str):
+    """Payload rows for the wire: FP8 rows travel as raw bytes plus one scale per 128 values."""
+    if dtype != "fp8":
+        return (x.astype(PAYLOAD_DTYPES[dtype]),)
+    q, scale = quantize_blocks(x, ACTIVATION_BLOCK, jnp)
+    return jax.lax.bitcast_convert_type(q, jnp.uint8), scale
+
+
+def _decode(parts, dtype: str, out_dtype):
+    if dtype != "fp8":
+        return parts[0].astype(out_dtype)
+    q = jax.lax.bitcast_convert_type(parts[0], FP8)
+    return dequantize_blocks(q, parts[1], ACTIVATION_BLOCK, out_dtype, jnp)
+
+
+# ---- the shard_map body ----------------------------------------------------------------------------
+
+def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn: str):
+    """One device: x [n_dp, D] (its dp group's tokens, replicated over the other EP axes)."""
+    axes = ep.axes
+    other = tuple(a for a in axes if a != ep.batch_axis)
+    # Ranks of one dp group hold the same tokens: each dispatches its own 1/|other| of them.
+    split = math.prod(ep.mesh.shape[a] for a in other)
+    n_dp = x.shape[0]
+    n = -(-n_dp // split)
+    if split > 1:
+        pad = n * split - n_dp
+        x, ids, weights = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, ids, weights))
+        valid = jnp.pad(valid, (0, pad))
+        start = jax.lax.axis_index(other) * n
+        x, ids, weights, valid = (jax.lax.dynamic_slice_in_dim(a, start, n) for a in (x, ids, weights, valid))
+    R, El = ep.ranks, w_gate.shape[0]
+    k = ids.shape[1]
+    C, Ce = capacities(n, k, R, El, ep.capacity_factor)
+
+    with jax.named_scope("ep_plan"):
+        pair_dest, pair_ids = plan_dispatch(ids, valid, El, R)
+        slots, send_counts = slots_by_key(pair_dest, R)
+        pair_token = jnp.arange(n * k) // k
+        src_token = jnp.full((R, C), n, jnp.int32).at[pair_dest, slots].set(pair_token, mode="drop")
+        send_ids = jnp.full((R, C, k), -1, jnp.int32).at[pair_dest, slots].set(pair_ids, mode="drop")
+        pair_w = jnp.where(pair_ids >= 0, jnp.repeat(weights, k, axis=0), 0.0)
+        send_w = jnp.zeros((R, C, k), jnp.float32).at[pair_dest, slots].set(pair_w, mode="drop")
+
+    with jax.named_scope("ep_dispatch"):
+        x_pad = jnp.concatenate([x, jnp.zeros_like(x[:1])])
+        payload = _encode(x_pad, ep.dispatch_dtype)
+        a2a = lambda a: jax.lax.all_to_all(a, axes, 0, 0, tiled=True)  # noqa: E731
+        recv = [a2a(p[src_token]) for p in payload]  # each [R, C, ...]
+        recv_x = _decode(recv, ep.dispatch_dtype, x.dtype).reshape(R * C, -1)
+        recv_ids, recv_w = a2a(send_ids).reshape(R * C, k), a2a(send_w).reshape(R * C, k)
+
+    with jax.named_scope("ep_experts"):
+        if ffn == "ragged":
+            out, counts, expert_overflow = grouped_ffn_ragged(recv_x, recv_ids, recv_w, w_gate, w_up, w_down)
+        else:
+            out, counts, expert_overflow = grouped_ffn_padded(recv_x, recv_ids, recv_w, w_gate, w_up, w_down, Ce)
+
+    with jax.named_scope("ep_combine"):
+        back = a2a(out.astype(PAYLOAD_DTYPES[ep.combine_dtype]).reshape(R, C, -1))  # [R, C, D]
+        y = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[src_token].add(back.astype(jnp.float32))[:n]
+        y = y.astype(x.dtype)
+        if split > 1:
+            y = jax.lax.all_gather(y, other, axis=0, tiled=True)[:n_dp]
+
+    overflow = jax.lax.psum((jnp.any(send_counts > C) | expert_overflow).astype(jnp.int32), axes) > 0
+    rows_sent = jnp.sum(send_counts)[None]
+    return y, counts, rows_sent, overflow
+
+
+def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "padded"):
+    """x [N, D] (sharded over the batch axis), ids int32[N, k] physical experts, weights [N, k],
+    valid bool[N]; expert weights [P, ...] sharded over ep.axes.
+    Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank
+    sent [R], overflow (the step must re-run at the next capacity bucket)."""
+    dp = ep.mesh.shape[ep.batch_axis]
+    N = x.shape[0]
+    pad = -N % dp
+    if pad:  # shard_map needs whole shards; padding tokens are marked invalid and never sent
+        x, ids, weights = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, ids, weights))
+        valid = jnp.pad(valid, (0, pad))
+    batch, experts = P(ep.batch_axis), P(ep.axes)
+    body = jax.shard_map(
+        lambda *a: _ep_local(*a, ep=ep, ffn=ffn), mesh=ep.mesh,
+        in_specs=(batch, batch, batch, batch, experts, experts, experts),
+        out_specs=(batch, experts, experts, P()), check_vma=False)
+    y, counts, rows_sent, overflow = body(x, ids, weights, valid, w_gate, w_up, w_down)
+    return y[:N], {"expert_load": counts, "rows_sent": rows_sent, "overflow": overflow}
