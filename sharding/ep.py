@@ -42,8 +42,11 @@ class EPConfig:
     # overflow, so the last bucket always completes the step.
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     level: int = 0
+    transport: str = "auto"  # padded | ragged | auto (ragged on GPU; XLA:CPU lacks ragged_all_to_all)
 
     def __post_init__(self):
+        if self.transport not in ("auto", "padded", "ragged"):
+            raise ValueError(f"transport {self.transport!r} must be 'auto', 'padded' or 'ragged'")
         if self.dispatch_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"dispatch_dtype {self.dispatch_dtype!r} is not one of {sorted(PAYLOAD_DTYPES)}")
         if self.combine_dtype not in ("bf16", "fp32"):
@@ -56,6 +59,12 @@ class EPConfig:
     @property
     def ranks(self) -> int:
         return math.prod(self.mesh.shape[a] for a in self.axes)
+
+    @property
+    def wire(self) -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "ragged" if self.mesh.devices.flat[0].platform == "gpu" else "padded"
 
     @property
     def capacity_factor(self) -> float | None:
@@ -160,6 +169,36 @@ def _decode(parts, dtype: str, out_dtype):
     return dequantize_blocks(q, parts[1], ACTIVATION_BLOCK, out_dtype, jnp)
 
 
+# ---- transports: [R, C, ...] rows by destination -> [R, C, ...] rows by source ----------------------
+
+def padded_exchange(rows, counts, axes):
+    """Moves every slot, used or not: one dense all_to_all, available on every backend."""
+    del counts
+    return jax.lax.all_to_all(rows, axes, 0, 0, tiled=True)
+
+
+def ragged_offsets(counts, my_rank, capacity: int, axes):
+    """Arguments of ragged_all_to_all that reproduce padded_exchange's layout: rows for rank j
+    start at j * C here, and land at my_rank * C in j's buffer; recv sizes come from the peers."""
+    R = counts.shape[0]
+    input_offsets = jnp.arange(R, dtype=jnp.int32) * capacity
+    output_offsets = jnp.full((R,), my_rank * capacity, jnp.int32)
+    recv_sizes = jax.lax.all_to_all(counts, axes, 0, 0, tiled=True)
+    return input_offsets, counts, output_offsets, recv_sizes
+
+
+def ragged_exchange(rows, counts, axes):
+    """Moves only the used rows (counts[j] of the C slots for rank j): the GPU transport."""
+    R, C = rows.shape[:2]
+    flat = rows.reshape(R * C, *rows.shape[2:])
+    args = ragged_offsets(counts.astype(jnp.int32), jax.lax.axis_index(axes), C, axes)
+    out = jax.lax.ragged_all_to_all(flat, jnp.zeros_like(flat), *args, axis_name=axes)
+    return out.reshape(rows.shape)
+
+
+EXCHANGES = {"padded": padded_exchange, "ragged": ragged_exchange}
+
+
 # ---- the shard_map body ----------------------------------------------------------------------------
 
 def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn: str):
@@ -189,13 +228,18 @@ def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn
         pair_w = jnp.where(pair_ids >= 0, jnp.repeat(weights, k, axis=0), 0.0)
         send_w = jnp.zeros((R, C, k), jnp.float32).at[pair_dest, slots].set(pair_w, mode="drop")
 
+    exchange = EXCHANGES[ep.wire]
     with jax.named_scope("ep_dispatch"):
         x_pad = jnp.concatenate([x, jnp.zeros_like(x[:1])])
         payload = _encode(x_pad, ep.dispatch_dtype)
-        a2a = lambda a: jax.lax.all_to_all(a, axes, 0, 0, tiled=True)  # noqa: E731
-        recv = [a2a(p[src_token]) for p in payload]  # each [R, C, ...]
+        sent = jnp.minimum(send_counts, C)
+        recv = [exchange(p[src_token], sent, axes) for p in payload]  # each [R, C, ...]
         recv_x = _decode(recv, ep.dispatch_dtype, x.dtype).reshape(R * C, -1)
-        recv_ids, recv_w = a2a(send_ids).reshape(R * C, k), a2a(send_w).reshape(R * C, k)
+        recv_counts = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True)  # [R] rows from each source
+        # A slot past a source's count holds no row (the ragged transport leaves zeros there).
+        used = jnp.arange(C)[None, :] < recv_counts[:, None]  # [R, C]
+        recv_ids = jnp.where(used[..., None], exchange(send_ids, sent, axes), -1).reshape(R * C, k)
+        recv_w = exchange(send_w, sent, axes).reshape(R * C, k)
 
     with jax.named_scope("ep_experts"):
         if ffn == "ragged":
@@ -204,7 +248,7 @@ def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn
             out, counts, expert_overflow = grouped_ffn_padded(recv_x, recv_ids, recv_w, w_gate, w_up, w_down, Ce)
 
     with jax.named_scope("ep_combine"):
-        back = a2a(out.astype(PAYLOAD_DTYPES[ep.combine_dtype]).reshape(R, C, -1))  # [R, C, D]
+        back = exchange(out.astype(PAYLOAD_DTYPES[ep.combine_dtype]).reshape(R, C, -1), recv_counts, axes)
         y = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[src_token].add(back.astype(jnp.float32))[:n]
         y = y.astype(x.dtype)
         if split > 1:

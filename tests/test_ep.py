@@ -200,3 +200,53 @@ def test_deepseek_production_deployments_validate(name, ep, per_gpu):
     v3 = ModelConfig.from_dict(json.loads((CONFIGS / "deepseek-v3-671b" / "config.json").read_text()))
     assert dep.ep_size == ep and dep.dispatch_dtype == "fp8" and dep.combine_dtype == "bf16"
     assert dep.n_physical_experts(v3.n_routed_experts) == 288 == ep * per_gpu
+
+
+def _emulate_ragged_all_to_all(operands, outputs, args):
+    """ragged_all_to_all's documented semantics, rank by rank, in numpy."""
+    outputs = [o.copy() for o in outputs]
+    for i, (op, (in_off, send, out_off, _)) in enumerate(zip(operands, args)):
+        for j in range(len(operands)):
+            outputs[j][out_off[j]:out_off[j] + send[j]] = op[in_off[j]:in_off[j] + send[j]]
+    return outputs
+
+
+def test_ragged_transport_offsets_reproduce_the_padded_layout():
+    """CPU sibling of the GPU transport test: the offsets ragged_exchange passes to
+    ragged_all_to_all put every used row where padded_exchange puts it."""
+    from sharding.ep import padded_exchange, ragged_offsets
+    R, C, D = 8, 5, 3
+    rng = np.random.default_rng(9)
+    rows = rng.normal(size=(R, R, C, D)).astype(np.float32)  # [source, dest, slot, D]
+    counts = rng.integers(0, C + 1, (R, R)).astype(np.int32)
+    mesh = make_mesh(8)
+    spec = jax.sharding.PartitionSpec(("dp", "tp"))
+
+    def body(r, c):
+        offs = ragged_offsets(c[0], jax.lax.axis_index(("dp", "tp")), C, ("dp", "tp"))
+        return padded_exchange(r[0], c[0], ("dp", "tp"))[None], *(o[None] for o in offs)
+
+    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec,) * 5))(rows, counts)
+    padded, offs = np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
+    np.testing.assert_array_equal(offs[3], counts.T)  # recv sizes: what each source sends me
+    ragged = _emulate_ragged_all_to_all([rows[i].reshape(R * C, D) for i in range(R)],
+                                        [np.zeros((R * C, D), np.float32)] * R,
+                                        [tuple(o[i] for o in offs) for i in range(R)])
+    for j in range(R):
+        got = ragged[j].reshape(R, C, D)
+        used = np.arange(C)[None, :] < counts[:, j][:, None]
+        np.testing.assert_array_equal(got[used], padded[j][used])
+        assert not got[~used].any()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="ragged_all_to_all needs a GPU (XLA:CPU lacks it)")
+def test_ragged_transport_on_gpu_matches_padded(saved, tokens):
+    path, _ = saved
+    n = len(jax.devices())
+    outs = []
+    for transport in ("padded", "ragged"):
+        net = DeepseekV3.from_pretrained(path, deployment=exact(f"ep{n}", n, 1, 0))
+        net.set_expert_parallel(EPConfig(mesh=net.ep.mesh, dispatch_dtype="fp32", combine_dtype="fp32",
+                                         transport=transport))
+        outs.append(np.asarray(net(tokens)))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
