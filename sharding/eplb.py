@@ -65,6 +65,19 @@ def balancedness(weight, phy2log, logcnt, num_gpus: int) -> np.ndarray:
     return np.divide(loads.max(-1), mean, out=np.ones_like(mean), where=mean > 0)
 
 
+def zipf_loads(alpha: float, num_layers: int = 58, num_experts: int = 256, tokens: int = 200_000,
+               seed: int = 0) -> np.ndarray:
+    """[L, E] synthetic loads for benchmarks and tests: expert popularity ~ 1 / rank**alpha, a
+    fresh random expert order per layer, `tokens` expert choices per layer drawn multinomially."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, num_experts + 1) ** alpha
+    p /= p.sum()
+    loads = np.empty((num_layers, num_experts))
+    for layer in loads:
+        layer[rng.permutation(num_experts)] = rng.multinomial(tokens, p)
+    return loads
+
+
 def _checked(weight, num_replicas, num_groups, num_nodes, num_gpus, policy) -> np.ndarray:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
