@@ -87,17 +87,14 @@ class MLA(nnx.Module):
         return jnp.einsum("bshr,hvr->bshv", context, w_v)
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed: bool):
-        """x [B, S, D]; cache [L, B, T, C]; slots int32[B, S] (-1: padding, not written).
+        """x [B, S, D]; cache: model.cache.DenseCache or a paged equivalent; slots int32[B, S]
+        (-1: padding, not written); mask bool[B, S, T].
 
         Writes this layer's new rows into the cache, then attends over the layer's cache
         (earlier chunks and this one alike), so prefill, chunked prefill and decode share one path.
         """
         q_nope, q_pe = self.queries(x, cos, sin)
-        rows = self.latents(x, cos, sin).astype(cache.dtype)
-        T = cache.shape[2]
-        batch_idx = jnp.arange(x.shape[0])[:, None]
-        cache = cache.at[layer, batch_idx, jnp.where(slots < 0, T, slots)].set(rows, mode="drop")
-        layer_rows = cache[layer].astype(x.dtype)
+        cache = cache.write(layer, slots, self.latents(x, cos, sin))
         attend = self.attend_absorbed if absorbed else self.attend_naive
-        out = attend(q_nope, q_pe, layer_rows, mask)
+        out = attend(q_nope, q_pe, cache.read(layer).astype(x.dtype), mask)
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), cache

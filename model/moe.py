@@ -13,7 +13,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.layers import MLP, param
-from sharding.ep import ep_routed_experts, grouped_ffn_ragged
+from sharding import ep as expert_parallel  # a module handle: sharding.ep imports model.quant
 
 
 class Gate(nnx.Module):
@@ -105,9 +105,9 @@ class MoE(nnx.Module):
         phys = self.to_physical(ids)
         valid = valid.reshape(-1)
         if self.ep is None:
-            routed, load, _ = grouped_ffn_ragged(flat, jnp.where(valid[:, None], phys, -1), weights,
+            routed, load, _ = expert_parallel.grouped_ffn_ragged(flat, jnp.where(valid[:, None], phys, -1), weights,
                                                  *self.experts.weights())
             stats = {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": jnp.bool_(False)}
         else:
-            routed, stats = ep_routed_experts(flat, phys, weights, valid, *self.experts.weights(), self.ep)
+            routed, stats = expert_parallel.ep_routed_experts(flat, phys, weights, valid, *self.experts.weights(), self.ep)
         return routed.astype(x.dtype).reshape(x.shape) + self.shared_experts(x), stats

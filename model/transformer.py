@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from model.attention import MLA
+from model.cache import DenseCache
 from model.config import ModelConfig
 from model.layers import MLP, Linear, RMSNorm, param, rope_cos_sin
 from model.moe import MoE
@@ -133,15 +134,16 @@ class DeepseekV3(nnx.Module):
         elif sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(min(self.embed_tokens.weight[...].devices(),
                                                              key=lambda d: d.id))
-        return jax.device_put(self._zero_cache(batch, max_len, dtype), sharding)
+        return DenseCache(jax.device_put(self._zero_cache(batch, max_len, dtype).data, sharding))
 
-    def _zero_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
+    def _zero_cache(self, batch: int, max_len: int, dtype=None) -> DenseCache:
         cfg = self.config
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        return jnp.zeros(shape, dtype or self.dtype)
+        return DenseCache(jnp.zeros(shape, dtype or self.dtype))
 
     def forward_step(self, tokens, positions, cache, absorbed: bool = False):
-        """Runs tokens int32[B, S] at positions int32[B, S] (-1: padding) over the cache [L, B, T, C].
+        """Runs tokens int32[B, S] at positions int32[B, S] (-1: padding) over the cache (DenseCache
+        [L, B, T, C] or the engine's paged cache: anything with write/read and `max_len`).
 
         Returns the final-norm hidden states [B, S, D], the cache with these tokens' rows written,
         and the routed-expert stats per MoE layer (expert_load [L, P], rows_sent [L, R], overflow).
@@ -149,7 +151,7 @@ class DeepseekV3(nnx.Module):
         """
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
-        mask = causal_mask(positions, cache.shape[2])
+        mask = causal_mask(positions, cache.max_len)
         stats = {}
         if self.dense_layers is not None:
             x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
@@ -175,7 +177,7 @@ class DeepseekV3(nnx.Module):
         e = mtp.enorm(mtp.embed_tokens(next_tokens))
         x = mtp.eh_proj(jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1))
         B, S = tokens.shape
-        cache = jnp.zeros((1, B, S, self.config.kv_lora_rank + self.config.qk_rope_head_dim), x.dtype)
+        cache = DenseCache(jnp.zeros((1, B, S, self.config.kv_lora_rank + self.config.qk_rope_head_dim), x.dtype))
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         x, _, stats = mtp(x, cos, sin, cache, 0, positions, causal_mask(positions, S), False)
         head = mtp.shared_head

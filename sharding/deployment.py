@@ -17,7 +17,8 @@ from sharding.ep import EPConfig
 from sharding.mesh import make_mesh
 
 SECTIONS = {"name": None, "description": None, "mesh": {"dp", "tp"}, "experts": {"redundant"},
-            "dispatch": {"dtype", "combine_dtype", "capacity_factors"}}
+            "dispatch": {"dtype", "combine_dtype", "capacity_factors"},
+            "serving": None}  # read by serving.config.ServingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Deployment:
     dispatch_dtype: str = "fp8"
     combine_dtype: str = "bf16"
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
+    serving: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
     source: str = "<deployment>"  # the file, for error messages
 
     def __post_init__(self):
@@ -62,7 +64,7 @@ class Deployment:
                       redundant_experts=int(experts.get("redundant", 0)),
                       dispatch_dtype=dispatch.get("dtype", "fp8"),
                       combine_dtype=dispatch.get("combine_dtype", "bf16"),
-                      capacity_factors=tuple(factors), source=str(path))
+                      capacity_factors=tuple(factors), serving=raw.get("serving", {}), source=str(path))
             EPConfig(mesh=None, dispatch_dtype=dep.dispatch_dtype, combine_dtype=dep.combine_dtype,
                      capacity_factors=dep.capacity_factors)
         except (TypeError, ValueError) as e:
@@ -81,7 +83,10 @@ class Deployment:
     def make_mesh(self, devices=None):
         return make_mesh(self.dp, self.tp, devices)
 
-    def ep_config(self, mesh) -> EPConfig:
+    def ep_config(self, mesh) -> EPConfig | None:
+        """None for a one-device deployment: the MoE layers then run locally, without collectives."""
+        if self.ep_size == 1:
+            return None
         return EPConfig(mesh=mesh, dispatch_dtype=self.dispatch_dtype, combine_dtype=self.combine_dtype,
                         capacity_factors=self.capacity_factors)
 

@@ -17,8 +17,9 @@ ALPHAS = (0.6, 0.8, 1.0, 1.2)
 PUBLISHED = {"prefill": (1.07, 1.17, 1.45, 2.01), "decode": (1.35, 1.63, 2.04, 2.48)}
 # Ours may exceed a published figure by at most the spread of DeepSeek's own greedy between seeds
 # of the same generator (prefill alpha 0.6: 1.065-1.086 over seeds 0-9), because in two settings
-# the figure is below what any placement reaches on seed 0: prefill alpha 0.6, where the
-# heaviest node alone gives 1.077, and decode alpha 1.0, where the greedy is already optimal.
+# the figure is below what placement reaches on seed 0: prefill alpha 0.6, where the heaviest node
+# alone forces 1.077 (hierarchical_bound), and decode alpha 1.0, where an exact search over replica
+# counts (a MILP, offline, 3 layers) found nothing better than the greedy.
 PUBLISHED_SLACK = 0.01
 
 
@@ -130,12 +131,14 @@ def test_placement_invariants(problem):
 
 def test_policy_choice():
     w = zipf_loads(1.0, num_layers=4)
-    forced = rebalance_experts(w, *PREFILL, policy="global")
-    plain = rebalance_experts(w, 288, 1, 1, 32)
-    assert all((a == b).all() for a, b in zip(forced, plain))
-    assert all((a == b).all() for a, b in zip(rebalance_experts(w, *PREFILL), rebalance_experts(w, *PREFILL, policy="hierarchical")))
-    assert all((a == b).all() for a, b in zip(rebalance_experts(w, *DECODE), rebalance_experts(w, *DECODE, policy="global")))
-    check_placement(w, *PREFILL, True, rebalance_experts(w, *PREFILL))
+
+    def same(a, b):
+        return all((x == y).all() for x, y in zip(a, b))
+
+    assert same(rebalance_experts(w, *PREFILL, policy="global"), rebalance_experts(w, 288, 1, 1, 32))
+    assert same(rebalance_experts(w, *PREFILL), rebalance_experts(w, *PREFILL, policy="hierarchical"))
+    assert same(rebalance_experts(w, *DECODE), rebalance_experts(w, *DECODE, policy="global"))
+    assert not same(rebalance_experts(w, *PREFILL), rebalance_experts(w, *PREFILL, policy="global"))
     with pytest.raises(ValueError, match="hierarchical policy needs num_groups=8 divisible by num_nodes=18"):
         rebalance_experts(w, *DECODE, policy="hierarchical")
 
@@ -157,7 +160,7 @@ def hierarchical_bound(w, num_groups, num_nodes, num_gpus):
     node's GPUs; minimised over every even split of the groups over the nodes."""
     size = num_groups // num_nodes
     splits = [s for s in itertools.permutations(range(num_groups))
-              if all(s[i] < s[i + 1] for i in range(0, num_groups, size) for i in range(i, i + size - 1))]
+              if all(list(s[i:i + size]) == sorted(s[i:i + size]) for i in range(0, num_groups, size))]
     group_load = w.reshape(len(w), num_groups, -1).sum(-1)  # [L, groups]
     node_load = group_load[:, np.array(splits)].reshape(len(w), len(splits), num_nodes, size).sum(-1)
     return node_load.max(-1).min(-1) / (num_gpus // num_nodes) / (w.sum(-1) / num_gpus)
@@ -180,9 +183,13 @@ def test_quality_on_zipf_loads():
             seconds = time.perf_counter() - start
             ours = balancedness(w, phy2log, logcnt, gpus).mean()
             greedy = balancedness(w, *deepseek_greedy(w, *shape), gpus).mean()
-            bound = (hierarchical_bound(w, *shape[1:]) if name == "prefill" else replica_bound(w, shape[0], gpus)).mean()
+            if name == "prefill":
+                bound = hierarchical_bound(w, *shape[1:]).mean()
+            else:
+                bound = replica_bound(w, shape[0], gpus).mean()
             rows.append((name, alpha, ours, greedy, published, bound, seconds))
-    print(f"\n{'setting':8} {'alpha':>5} {'ours':>7} {'greedy':>7} {'publ.':>6} {'bound':>7} {'ours/publ':>9} {'ms':>6}")
+    print(f"\n{'setting':8} {'alpha':>5} {'ours':>7} {'greedy':>7} {'publ.':>6} {'bound':>7} "
+          f"{'ours/publ':>9} {'ms':>6}")
     for name, alpha, ours, greedy, published, bound, seconds in rows:
         print(f"{name:8} {alpha:5.1f} {ours:7.4f} {greedy:7.4f} {published:6.2f} {bound:7.4f} "
               f"{ours / published:9.4f} {seconds * 1e3:6.1f}")
@@ -212,7 +219,8 @@ def test_quality_on_zipf_loads():
     ((np.ones((2, 8)), 8.0, 2, 1, 2), {}, r"num_replicas must be a positive integer, got 8.0"),
     ((np.ones((2, 8)), 8, 2, 1, 2), {"policy": "fast"}, r"policy must be one of .* got 'fast'"),
     ((np.ones((2, 8)), 8, 3, 2, 2), {"policy": "hierarchical"}, r"8 logical experts are not divisible"),
-    ((np.ones((2, 8)), 8, 2, 4, 4), {"policy": "hierarchical"}, r"hierarchical policy needs num_groups=2 divisible by num_nodes=4"),
+    ((np.ones((2, 8)), 8, 2, 4, 4), {"policy": "hierarchical"},
+     r"hierarchical policy needs num_groups=2 divisible by num_nodes=4"),
 ])
 def test_bad_input(args, kwargs, message):
     with pytest.raises(ValueError, match=message):

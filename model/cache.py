@@ -1,0 +1,31 @@
+"""The latent KV cache seen by attention: one row of C = kv_lora_rank + qk_rope_head_dim values per
+token and layer. Attention only calls `write` then `read`, so the serving engine can substitute
+its paged pool (serving/kv_cache.py) for this dense one without touching model math."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DenseCache:
+    data: jax.Array  # [L, B, T, C]: slot t of sequence b holds position t
+
+    def write(self, layer, slots, rows) -> "DenseCache":
+        """rows [B, S, C] at positions slots int32[B, S] (-1: padding, not written)."""
+        T = self.data.shape[2]
+        batch = jnp.arange(rows.shape[0])[:, None]
+        return DenseCache(self.data.at[layer, batch, jnp.where(slots < 0, T, slots)].set(
+            rows.astype(self.data.dtype), mode="drop"))
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[2]
+
+    def read(self, layer) -> jax.Array:
+        """-> [B, T, C]: every slot of the layer; attention masks the ones past each query."""
+        return self.data[layer]

@@ -1,0 +1,354 @@
+"""Trains jaxseek-tiny: a small model of DeepSeek-V3's exact architecture, on checkable digit tasks.
+
+The model is our own DeepseekV3 (MLA with YaRN, a dense layer then sigmoid-gated MoE layers with
+grouped routing and a shared expert, one MTP module), trained with AdamW (warmup + cosine) on
+instructions whose answers can be checked exactly ("reverse 12345=" -> "54321", "sort 3141=" ->
+"1134", "add 123+45=" -> "168"), in plain-completion and chat form. The routing bias is not
+trained by gradient: it follows DeepSeek-V3's auxiliary-loss-free rule after every step.
+
+The checkpoint is written in DeepSeek's release format (FP8 e4m3 + weight_scale_inv, 128x128
+blocks) with a character-level tokenizer.json and a DeepSeek-style chat template, then reloaded
+and scored by greedy decoding (prefill + absorbed decode) on fresh problems.
+
+    python scripts/train_tiny.py [--out models/jaxseek-tiny] [--steps N] [--seed 0] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
+
+from model import DeepseekV3, ModelConfig  # noqa: E402
+from model.checkpoint import save_safetensors  # noqa: E402
+from model.transformer import param_count  # noqa: E402
+
+BOS, EOS, USER, ASSISTANT, PAD, UNK = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
+                                       "<｜Assistant｜>", "<｜▁pad▁｜>", "<｜unk｜>")
+SPECIALS = [BOS, EOS, USER, ASSISTANT, PAD, UNK]  # ids 0.. in this order: bos 0, eos 1 as DeepSeek
+CHARS = [chr(c) for c in range(32, 127)]  # printable ASCII, one token each
+MAX_DIGITS = 8  # operands have 1..MAX_DIGITS digits
+TASKS = ("reverse", "sort", "add")
+# DeepSeek-V3's template (without its tool-call branches): a system prompt follows bos directly.
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------
+
+def build_tokenizer() -> Tokenizer:
+    """One token per character; encode() prepends bos, as DeepSeek-V3's tokenizer does."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                       special_tokens=[(BOS, 0)])
+    return tok
+
+
+def tokenizer_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
+        "model_max_length": 256, "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
+    }
+
+
+# ---- the task --------------------------------------------------------------------------------------
+
+def digits(rng: np.random.Generator) -> str:
+    n = rng.integers(1, MAX_DIGITS + 1)
+    return "".join(map(str, rng.integers(0, 10, n)))
+
+
+def number(rng: np.random.Generator) -> int:
+    n = rng.integers(1, MAX_DIGITS + 1)
+    return int(rng.integers(10 ** (n - 1) if n > 1 else 0, 10 ** n))
+
+
+def problem(task: str, rng: np.random.Generator) -> tuple[str, str]:
+    """-> (instruction, answer), e.g. ("sort 3141", "1134")."""
+    if task == "reverse":
+        s = digits(rng)
+        return f"reverse {s}", s[::-1]
+    if task == "sort":
+        s = digits(rng)
+        return f"sort {s}", "".join(sorted(s))
+    a, b = number(rng), number(rng)
+    return f"add {a}+{b}", str(a + b)
+
+
+def prompt_text(instruction: str, chat: bool) -> str:
+    """The text before the answer (bos is added by the tokenizer)."""
+    return f"{USER}{instruction}{ASSISTANT}" if chat else f"{instruction}="
+
+
+# Longest sequence: bos <User> "add " 8 digits "+" 8 digits <Assistant> 9 digits eos.
+SEQ_LEN = 1 + 1 + len("add ") + 2 * MAX_DIGITS + 1 + 1 + (MAX_DIGITS + 1) + 1
+
+
+def encode_batch(tok: Tokenizer, rng: np.random.Generator, batch: int):
+    """A training batch: half plain, half chat, tasks uniform. -> dict of int32/float32 [B, SEQ_LEN]:
+    tokens, positions (-1 on padding), and the loss weight of each *target* token (answer + eos)."""
+    tasks = rng.integers(0, len(TASKS), batch)
+    chat = rng.random(batch) < 0.5
+    pairs = [problem(TASKS[t], rng) for t in tasks]
+    prompts = tok.encode_batch([prompt_text(q, c) for (q, _), c in zip(pairs, chat)])
+    answers = tok.encode_batch([a + EOS for _, a in pairs], add_special_tokens=False)
+    tokens = np.full((batch, SEQ_LEN), SPECIALS.index(PAD), np.int32)
+    weight = np.zeros((batch, SEQ_LEN), np.float32)
+    lengths = np.zeros(batch, np.int32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        n, m = len(p.ids), len(a.ids)
+        tokens[i, :n + m] = p.ids + a.ids
+        weight[i, n:n + m] = 1.0
+        lengths[i] = n + m
+    positions = np.where(np.arange(SEQ_LEN)[None] < lengths[:, None], np.arange(SEQ_LEN)[None], -1)
+    return {"tokens": tokens, "positions": positions.astype(np.int32), "weight": weight}
+
+
+# ---- the model -------------------------------------------------------------------------------------
+
+def hf_config(vocab_size: int) -> dict:
+    """DeepSeek-V3's config.json with every size shrunk; every architectural feature kept."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": vocab_size, "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64,
+        "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "moe_layer_freq": 1, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+        "v_head_dim": 32, "hidden_act": "silu", "max_position_embeddings": 256, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "bos_token_id": SPECIALS.index(BOS), "eos_token_id": SPECIALS.index(EOS),
+    }
+
+
+BIAS = nnx.PathContains("e_score_correction_bias")
+
+
+def masked_ce(logits, targets, weight):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def shifted(x, k: int, fill=0):
+    """x[:, i] <- x[:, i + k] (the target k tokens ahead), padded at the end."""
+    return jnp.concatenate([x[:, k:], jnp.full_like(x[:, :k], fill)], axis=1)
+
+
+def losses(params, bias, rest, graphdef, batch):
+    """-> (main + lambda * MTP loss, metrics): next-token loss on answers, and MTP's next-next-token loss."""
+    net = nnx.merge(graphdef, bias, params, rest)
+    tokens, positions, weight = batch["tokens"], batch["positions"], batch["weight"]
+    B, S = tokens.shape
+    hidden, _, stats = net.forward_step(tokens, positions, net._zero_cache(B, S), absorbed=False)
+    logits = net.logits(hidden)
+    targets, w1 = shifted(tokens, 1), shifted(weight, 1)
+    main = masked_ce(logits, targets, w1)
+    mtp_logits, mtp_stats = net.mtp_logits(hidden, tokens, positions)
+    mtp = masked_ce(mtp_logits, shifted(tokens, 2), shifted(weight, 2))
+    right = (logits.argmax(-1) == targets) | (w1 == 0)
+    load = jnp.concatenate([stats["expert_load"], mtp_stats["expert_load"][None]]).astype(jnp.float32)
+    metrics = {"loss": main, "mtp_loss": mtp, "exact": right.all(-1).mean(), "load": load}
+    return main + batch["mtp_lambda"] * mtp, metrics
+
+
+def balance(bias_state, load, gamma):
+    """DeepSeek-V3's auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower
+    over-loaded ones, by a fixed step. load [L_moe + 1, E]: the MoE layers', then the MTP layer's."""
+    step = gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
+    pure = nnx.to_pure_dict(bias_state)
+    n_moe = pure["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"].shape[0]
+    pure["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"] += step[:n_moe]
+    pure["mtp"]["mlp"]["gate"]["e_score_correction_bias"] += step[n_moe:]
+    nnx.replace_by_pure_dict(bias_state, pure)
+    return bias_state
+
+
+def make_step(graphdef, optimizer, gamma: float):
+    @jax.jit
+    def step(params, opt_state, bias, rest, batch):
+        grads, metrics = jax.grad(losses, has_aux=True)(params, bias, rest, graphdef, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, balance(bias, metrics["load"], gamma), metrics
+    return step
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+class Progress:
+    """One self-overwriting status line on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.start = total, time.perf_counter()
+
+    def update(self, step: int, m: dict):
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (self.total - step)
+        width = 30
+        bar = "#" * (width * step // self.total)
+        sys.stderr.write(f"\r[{bar:<{width}}] {step}/{self.total} loss {m['loss']:.4f} mtp {m['mtp_loss']:.4f} "
+                         f"exact {m['exact']:.3f} elapsed {elapsed:4.0f}s ETA {eta:4.0f}s ")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def train(args, tok: Tokenizer):
+    cfg = ModelConfig.from_dict(hf_config(tok.get_vocab_size()))
+    net = DeepseekV3(cfg, jnp.float32, nnx.Rngs(args.seed))
+    graphdef, bias, params, rest = nnx.split(net, BIAS, nnx.Param, ...)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.lr * 0.02)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=args.weight_decay))
+    opt_state = optimizer.init(params)
+    step = make_step(graphdef, optimizer, args.bias_gamma)
+    rng = np.random.default_rng(args.seed)
+    progress, log, load_sum = Progress(args.steps), [], 0.0
+    for i in range(1, args.steps + 1):
+        batch = {**encode_batch(tok, rng, args.batch), "mtp_lambda": np.float32(args.mtp_lambda)}
+        params, opt_state, bias, metrics = step(params, opt_state, bias, rest, batch)
+        load_sum = load_sum + metrics["load"]
+        if i % args.log_every == 0 or i == args.steps:
+            m = {k: float(v) for k, v in metrics.items() if k != "load"}
+            load = np.asarray(load_sum)
+            m.update(step=i, lr=float(schedule(i)), max_over_mean_load=float((load.max(-1) / load.mean(-1)).max()))
+            log.append(m)
+            load_sum = 0.0
+            progress.update(i, m)
+    progress.close()
+    nnx.update(net, bias, params)
+    return net, log
+
+
+# ---- evaluation: greedy decoding through the serving path ------------------------------------------
+
+def greedy(net: DeepseekV3, tok: Tokenizer, prompts: list[str], max_new: int) -> list[str]:
+    """Batched greedy completion: one prefill of the right-padded prompts, then absorbed decode steps."""
+    encoded = [tok.encode(p).ids for p in prompts]
+    lengths = np.array([len(e) for e in encoded], np.int32)
+    tokens = np.full((len(prompts), lengths.max()), SPECIALS.index(PAD), np.int32)
+    for i, e in enumerate(encoded):
+        tokens[i, :len(e)] = e
+    cache = net.init_cache(len(prompts), int(lengths.max()) + max_new)
+    logits, cache = net.prefill(tokens, lengths, cache)
+    nxt = np.asarray(logits)[np.arange(len(prompts)), lengths - 1].argmax(-1)
+    out = [nxt]
+    for t in range(max_new - 1):
+        logits, cache = net.decode(nxt, lengths + t, cache)
+        nxt = np.asarray(logits).argmax(-1)
+        out.append(nxt)
+    eos = net.config.eos_token_ids[0]
+    # A row that never emits eos has no answer (None), so it counts as wrong.
+    return [tok.decode(row[:row.index(eos)]) if eos in row else None for row in np.stack(out, 1).tolist()]
+
+
+def accuracy(net: DeepseekV3, tok: Tokenizer, seed: int, n: int) -> dict[str, float]:
+    """Exact-match accuracy per task and form on n fresh problems each (seeded apart from training)."""
+    rng = np.random.default_rng([seed, 1])
+    result = {}
+    for task in TASKS:
+        pairs = [problem(task, rng) for _ in range(n)]
+        for form, chat in (("plain", False), ("chat", True)):
+            got = greedy(net, tok, [prompt_text(q, chat) for q, _ in pairs], MAX_DIGITS + 2)
+            result[f"{task}/{form}"] = float(np.mean([g == a for g, (_, a) in zip(got, pairs)]))
+    return result
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+def save(net: DeepseekV3, tok: Tokenizer, out: Path) -> None:
+    save_safetensors(net, out, fp8=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
+
+
+def plot(log: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in log]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [m["loss"] for m in log], label="next-token loss (answers)")
+    ax.plot(steps, [m["mtp_loss"] for m in log], label="MTP loss (token i+2)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title("jaxseek-tiny training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "models" / "jaxseek-tiny", help="checkpoint directory")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and the evaluation")
+    p.add_argument("--batch", type=int, default=128, help="sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the MTP loss")
+    p.add_argument("--bias-gamma", type=float, default=1e-3, help="routing-bias update speed")
+    p.add_argument("--log-every", type=int, default=25, help="steps between log entries")
+    p.add_argument("--eval-problems", type=int, default=200, help="fresh problems per task and form")
+    p.add_argument("--json", action="store_true", help="print the training log summary as JSON on stdout")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tok = build_tokenizer()
+    start = time.perf_counter()
+    net, log = train(args, tok)
+    train_s = time.perf_counter() - start
+    save(net, tok, args.out)
+    reloaded = DeepseekV3.from_pretrained(args.out)
+    acc = accuracy(reloaded, tok, args.seed, args.eval_problems)
+    summary = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "params": param_count(net), "train_wall_s": round(train_s, 1),
+        "final": log[-1], "accuracy_fp8_reload": acc, "device": str(jax.devices()[0]), "log": log,
+    }
+    (args.out / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(log, args.out / "loss_curve.png")
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "log"}, indent=1))
+    else:
+        print(f"trained {args.steps} steps in {train_s:.0f}s; accuracy after FP8 reload:")
+        for name, value in acc.items():
+            print(f"  {name:14s} {value:.3f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

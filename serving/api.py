@@ -1,0 +1,165 @@
+"""The Python API, as vLLM users know it: LLM, SamplingParams, generate / stream / chat / stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from serving.config import ServingConfig
+from serving.engine import Engine
+from serving.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "jaxseek-tiny"
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    cached_tokens: int = 0
+
+
+@dataclasses.dataclass
+class Delta:
+    """One streamed piece of a request's output."""
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+def default_deployment(n_routed_experts: int):
+    """All devices present: DP attention over them, EP over them, the fewest redundant experts that
+    make the physical experts divide evenly."""
+    from sharding.deployment import Deployment
+    n = len(jax.devices())
+    return Deployment(name=f"auto-{n}", dp=n, redundant_experts=(-n_routed_experts) % n)
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer.json (HF `tokenizers`) and its chat template (tokenizer_config.json)."""
+
+    def __init__(self, model_dir: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config = model_dir / "tokenizer_config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        import jinja2
+        template = self.config.get("chat_template")
+        if not template:
+            raise ValueError("this model's tokenizer_config.json has no chat_template")
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise ValueError(message)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=self.config.get("bos_token", ""),
+                                                eos_token=self.config.get("eos_token", ""))
+
+
+class LLM:
+    def __init__(self, model_path=None, deployment=None, dtype=None):
+        """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
+        tiny model). deployment: a deployment file or sharding.deployment.Deployment (default: every
+        device present). dtype: weights and compute (default float32 on CPU, bfloat16 elsewhere)."""
+        from model import DeepseekV3, ModelConfig
+        from sharding.deployment import Deployment, resolve
+        path = Path(model_path) if model_path is not None else DEFAULT_MODEL
+        cfg = ModelConfig.from_json(path / "config.json")
+        if deployment is None:
+            deployment = default_deployment(cfg.n_routed_experts)
+        elif not isinstance(deployment, Deployment):
+            deployment = Deployment.from_json(deployment)
+        deployment, mesh = resolve(deployment)
+        serving = ServingConfig.from_dict(deployment.serving, deployment.source)
+        dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+        net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment)
+        self.deployment = deployment
+        self.engine = Engine(net, serving, mesh if deployment.ep_size > 1 or deployment.dp > 1 else None)
+        self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+
+    # ---- prompts -----------------------------------------------------------------------------------
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need the checkpoint's tokenizer.json; pass token ids instead")
+            bos = self.engine.net.config.bos_token_id
+            return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _text(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids) if self.tokenizer else None
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("chat needs the checkpoint's tokenizer.json and chat template")
+        return self.tokenizer.tok.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False).ids
+
+    @staticmethod
+    def _params(params) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        return params if isinstance(params, SamplingParams) else SamplingParams.from_dict(dict(params))
+
+    # ---- generation --------------------------------------------------------------------------------
+    def generate(self, prompts, params=None) -> list[RequestOutput]:
+        """Prompts: text, token-id lists, or a list of either. A bad prompt gets an output with
+        finish_reason "error" and the reason; the others complete."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = self._params(params)
+        outs, live = [], {}
+        for prompt in prompts:
+            try:
+                ids = self._ids(prompt)
+                req = self.engine.add_request(ids, params)
+                live[req.id] = len(outs)
+                outs.append(RequestOutput(req.id, ids, [], None, None))
+            except ValueError as e:
+                outs.append(RequestOutput("", [], [], None, "error", error=str(e)))
+        while live:
+            for event in self.engine.step():
+                if event.finished and event.request.id in live:
+                    req = event.request
+                    out = outs[live.pop(req.id)]
+                    out.token_ids, out.finish_reason, out.cached_tokens = req.output, req.finish_reason, req.cached
+                    out.text = self._text(req.output)
+        return outs
+
+    def chat(self, messages: list[dict], params=None) -> RequestOutput:
+        return self.generate([self.chat_prompt(messages)], params)[0]
+
+    def stream(self, prompt, params=None) -> Iterator[Delta]:
+        """Yields each new token (and the text it completes) as the engine produces it."""
+        req = self.engine.add_request(self._ids(prompt), self._params(params))
+        sent_text = ""
+        while req.finish_reason is None:
+            for event in self.engine.step():
+                if event.request is req:
+                    text = self._text(req.output) or ""
+                    if text.endswith("\ufffd") and not event.finished:  # half a UTF-8 character
+                        text = sent_text
+                    yield Delta(req.id, event.new_tokens, text[len(sent_text):], req.finish_reason)
+                    sent_text = text
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,216 @@
+"""The engine's step loop: schedule -> one jitted step (forward over the paged cache + sampling on
+device) -> stream tokens -> free finished requests. The host holds all state; the step is a pure
+function of (weights, cache pool, batch arrays), compiled once per shape bucket."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from serving.config import ServingConfig, bucket
+from serving.kv_cache import PagedCache, new_pool
+from serving.sampling import SamplingParams, sample, sampling_arrays
+from serving.scheduler import Batch, Request, Scheduler
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "mesh"), donate_argnames=("pool",))
+def _step(graphdef, state, pool, page_table, tokens, positions, sample_at, temperature, top_k, top_p, seeds,
+          counters, *, absorbed: bool, mesh):
+    net = nnx.merge(graphdef, state)
+    hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, mesh), absorbed)
+    last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
+    next_tokens = sample(net.logits(last), temperature, top_k, top_p, seeds, counters)
+    return next_tokens, cache.pool, stats
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step did to one request: new tokens, and the finish reason once it is done."""
+    request: Request
+    new_tokens: list[int]
+    finished: bool
+
+
+class Engine:
+    def __init__(self, net, serving: ServingConfig, mesh=None):
+        cfg = net.config
+        self.net, self.cfg, self.mesh = net, serving, mesh
+        self.ranks = 1 if mesh is None else mesh.shape["dp"]
+        self.context_len = serving.context_len(cfg.max_position_embeddings)
+        self.max_blocks = math.ceil(self.context_len / serving.block_size)
+        self.context_buckets = tuple(sorted({min(2 ** i, self.max_blocks) for i in
+                                             range(math.ceil(math.log2(self.max_blocks)) + 1)}))
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        kv_dtype = {"auto": net.dtype, "bf16": jnp.bfloat16, "fp32": jnp.float32}[serving.kv_dtype]
+        self.blocks_per_rank = serving.blocks_per_rank(cfg.num_hidden_layers, width, jnp.dtype(kv_dtype).itemsize)
+        self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size, width,
+                             kv_dtype, mesh)
+        self.scheduler = Scheduler(serving, self.ranks, self.blocks_per_rank)
+        self.graphdef, self.state = nnx.split(net)
+        self.requests: dict[str, Request] = {}
+        self.counters = dict(requests=0, finished=0, rejected=0, prompt_tokens=0, cached_prompt_tokens=0,
+                             generated_tokens=0, prefill_steps=0, decode_steps=0, prefill_s=0.0, decode_s=0.0,
+                             ep_overflow_retries=0)
+        self.expert_load = None  # [moe layers, physical experts], summed over steps (for EPLB)
+        self._next_id = 0
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Validates and queues a request; a bad one raises ValueError naming it, and nothing else changes."""
+        rid = request_id or f"req-{self._next_id}"
+        self._next_id += 1
+        if rid in self.requests:
+            raise ValueError(f"request {rid}: id already in use")
+        prompt = [int(t) for t in prompt]
+        vocab = self.net.config.vocab_size
+        if not prompt:
+            raise ValueError(f"request {rid}: empty prompt")
+        if len(prompt) >= self.context_len:
+            raise ValueError(f"request {rid}: prompt of {len(prompt)} tokens does not fit the context of "
+                             f"{self.context_len} (serving.max_model_len) with room to generate")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {rid}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        seed = params.seed if params.seed is not None else zlib.crc32(rid.encode())
+        req = Request(rid, prompt, params, seed, min(params.max_tokens, self.context_len - len(prompt)))
+        self.scheduler.add(req)
+        self.requests[rid] = req
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(prompt)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a request (a client went away): its blocks are freed now."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.finish_reason is not None:
+            return
+        if req in self.scheduler.waiting:
+            self.scheduler.waiting.remove(req)
+            req.finish_reason = "abort"
+        else:
+            self.scheduler.finish(req, "abort")
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        start = time.perf_counter()
+        arrays = self._arrays(batch)
+        while True:
+            next_tokens, self.pool, stats = _step(self.graphdef, self.state, self.pool, *arrays,
+                                                  absorbed=batch.kind == "decode", mesh=self.mesh)
+            next_tokens = np.asarray(next_tokens)  # the one device->host sync of a step
+            if not stats or not bool(stats["overflow"]):
+                break
+            # Rows did not fit the EP capacity bucket: re-run at the next one. Re-running on the
+            # returned pool is safe: every cache row this step reads it first writes again.
+            self.net.set_expert_parallel(self.net.ep.escalated())
+            self.graphdef, self.state = nnx.split(self.net)
+            self.counters["ep_overflow_retries"] += 1
+        if stats:
+            load = np.asarray(stats["expert_load"])
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
+        self.counters[f"{batch.kind}_steps"] += 1
+        self.counters[f"{batch.kind}_s"] += time.perf_counter() - start
+        return self._advance(batch, next_tokens)
+
+    def _arrays(self, batch: Batch) -> tuple:
+        cfg = self.cfg
+        per_rank = max(len(rows) for rows in batch.rows)
+        if batch.kind == "prefill":
+            rows_b = bucket(per_rank, cfg.prefill_rows)
+            width = bucket(max(n for rows in batch.rows for _, _, n in rows), cfg.prefill_tokens)
+        else:
+            rows_b, width = bucket(per_rank, cfg.decode_batch), 1
+        need = max(math.ceil((p + n) / cfg.block_size) for rows in batch.rows for _, p, n in rows)
+        blocks = bucket(need, self.context_buckets)
+        B = rows_b * self.ranks
+        tokens = np.zeros((B, width), np.int32)
+        positions = np.full((B, width), -1, np.int32)
+        table = np.zeros((B, blocks), np.int32)
+        sample_at = np.zeros(B, np.int32)
+        params, seeds, counters = [None] * B, [0] * B, [0] * B
+        for rank, rows in enumerate(batch.rows):
+            for i, (req, pos, n) in enumerate(rows):
+                b = rank * rows_b + i
+                seq = req.prompt + req.output
+                tokens[b, :n] = seq[pos:pos + n]
+                positions[b, :n] = np.arange(pos, pos + n)
+                used = req.blocks[:blocks]
+                table[b, :len(used)] = used
+                sample_at[b] = n - 1
+                params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
+        return (table, tokens, positions, sample_at, *sampling_arrays(params, seeds, counters))
+
+    def _advance(self, batch: Batch, next_tokens: np.ndarray) -> list[Event]:
+        rows_b = len(next_tokens) // self.ranks
+        events, now = [], time.perf_counter()
+        for rank, rows in enumerate(batch.rows):
+            for i, (req, pos, n) in enumerate(rows):
+                req.computed = pos + n
+                if req.in_prefill:  # a middle chunk of a long prompt: its sample is not a token
+                    continue
+                if batch.kind == "prefill":
+                    self.scheduler.register_prompt_blocks(req)
+                    self.counters["cached_prompt_tokens"] += req.cached
+                    req.first_token_at = now
+                token = int(next_tokens[rank * rows_b + i])
+                req.output.append(token)
+                self.counters["generated_tokens"] += 1
+                reason = self._finish_reason(req, token)
+                if reason:
+                    self.scheduler.finish(req, reason)
+                    self.counters["finished"] += 1
+                events.append(Event(req, [token], reason is not None))
+        return events
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.net.config.eos_token_ids):
+            return "stop"
+        if len(req.output) >= req.max_tokens:
+            return "length"
+        return None
+
+    # ---- statistics --------------------------------------------------------------------------------
+    @property
+    def compilations(self) -> int:
+        return _step._cache_size()
+
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        done = [r for r in self.requests.values() if r.finished_at is not None and r.first_token_at]
+        ttft = [r.first_token_at - r.arrival for r in done]
+        speed = [(len(r.output) - 1) / (r.finished_at - r.first_token_at) for r in done
+                 if len(r.output) > 1 and r.finished_at > r.first_token_at]
+        c.update(
+            running=sum(len(r) for r in self.scheduler.running), waiting=len(self.scheduler.waiting),
+            cache_hit_rate=c["cached_prompt_tokens"] / max(c["prompt_tokens"], 1),
+            prefill_tokens_per_s=(c["prompt_tokens"] - c["cached_prompt_tokens"]) / max(c["prefill_s"], 1e-9),
+            decode_tokens_per_s=c["generated_tokens"] / max(c["decode_s"], 1e-9),
+            ttft_s=_percentiles(ttft), tokens_per_s_per_user=_percentiles(speed),
+            kv_blocks_total_per_rank=self.blocks_per_rank,
+            kv_blocks_used=[p.used for p in self.scheduler.pools],
+            kv_blocks_cached=[len(p.evictable) for p in self.scheduler.pools],
+            compilations=self.compilations, ep_capacity_level=None if self.net.ep is None else self.net.ep.level,
+        )
+        return c
+
+
+def _percentiles(values) -> dict:
+    if not values:
+        return {}
+    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}

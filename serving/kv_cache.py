@@ -1,0 +1,143 @@
+"""The paged latent KV cache: a device pool of fixed-size blocks per dp rank, page tables per
+request, and a prefix cache of full blocks keyed by a hash chain of their tokens.
+
+Axis legend: L layers, R dp ranks, NB blocks per rank, BS tokens per block, C = 512 + 64 latent
+and rope values per token (DeepSeek-V3), B batch rows, MB blocks per row (its page table).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedCache:
+    """What attention sees during one engine step (model.cache.DenseCache's interface).
+
+    Rank r's rows of the batch (B / R contiguous rows) address only rank r's blocks, by local id,
+    so reads and writes stay on the device that holds them (a shard_map over the dp axis)."""
+    pool: jax.Array  # [L, R * NB, BS, C], sharded over dp on axis 1
+    page_table: jax.Array  # int32[B, MB], local block ids (unused entries: any block, masked by position)
+    mesh: Any = dataclasses.field(default=None, metadata={"static": True})
+    axis: str = dataclasses.field(default="dp", metadata={"static": True})
+
+    def _per_rank(self, fn, out_spec, *args):
+        if self.mesh is None:
+            return fn(*args)
+        specs = (P(None, self.axis), P(self.axis)) + tuple(P(self.axis) for _ in args[2:-1]) + (P(),)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
+
+    def write(self, layer, slots, rows) -> "PagedCache":
+        """rows [B, S, C] at positions slots int32[B, S] (-1: padding, not written)."""
+        def local(pool, table, slots, rows, layer):
+            n_blocks, block = pool.shape[1], pool.shape[2]
+            blk = jnp.take_along_axis(table, jnp.maximum(slots, 0) // block, axis=1)
+            blk = jnp.where(slots < 0, n_blocks, blk)  # out of range: dropped
+            return pool.at[layer, blk, slots % block].set(rows.astype(pool.dtype), mode="drop")
+        pool = self._per_rank(local, P(None, self.axis), self.pool, self.page_table, slots, rows, layer)
+        return dataclasses.replace(self, pool=pool)
+
+    @property
+    def max_len(self) -> int:
+        return self.page_table.shape[1] * self.pool.shape[2]
+
+    def read(self, layer) -> jax.Array:
+        """-> [B, MB * BS, C]: each row's blocks in position order."""
+        def local(pool, table, layer):
+            rows = pool[layer, table]  # [b, MB, BS, C]
+            return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+        return self._per_rank(local, P(self.axis), self.pool, self.page_table, layer)
+
+
+def new_pool(layers: int, ranks: int, blocks_per_rank: int, block_size: int, width: int, dtype, mesh) -> jax.Array:
+    shape = (layers, ranks * blocks_per_rank, block_size, width)
+    if mesh is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(mesh, P(None, "dp")))()
+
+
+def block_hashes(tokens, block_size: int) -> list[bytes]:
+    """Hash chain over full blocks: a block's key covers every token before it too."""
+    out, prev = [], b""
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        chunk = np.asarray(tokens[start:start + block_size], np.int64).tobytes()
+        prev = hashlib.blake2b(prev + chunk, digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+class BlockPool:
+    """Host bookkeeping for one dp rank's blocks: reference counts, free list, prefix cache.
+
+    A block whose last reference is released stays in the prefix cache (if it holds a full,
+    hashed block) until memory is needed; the least recently released goes first."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = np.zeros(num_blocks, np.int32)
+        self.free = collections.deque(range(num_blocks))
+        self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - self.available
+
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """The longest cached prefix of these block hashes, as block ids."""
+        blocks = []
+        for h in hashes:
+            if h not in self.by_hash:
+                break
+            blocks.append(self.by_hash[h])
+        return blocks
+
+    def acquire(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.evictable.pop(b, None)
+            self.refs[b] += 1
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > self.available:
+            return None
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.popleft()
+            else:
+                b, _ = self.evictable.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(b)]
+            self.refs[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            assert self.refs[b] >= 0, f"block {b} released twice"
+            if self.refs[b] == 0:
+                if b in self.hash_of:
+                    self.evictable[b] = None
+                else:
+                    self.free.append(b)
+
+    def register(self, block: int, h: bytes) -> None:
+        """Makes a filled block findable by its hash (first writer wins)."""
+        if h not in self.by_hash and block not in self.hash_of:
+            self.by_hash[h] = block
+            self.hash_of[block] = h
