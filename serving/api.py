@@ -122,16 +122,19 @@ class LLM:
 
     # ---- generation --------------------------------------------------------------------------------
     def generate(self, prompts, params=None) -> list[RequestOutput]:
-        """Prompts: text, token-id lists, or a list of either. A bad prompt gets an output with
-        finish_reason "error" and the reason; the others complete."""
+        """Prompts: text, token-id lists, or a list of either; params: one SamplingParams (or dict) for
+        all, or one per prompt. A bad prompt gets an output with finish_reason "error" and the
+        reason; the others complete."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = self._params(params)
+        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
         outs, live = [], {}
-        for prompt in prompts:
+        for prompt, p in zip(prompts, per_prompt):
             try:
                 ids = self._ids(prompt)
-                req = self.engine.add_request(ids, params)
+                req = self.engine.add_request(ids, self._params(p))
                 live[req.id] = len(outs)
                 outs.append(RequestOutput(req.id, ids, [], None, None))
             except ValueError as e:

@@ -5,7 +5,6 @@ function of (weights, cache pool, batch arrays), compiled once per shape bucket.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 import zlib
@@ -21,14 +20,26 @@ from serving.sampling import SamplingParams, sample, sampling_arrays
 from serving.scheduler import Batch, Request, Scheduler
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "mesh"), donate_argnames=("pool",))
-def _step(graphdef, state, pool, page_table, tokens, positions, sample_at, temperature, top_k, top_p, seeds,
-          counters, *, absorbed: bool, mesh):
-    net = nnx.merge(graphdef, state)
-    hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, mesh), absorbed)
-    last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
-    next_tokens = sample(net.logits(last), temperature, top_k, top_p, seeds, counters)
-    return next_tokens, cache.pool, stats
+def _compile_step(net, mesh):
+    """The engine's jitted step for this model (and EP capacity bucket). The weights go in as a flat
+    list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
+    milliseconds of host time per step."""
+    graphdef, state = nnx.split(net)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def step(leaves, pool, expert_load, page_table, tokens, positions, sample_at, temperature, top_k, top_p, seeds,
+             counters, absorbed: bool):
+        net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, mesh), absorbed)
+        last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
+        next_tokens = sample(net.logits(last), temperature, top_k, top_p, seeds, counters)
+        overflow = stats["overflow"] if stats else jnp.bool_(False)
+        if stats:
+            expert_load = expert_load + stats["expert_load"]
+        # one array to read back per step: the tokens, then the EP overflow flag
+        return jnp.concatenate([next_tokens, overflow.astype(jnp.int32)[None]]), cache.pool, expert_load
+
+    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load"))
 
 
 @dataclasses.dataclass
@@ -54,12 +65,15 @@ class Engine:
         self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size, width,
                              kv_dtype, mesh)
         self.scheduler = Scheduler(serving, self.ranks, self.blocks_per_rank)
-        self.graphdef, self.state = nnx.split(net)
+        self.leaves, self._step = _compile_step(net, mesh)
+        self._compiled_before = 0  # compilations of earlier steps (before an EP capacity escalation)
+        moe = net.moe_layers
+        self.expert_load = jnp.zeros((0, 0) if moe is None else moe.mlp.phy2log.shape, jnp.int32)  # summed, for EPLB
         self.requests: dict[str, Request] = {}
         self.counters = dict(requests=0, finished=0, rejected=0, prompt_tokens=0, cached_prompt_tokens=0,
                              generated_tokens=0, prefill_steps=0, decode_steps=0, prefill_s=0.0, decode_s=0.0,
                              ep_overflow_retries=0)
-        self.expert_load = None  # [moe layers, physical experts], summed over steps (for EPLB)
+        self.last_step: dict = {}
         self._next_id = 0
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -104,28 +118,54 @@ class Engine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        start = time.perf_counter()
         arrays = self._arrays(batch)
+        prepared = time.perf_counter()
+        wait = 0.0
         while True:
-            next_tokens, self.pool, stats = _step(self.graphdef, self.state, self.pool, *arrays,
-                                                  absorbed=batch.kind == "decode", mesh=self.mesh)
-            next_tokens = np.asarray(next_tokens)  # the one device->host sync of a step
-            if not stats or not bool(stats["overflow"]):
+            out, self.pool, self.expert_load = self._step(self.leaves, self.pool, self.expert_load, *arrays,
+                                                          absorbed=batch.kind == "decode")
+            dispatched = time.perf_counter()
+            out = np.asarray(out)  # the one device->host sync of a step
+            wait += time.perf_counter() - dispatched
+            if not out[-1]:
                 break
             # Rows did not fit the EP capacity bucket: re-run at the next one. Re-running on the
             # returned pool is safe: every cache row this step reads it first writes again.
+            self._compiled_before += self._step._cache_size()
             self.net.set_expert_parallel(self.net.ep.escalated())
-            self.graphdef, self.state = nnx.split(self.net)
+            self.leaves, self._step = _compile_step(self.net, self.mesh)
             self.counters["ep_overflow_retries"] += 1
-        if stats:
-            load = np.asarray(stats["expert_load"])
-            self.expert_load = load if self.expert_load is None else self.expert_load + load
+        next_tokens = out[:-1]
+        returned = time.perf_counter()
+        events = self._advance(batch, next_tokens)
+        done = time.perf_counter()
+        elapsed = done - start
         self.counters[f"{batch.kind}_steps"] += 1
-        self.counters[f"{batch.kind}_s"] += time.perf_counter() - start
-        return self._advance(batch, next_tokens)
+        self.counters[f"{batch.kind}_s"] += elapsed
+        # host bookkeeping: building the batch before the jitted call and advancing requests after it
+        self.last_step = {"kind": batch.kind, "wall_s": elapsed, "host_s": (prepared - start) + (done - returned)}
+        return events
+
+    def warmup(self) -> int:
+        """Compiles every shape bucket on an all-padding batch (it writes nothing), so serving never
+        compiles; returns the number of compilations this took."""
+        before = self.compilations
+        shapes = [("prefill", r, t) for r in self.cfg.prefill_rows for t in self.cfg.prefill_tokens]
+        shapes += [("decode", b, 1) for b in self.cfg.decode_batch]
+        for kind, rows, width in shapes:
+            for blocks in self.context_buckets:
+                B = rows * self.ranks
+                arrays = (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
+                          np.full((B, width), -1, np.int32), np.zeros(B, np.int32),
+                          *sampling_arrays([None] * B, [0] * B, [0] * B))
+                out, self.pool, self.expert_load = self._step(self.leaves, self.pool, self.expert_load, *arrays,
+                                                              absorbed=kind == "decode")
+        jax.block_until_ready(out)
+        return self.compilations - before
 
     def _arrays(self, batch: Batch) -> tuple:
         cfg = self.cfg
@@ -188,7 +228,7 @@ class Engine:
     # ---- statistics --------------------------------------------------------------------------------
     @property
     def compilations(self) -> int:
-        return _step._cache_size()
+        return self._compiled_before + self._step._cache_size()
 
     def stats(self) -> dict:
         c = dict(self.counters)
