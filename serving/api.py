@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from serving.config import ServingConfig
-from serving.engine import Engine
+from serving.engine import Engine, Rebalancing
 from serving.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,9 @@ class LLM:
         dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
         net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment)
         self.deployment = deployment
-        self.engine = Engine(net, serving, mesh if deployment.ep_size > 1 or deployment.dp > 1 else None)
+        rebalancing = Rebalancing(deployment.rebalance_interval, deployment.rebalance_window,
+                                  deployment.rebalance_threshold, deployment.nodes)
+        self.engine = Engine(net, serving, mesh if deployment.ep_size > 1 or deployment.dp > 1 else None, rebalancing)
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
 
     # ---- prompts -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ function of (weights, cache pool, batch arrays), compiled once per shape bucket.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -50,8 +51,17 @@ class Event:
     finished: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Rebalancing:
+    """Live EPLB policy (from the deployment's experts section)."""
+    interval: int  # engine steps between looks at the expert loads
+    window: int  # looks whose loads the next placement is computed from
+    threshold: float  # re-place when mean-over-layers max/mean GPU load exceeds this
+    nodes: int
+
+
 class Engine:
-    def __init__(self, net, serving: ServingConfig, mesh=None):
+    def __init__(self, net, serving: ServingConfig, mesh=None, rebalancing: Rebalancing | None = None):
         cfg = net.config
         self.net, self.cfg, self.mesh = net, serving, mesh
         self.ranks = 1 if mesh is None else mesh.shape["dp"]
@@ -74,6 +84,10 @@ class Engine:
                              generated_tokens=0, prefill_steps=0, decode_steps=0, prefill_s=0.0, decode_s=0.0,
                              ep_overflow_retries=0)
         self.last_step: dict = {}
+        self.rebalancing = rebalancing if net.ep is not None and rebalancing and rebalancing.interval else None
+        self._load_window: collections.deque = collections.deque(maxlen=rebalancing.window if rebalancing else 1)
+        self._load_seen = 0
+        self.eplb = {"rebalances": 0, "last": None}
         self._next_id = 0
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -148,7 +162,35 @@ class Engine:
         self.counters[f"{batch.kind}_s"] += elapsed
         # host bookkeeping: building the batch before the jitted call and advancing requests after it
         self.last_step = {"kind": batch.kind, "wall_s": elapsed, "host_s": (prepared - start) + (done - returned)}
+        steps = self.counters["prefill_steps"] + self.counters["decode_steps"]
+        if self.rebalancing and steps % self.rebalancing.interval == 0:
+            self._rebalance()
         return events
+
+    def _rebalance(self) -> None:
+        """Live EPLB between steps: loads of the last window -> new placement -> weights moved."""
+        from sharding.eplb import balancedness, move_experts, rebalance_experts
+        mlp, cfg, ranks = self.net.moe_layers.mlp, self.net.config, self.net.ep.ranks
+        self._load_window.append(self._unseen_logical_load())
+        self._load_seen = np.asarray(self.expert_load)
+        phy2log, logcnt = np.asarray(mlp.phy2log[...]), np.asarray(mlp.logcnt[...])
+        weight = sum(self._load_window)
+        before = balancedness(weight, phy2log, logcnt, ranks)
+        if weight.sum() == 0 or before.mean() <= self.rebalancing.threshold:
+            return
+        new = rebalance_experts(weight, phy2log.shape[1], cfg.n_group, self.rebalancing.nodes, ranks)
+        after = balancedness(weight, new[0], new[2], ranks)
+        if after.mean() >= before.mean():
+            return
+        move_experts(self.net.moe_layers, *new)
+        self.leaves = jax.tree.leaves(nnx.state(self.net))  # same tree, so the compiled step is reused
+        self.expert_load, self._load_seen = jnp.zeros_like(self.expert_load), 0  # slots now mean other experts
+        self.eplb["rebalances"] += 1
+        self.eplb["last"] = {"step": self.counters["prefill_steps"] + self.counters["decode_steps"],
+                             "balancedness_before": before.tolist(), "balancedness_after": after.tolist(),
+                             "mean_before": float(before.mean()), "mean_after": float(after.mean()),
+                             "gpu_load_before": gpu_sum(weight, phy2log, logcnt, ranks),
+                             "gpu_load_after": gpu_sum(weight, new[0], new[2], ranks)}
 
     def warmup(self) -> int:
         """Compiles every shape bucket on an all-padding batch (it writes nothing), so serving never
@@ -230,6 +272,23 @@ class Engine:
     def compilations(self) -> int:
         return self._compiled_before + self._step._cache_size()
 
+    def eplb_stats(self) -> dict:
+        """Balancedness (max / mean GPU load, per MoE layer and overall) of the loads seen so far under
+        the current placement, and the last live rebalance's before/after."""
+        if self.net.ep is None or self.net.moe_layers is None:
+            return {}
+        from sharding.eplb import balancedness
+        mlp = self.net.moe_layers.mlp
+        weight = sum(self._load_window) + self._unseen_logical_load()
+        per_layer = balancedness(weight, np.asarray(mlp.phy2log[...]), np.asarray(mlp.logcnt[...]), self.net.ep.ranks)
+        return {"balancedness_per_layer": per_layer.tolist(), "balancedness": float(per_layer.mean()), **self.eplb}
+
+    def _unseen_logical_load(self) -> np.ndarray:
+        """Tokens per logical expert [L, E] since the last look, read through the current placement."""
+        from sharding.eplb import logical_loads
+        unseen = np.asarray(self.expert_load) - self._load_seen
+        return logical_loads(unseen, np.asarray(self.net.moe_layers.mlp.phy2log[...]), self.net.config.n_routed_experts)
+
     def stats(self) -> dict:
         c = dict(self.counters)
         done = [r for r in self.requests.values() if r.finished_at is not None and r.first_token_at]
@@ -246,8 +305,15 @@ class Engine:
             kv_blocks_used=[p.used for p in self.scheduler.pools],
             kv_blocks_cached=[len(p.evictable) for p in self.scheduler.pools],
             compilations=self.compilations, ep_capacity_level=None if self.net.ep is None else self.net.ep.level,
+            eplb=self.eplb_stats(),
         )
         return c
+
+
+def gpu_sum(weight, phy2log, logcnt, ranks) -> list[float]:
+    """Each GPU's load summed over layers: the report's per-GPU bars."""
+    from sharding.eplb import gpu_loads
+    return gpu_loads(weight, phy2log, logcnt, ranks).sum(0).tolist()
 
 
 def _percentiles(values) -> dict:

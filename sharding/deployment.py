@@ -16,7 +16,8 @@ from pathlib import Path
 from sharding.ep import EPConfig
 from sharding.mesh import make_mesh
 
-SECTIONS = {"name": None, "description": None, "mesh": {"dp", "tp"}, "experts": {"redundant"},
+SECTIONS = {"name": None, "description": None, "mesh": {"dp", "tp", "gpus_per_node"},
+            "experts": {"redundant", "rebalance_interval", "rebalance_window", "rebalance_threshold"},
             "dispatch": {"dtype", "combine_dtype", "capacity_factors"},
             "serving": None}  # read by serving.config.ServingConfig
 
@@ -30,6 +31,12 @@ class Deployment:
     dispatch_dtype: str = "fp8"
     combine_dtype: str = "bf16"
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
+    gpus_per_node: int = 8  # EPLB's hierarchical policy packs expert groups onto nodes
+    # Live EPLB: every `rebalance_interval` engine steps (0: never) look at the loads of the last
+    # `rebalance_window` intervals; re-place the experts if max/mean GPU load exceeds the threshold.
+    rebalance_interval: int = 0
+    rebalance_window: int = 4
+    rebalance_threshold: float = 1.1
     serving: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
     source: str = "<deployment>"  # the file, for error messages
 
@@ -41,6 +48,10 @@ class Deployment:
     @property
     def ep_size(self) -> int:
         return self.dp * self.tp
+
+    @property
+    def nodes(self) -> int:
+        return max(1, -(-self.ep_size // self.gpus_per_node))
 
     @classmethod
     def from_json(cls, path) -> "Deployment":
@@ -64,7 +75,11 @@ class Deployment:
                       redundant_experts=int(experts.get("redundant", 0)),
                       dispatch_dtype=dispatch.get("dtype", "fp8"),
                       combine_dtype=dispatch.get("combine_dtype", "bf16"),
-                      capacity_factors=tuple(factors), serving=raw.get("serving", {}), source=str(path))
+                      capacity_factors=tuple(factors), gpus_per_node=int(mesh.get("gpus_per_node", 8)),
+                      rebalance_interval=int(experts.get("rebalance_interval", 0)),
+                      rebalance_window=int(experts.get("rebalance_window", 4)),
+                      rebalance_threshold=float(experts.get("rebalance_threshold", 1.1)),
+                      serving=raw.get("serving", {}), source=str(path))
             EPConfig(mesh=None, dispatch_dtype=dep.dispatch_dtype, combine_dtype=dep.combine_dtype,
                      capacity_factors=dep.capacity_factors)
         except (TypeError, ValueError) as e:
