@@ -34,6 +34,12 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed):
         """-> (x, cache, routed-expert stats or None for a dense layer)."""
+        ep = self.mlp.ep if isinstance(self.mlp, MoE) else None
+        if ep is not None and ep.overlap != "none":
+            from sharding.overlap import overlapped_layer
+            out = overlapped_layer(self, x, cos, sin, cache, layer, slots, mask, absorbed, ep.overlap)
+            if out is not None:
+                return out
         with jax.named_scope("attention"):
             h, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, mask, absorbed)
         x = x + h

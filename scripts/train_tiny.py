@@ -128,7 +128,7 @@ def encode_batch(tok: Tokenizer, rng: np.random.Generator, batch: int):
         weight[i, n:n + m] = 1.0
         lengths[i] = n + m
     positions = np.where(np.arange(SEQ_LEN)[None] < lengths[:, None], np.arange(SEQ_LEN)[None], -1)
-    return {"tokens": tokens, "positions": positions.astype(np.int32), "weight": weight}
+    return {"tokens": tokens, "positions": positions.astype(np.int32), "weight": weight, "task": tasks.astype(np.int32)}
 
 
 # ---- the model -------------------------------------------------------------------------------------
@@ -216,7 +216,11 @@ def losses(params, bias, rest, graphdef, batch):
     mtp = masked_ce(mtp_logits, shifted(tokens, 2), shifted(weight, 2))
     right = (logits.argmax(-1) == targets) | (w1 == 0)
     load = jnp.concatenate([stats["expert_load"], mtp_stats["expert_load"][None]]).astype(jnp.float32)
-    metrics = {"loss": main, "mtp_loss": mtp, "exact": right.all(-1).mean(), "load": load}
+    exact = right.all(-1)
+    # Teacher-forced exact match equals greedy exact match: every answer token is the argmax.
+    per_task = {f"exact_{t}": (exact * (batch["task"] == i)).sum() / jnp.maximum((batch["task"] == i).sum(), 1)
+                for i, t in enumerate(TASKS)}
+    metrics = {"loss": main, "mtp_loss": mtp, "exact": exact.mean(), **per_task, "load": load}
     return main + batch["mtp_lambda"] * mtp, metrics
 
 
@@ -254,12 +258,21 @@ class Progress:
         eta = elapsed / step * (self.total - step)
         width = 30
         bar = "#" * (width * step // self.total)
-        sys.stderr.write(f"\r[{bar:<{width}}] {step}/{self.total} loss {m['loss']:.4f} mtp {m['mtp_loss']:.4f} "
-                         f"exact {m['exact']:.3f} elapsed {elapsed:4.0f}s ETA {eta:4.0f}s ")
+        sys.stderr.write(f"\r[{bar:<{width}}] {step}/{self.total} loss {m['loss']:.4f} mtp {m['mtp_loss']:.4f} exact "
+                         + " ".join(f"{t} {m['exact_' + t]:.2f}" for t in TASKS) + f" elapsed {elapsed:4.0f}s ETA {eta:4.0f}s ")
         sys.stderr.flush()
 
     def close(self):
         sys.stderr.write("\n")
+
+
+def log_entry(step: int, sums: dict, n: int, lr: float) -> dict:
+    """Means over the steps since the last entry; the load balance is routed tokens of the busiest
+    expert over the mean, worst layer (1.0: perfectly balanced)."""
+    load = np.asarray(sums["load"])
+    entry = {"step": step, "lr": lr, "max_over_mean_load": float((load.max(-1) / load.mean(-1)).max())}
+    entry.update({k: float(v) / n for k, v in sums.items() if k != "load"})
+    return entry
 
 
 def train(args, tok: Tokenizer):
@@ -271,19 +284,18 @@ def train(args, tok: Tokenizer):
     opt_state = optimizer.init(params)
     step = make_step(graphdef, optimizer, args.bias_gamma)
     rng = np.random.default_rng(args.seed)
-    progress, log, load_sum = Progress(args.steps), [], 0.0
-    for i in range(1, args.steps + 1):
-        batch = {**encode_batch(tok, rng, args.batch), "mtp_lambda": np.float32(args.mtp_lambda)}
-        with tiled_experts():
+    progress, log, sums, since = Progress(args.steps), [], None, 0
+    with tiled_experts():
+        for i in range(1, args.steps + 1):
+            batch = {**encode_batch(tok, rng, args.batch), "mtp_lambda": np.float32(args.mtp_lambda)}
             params, opt_state, bias, metrics = step(params, opt_state, bias, rest, batch)
-        load_sum = load_sum + metrics["load"]
-        if i % args.log_every == 0 or i == args.steps:
-            m = {k: float(v) for k, v in metrics.items() if k != "load"}
-            load = np.asarray(load_sum)
-            m.update(step=i, lr=float(schedule(i)), max_over_mean_load=float((load.max(-1) / load.mean(-1)).max()))
-            log.append(m)
-            load_sum = 0.0
-            progress.update(i, m)
+            # Summed on device; the host syncs only at log steps.
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            since += 1
+            if i % args.log_every == 0 or i == args.steps:
+                log.append(log_entry(i, sums, since, float(schedule(i))))
+                progress.update(i, log[-1])
+                sums, since = None, 0
     progress.close()
     nnx.update(net, bias, params)
     return net, log

@@ -18,6 +18,7 @@ from flax import nnx
 from serving.config import ServingConfig, bucket
 from serving.kv_cache import PagedCache, new_pool
 from serving.sampling import SamplingParams, sample, sampling_arrays
+from sharding.overlap import balanced_slots
 from serving.scheduler import Batch, Request, Scheduler
 
 
@@ -225,9 +226,16 @@ class Engine:
         table = np.zeros((B, blocks), np.int32)
         sample_at = np.zeros(B, np.int32)
         params, seeds, counters = [None] * B, [0] * B, [0] * B
+        overlap = self.net.ep is not None and self.net.ep.overlap != "none"
+        batch.slots = []
         for rank, rows in enumerate(batch.rows):
-            for i, (req, pos, n) in enumerate(rows):
-                b = rank * rows_b + i
+            # Under overlap each rank's rows form two micro-batches: balance core-attention work
+            # (prefill: new tokens x context) or KV length (decode) between them.
+            slots = (balanced_slots([n * (p + n) for _, p, n in rows], rows_b) if overlap
+                     else list(range(len(rows))))
+            batch.slots.append(slots)
+            for (req, pos, n), slot in zip(rows, slots):
+                b = rank * rows_b + slot
                 seq = req.prompt + req.output
                 tokens[b, :n] = seq[pos:pos + n]
                 positions[b, :n] = np.arange(pos, pos + n)
@@ -241,7 +249,7 @@ class Engine:
         rows_b = len(next_tokens) // self.ranks
         events, now = [], time.perf_counter()
         for rank, rows in enumerate(batch.rows):
-            for i, (req, pos, n) in enumerate(rows):
+            for (req, pos, n), slot in zip(rows, batch.slots[rank]):
                 req.computed = pos + n
                 if req.in_prefill:  # a middle chunk of a long prompt: its sample is not a token
                     continue
@@ -249,7 +257,7 @@ class Engine:
                     self.scheduler.register_prompt_blocks(req)
                     self.counters["cached_prompt_tokens"] += req.cached
                     req.first_token_at = now
-                token = int(next_tokens[rank * rows_b + i])
+                token = int(next_tokens[rank * rows_b + slot])
                 req.output.append(token)
                 self.counters["generated_tokens"] += 1
                 reason = self._finish_reason(req, token)

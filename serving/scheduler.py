@@ -42,6 +42,7 @@ class Request:
 class Batch:
     kind: str  # "prefill" | "decode"
     rows: list[list[tuple[Request, int, int]]]  # per rank: (request, first position, token count)
+    slots: list[list[int]] = dataclasses.field(default_factory=list)  # per rank: each row's place in the batch
 
 
 class Scheduler:

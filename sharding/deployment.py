@@ -18,7 +18,7 @@ from sharding.mesh import make_mesh
 
 SECTIONS = {"name": None, "description": None, "mesh": {"dp", "tp", "gpus_per_node"},
             "experts": {"redundant", "rebalance_interval", "rebalance_window", "rebalance_threshold"},
-            "dispatch": {"dtype", "combine_dtype", "capacity_factors"},
+            "dispatch": {"dtype", "combine_dtype", "capacity_factors", "overlap"},
             "serving": None}  # read by serving.config.ServingConfig
 
 
@@ -31,6 +31,7 @@ class Deployment:
     dispatch_dtype: str = "fp8"
     combine_dtype: str = "bf16"
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
+    overlap: str = "none"  # none | auto (two_batch prefill, five_stage decode) | two_batch | five_stage
     gpus_per_node: int = 8  # EPLB's hierarchical policy packs expert groups onto nodes
     # Live EPLB: every `rebalance_interval` engine steps (0: never) look at the loads of the last
     # `rebalance_window` intervals; re-place the experts if max/mean GPU load exceeds the threshold.
@@ -75,13 +76,14 @@ class Deployment:
                       redundant_experts=int(experts.get("redundant", 0)),
                       dispatch_dtype=dispatch.get("dtype", "fp8"),
                       combine_dtype=dispatch.get("combine_dtype", "bf16"),
-                      capacity_factors=tuple(factors), gpus_per_node=int(mesh.get("gpus_per_node", 8)),
+                      capacity_factors=tuple(factors), overlap=dispatch.get("overlap", "none"),
+                      gpus_per_node=int(mesh.get("gpus_per_node", 8)),
                       rebalance_interval=int(experts.get("rebalance_interval", 0)),
                       rebalance_window=int(experts.get("rebalance_window", 4)),
                       rebalance_threshold=float(experts.get("rebalance_threshold", 1.1)),
                       serving=raw.get("serving", {}), source=str(path))
             EPConfig(mesh=None, dispatch_dtype=dep.dispatch_dtype, combine_dtype=dep.combine_dtype,
-                     capacity_factors=dep.capacity_factors)
+                     capacity_factors=dep.capacity_factors, overlap=dep.overlap)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
         return dep
@@ -103,7 +105,7 @@ class Deployment:
         if self.ep_size == 1:
             return None
         return EPConfig(mesh=mesh, dispatch_dtype=self.dispatch_dtype, combine_dtype=self.combine_dtype,
-                        capacity_factors=self.capacity_factors)
+                        capacity_factors=self.capacity_factors, overlap=self.overlap)
 
 
 def resolve(deployment, mesh=None) -> tuple[Deployment, object]:

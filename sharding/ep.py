@@ -18,6 +18,7 @@ and the host re-runs the step at the next bucket, ending with one that cannot ov
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -43,8 +44,11 @@ class EPConfig:
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     level: int = 0
     transport: str = "auto"  # padded | ragged | auto (ragged on GPU; XLA:CPU lacks ragged_all_to_all)
+    overlap: str = "none"  # none | auto | two_batch | five_stage: sharding/overlap.py
 
     def __post_init__(self):
+        if self.overlap not in ("none", "auto", "two_batch", "five_stage"):
+            raise ValueError(f"overlap {self.overlap!r} must be 'none', 'auto', 'two_batch' or 'five_stage'")
         if self.transport not in ("auto", "padded", "ragged"):
             raise ValueError(f"transport {self.transport!r} must be 'auto', 'padded' or 'ragged'")
         if self.dispatch_dtype not in PAYLOAD_DTYPES:
@@ -199,28 +203,49 @@ def ragged_exchange(rows, counts, axes):
 EXCHANGES = {"padded": padded_exchange, "ragged": ragged_exchange}
 
 
-# ---- the shard_map body ----------------------------------------------------------------------------
+# ---- the three stages, each a shard_map over the EP axes --------------------------------------------
+# Separate stages let two micro-batches interleave (sharding/overlap.py): one's attention or
+# expert GEMMs run while the other's all-to-all is in flight.
 
-def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn: str):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Dispatched:
+    """Rows received by every device, as global arrays whose leading axis is split over the EP
+    axes (device r's block is its own [R, C, ...] buffer, flattened)."""
+    x: jax.Array  # [R * R*C, D] received rows
+    ids: jax.Array  # int32[R * R*C, k] local expert ids per row (-1: none)
+    weights: jax.Array  # float32[R * R*C, k]
+    recv_counts: jax.Array  # int32[R * R] rows from each source
+    src_token: jax.Array  # int32[R * R, C] which of the sender's tokens each sent slot holds (n: none)
+    send_overflow: jax.Array  # bool[R]
+    rows_sent: jax.Array  # int32[R]
+    n_dp: int = dataclasses.field(metadata={"static": True})  # tokens per dp group (after padding N)
+    n: int = dataclasses.field(metadata={"static": True})  # tokens each device dispatched
+    capacity: int = dataclasses.field(metadata={"static": True})  # C
+
+
+def _split_axes(ep: EPConfig) -> tuple[tuple[str, ...], int]:
+    other = tuple(a for a in ep.axes if a != ep.batch_axis)
+    return other, math.prod(ep.mesh.shape[a] for a in other)
+
+
+def _dispatch_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int):
     """One device: x [n_dp, D] (its dp group's tokens, replicated over the other EP axes)."""
     axes = ep.axes
-    other = tuple(a for a in axes if a != ep.batch_axis)
+    other, split = _split_axes(ep)
     # Ranks of one dp group hold the same tokens: each dispatches its own 1/|other| of them.
-    split = math.prod(ep.mesh.shape[a] for a in other)
-    n_dp = x.shape[0]
-    n = -(-n_dp // split)
+    n = -(-x.shape[0] // split)
     if split > 1:
-        pad = n * split - n_dp
+        pad = n * split - x.shape[0]
         x, ids, weights = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, ids, weights))
         valid = jnp.pad(valid, (0, pad))
         start = jax.lax.axis_index(other) * n
         x, ids, weights, valid = (jax.lax.dynamic_slice_in_dim(a, start, n) for a in (x, ids, weights, valid))
-    R, El = ep.ranks, w_gate.shape[0]
-    k = ids.shape[1]
-    C, Ce = capacities(n, k, R, El, ep.capacity_factor)
+    R, k = ep.ranks, ids.shape[1]
+    C, _ = capacities(n, k, R, experts_local, ep.capacity_factor)
 
     with jax.named_scope("ep_plan"):
-        pair_dest, pair_ids = plan_dispatch(ids, valid, El, R)
+        pair_dest, pair_ids = plan_dispatch(ids, valid, experts_local, R)
         slots, send_counts = slots_by_key(pair_dest, R)
         pair_token = jnp.arange(n * k) // k
         src_token = jnp.full((R, C), n, jnp.int32).at[pair_dest, slots].set(pair_token, mode="drop")
@@ -230,8 +255,7 @@ def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn
 
     exchange = EXCHANGES[ep.wire]
     with jax.named_scope("ep_dispatch"):
-        x_pad = jnp.concatenate([x, jnp.zeros_like(x[:1])])
-        payload = _encode(x_pad, ep.dispatch_dtype)
+        payload = _encode(jnp.concatenate([x, jnp.zeros_like(x[:1])]), ep.dispatch_dtype)
         sent = jnp.minimum(send_counts, C)
         recv = [exchange(p[src_token], sent, axes) for p in payload]  # each [R, C, ...]
         recv_x = _decode(recv, ep.dispatch_dtype, x.dtype).reshape(R * C, -1)
@@ -240,23 +264,64 @@ def _ep_local(x, ids, weights, valid, w_gate, w_up, w_down, *, ep: EPConfig, ffn
         used = jnp.arange(C)[None, :] < recv_counts[:, None]  # [R, C]
         recv_ids = jnp.where(used[..., None], exchange(send_ids, sent, axes), -1).reshape(R * C, k)
         recv_w = exchange(send_w, sent, axes).reshape(R * C, k)
+    return (recv_x, recv_ids, recv_w, recv_counts, src_token, jnp.any(send_counts > C)[None],
+            jnp.sum(send_counts)[None])
 
-    with jax.named_scope("ep_experts"):
-        if ffn == "ragged":
-            out, counts, expert_overflow = grouped_ffn_ragged(recv_x, recv_ids, recv_w, w_gate, w_up, w_down)
-        else:
-            out, counts, expert_overflow = grouped_ffn_padded(recv_x, recv_ids, recv_w, w_gate, w_up, w_down, Ce)
 
-    with jax.named_scope("ep_combine"):
-        back = exchange(out.astype(PAYLOAD_DTYPES[ep.combine_dtype]).reshape(R, C, -1), recv_counts, axes)
-        y = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[src_token].add(back.astype(jnp.float32))[:n]
-        y = y.astype(x.dtype)
-        if split > 1:
-            y = jax.lax.all_gather(y, other, axis=0, tiled=True)[:n_dp]
+def ep_dispatch(x, ids, weights, valid, ep: EPConfig, experts_local: int) -> Dispatched:
+    """x [N, D] sharded over the batch axis, ids int32[N, k] physical experts, weights [N, k],
+    valid bool[N] -> every device's received rows."""
+    dp = ep.mesh.shape[ep.batch_axis]
+    pad = -x.shape[0] % dp
+    if pad:  # shard_map needs whole shards; padding tokens are marked invalid and never sent
+        x, ids, weights = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, ids, weights))
+        valid = jnp.pad(valid, (0, pad))
+    batch, per_device = P(ep.batch_axis), P(ep.axes)
+    body = jax.shard_map(functools.partial(_dispatch_local, ep=ep, experts_local=experts_local), mesh=ep.mesh,
+                         in_specs=(batch,) * 4, out_specs=(per_device,) * 7, check_vma=False)
+    n_dp = x.shape[0] // dp
+    n = -(-n_dp // _split_axes(ep)[1])
+    C, _ = capacities(n, ids.shape[1], ep.ranks, experts_local, ep.capacity_factor)
+    return Dispatched(*body(x, ids, weights, valid), n_dp=n_dp, n=n, capacity=C)
 
-    overflow = jax.lax.psum((jnp.any(send_counts > C) | expert_overflow).astype(jnp.int32), axes) > 0
-    rows_sent = jnp.sum(send_counts)[None]
-    return y, counts, rows_sent, overflow
+
+def ep_experts(d: Dispatched, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "padded"):
+    """Each device's received rows through its local experts -> (rows out [R * R*C, D] float32,
+    tokens per physical expert [P], overflow per device [R])."""
+    El = w_gate.shape[0] // ep.ranks  # w_gate is the global [P, F, D]
+    _, Ce = capacities(d.n, d.ids.shape[1], ep.ranks, El, ep.capacity_factor)
+
+    def local(x, ids, w, w_gate, w_up, w_down):
+        with jax.named_scope("ep_experts"):
+            if ffn == "ragged":
+                out, counts, overflow = grouped_ffn_ragged(x, ids, w, w_gate, w_up, w_down)
+            else:
+                out, counts, overflow = grouped_ffn_padded(x, ids, w, w_gate, w_up, w_down, Ce)
+        return out, counts, overflow[None]
+
+    spec = P(ep.axes)
+    return jax.shard_map(local, mesh=ep.mesh, in_specs=(spec,) * 6, out_specs=(spec,) * 3,
+                         check_vma=False)(d.x, d.ids, d.weights, w_gate, w_up, w_down)
+
+
+def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
+    """Rows back to their senders in the combine precision; each token's returns summed -> [N_padded, D]."""
+    other, split = _split_axes(ep)
+    exchange = EXCHANGES[ep.wire]
+    R, C = ep.ranks, d.capacity
+
+    def local(out, recv_counts, src_token):
+        with jax.named_scope("ep_combine"):
+            back = exchange(out.astype(PAYLOAD_DTYPES[ep.combine_dtype]).reshape(R, C, -1), recv_counts, ep.axes)
+            y = jnp.zeros((d.n + 1, back.shape[-1]), jnp.float32).at[src_token].add(back.astype(jnp.float32))
+            y = y[:d.n].astype(dtype)
+            if split > 1:
+                y = jax.lax.all_gather(y, other, axis=0, tiled=True)[:d.n_dp]
+        return y
+
+    spec = P(ep.axes)
+    return jax.shard_map(local, mesh=ep.mesh, in_specs=(spec,) * 3, out_specs=P(ep.batch_axis),
+                         check_vma=False)(out, d.recv_counts, d.src_token)
 
 
 def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "padded"):
@@ -264,16 +329,12 @@ def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig
     valid bool[N]; expert weights [P, ...] sharded over ep.axes.
     Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank
     sent [R], overflow (the step must re-run at the next capacity bucket)."""
-    dp = ep.mesh.shape[ep.batch_axis]
-    N = x.shape[0]
-    pad = -N % dp
-    if pad:  # shard_map needs whole shards; padding tokens are marked invalid and never sent
-        x, ids, weights = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, ids, weights))
-        valid = jnp.pad(valid, (0, pad))
-    batch, experts = P(ep.batch_axis), P(ep.axes)
-    body = jax.shard_map(
-        lambda *a: _ep_local(*a, ep=ep, ffn=ffn), mesh=ep.mesh,
-        in_specs=(batch, batch, batch, batch, experts, experts, experts),
-        out_specs=(batch, experts, experts, P()), check_vma=False)
-    y, counts, rows_sent, overflow = body(x, ids, weights, valid, w_gate, w_up, w_down)
-    return y[:N], {"expert_load": counts, "rows_sent": rows_sent, "overflow": overflow}
+    d = ep_dispatch(x, ids, weights, valid, ep, w_gate.shape[0] // ep.ranks)
+    out, counts, expert_overflow = ep_experts(d, w_gate, w_up, w_down, ep, ffn)
+    y = ep_combine(d, out, ep, x.dtype)
+    return y[:x.shape[0]], ep_stats(d, counts, expert_overflow)
+
+
+def ep_stats(d: Dispatched, counts, expert_overflow) -> dict:
+    return {"expert_load": counts, "rows_sent": d.rows_sent,
+            "overflow": jnp.any(d.send_overflow) | jnp.any(expert_overflow)}

@@ -1,0 +1,392 @@
+"""The OpenAI-compatible HTTP server (serving/server.py): a real server on a loopback port, the real
+`openai` client. Its outputs equal LLM.generate's; concurrent requests share engine steps; /metrics
+counts what was sent; a client that goes away frees its KV blocks; bad requests get OpenAI errors.
+
+The checkpoint is built here (random weights for configs/tiny, a character-level tokenizer with a
+DeepSeek-style chat template), so the tests need nothing else on disk."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
+
+from model import DeepseekV3, ModelConfig
+from model.checkpoint import save_safetensors
+from serving import LLM, SamplingParams
+from serving.server import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+# ids 4..127: printable ASCII, newline, tab, then Latin-1 letters, so every id of the vocabulary is a character
+CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(0xC0, 0xC0 + 27)]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+            "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+            "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+DEPLOYMENT = {"mesh": {"dp": 1}, "serving": {"block_size": 8, "prefill_tokens": [16, 64], "prefill_rows": [1, 8],
+                                             "decode_batch": [8, 64], "max_model_len": 128, "kv_cache_mb": 16}}
+TEXT = "The quick brown fox"
+IDS = [5, 9, 13, 2, 7, 30, 31, 44]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+CONCURRENT = ["alpha", "bravo charlie", "delta", "echo foxtrot golf", "hotel"]
+GREEDY = dict(temperature=0.0)
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    assert len(vocab) == 128
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "chat_template": TEMPLATE}))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jaxseek-test")
+    net = DeepseekV3(ModelConfig.from_json(ROOT / "configs" / "tiny" / "config.json"), rngs=nnx.Rngs(0))
+    save_safetensors(net, path)
+    write_tokenizer(path)
+    deployment = path.parent / f"{path.name}-deployment.json"
+    deployment.write_text(json.dumps(DEPLOYMENT))
+    return path, deployment
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint[0], deployment=checkpoint[1])
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    """LLM.generate's greedy outputs, computed before the server's engine thread owns the engine."""
+    def run(prompt, **kw):
+        return llm.generate([prompt], SamplingParams(**{"max_tokens": 12, **kw}))[0]
+    ref = {"text": run(TEXT), "ids": run(IDS), "chat": run(llm.chat_prompt(CHAT)),
+           "long": run(TEXT, max_tokens=12, ignore_eos=True),
+           "cli": run(IDS, max_tokens=3, ignore_eos=True),
+           "concurrent": {p: run(p, max_tokens=8, ignore_eos=True).token_ids for p in CONCURRENT}}
+    assert len(ref["long"].text) == 12  # every token is a character or a special; the stop test needs text
+    return ref
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, port, app):
+        self.port, self.app = port, app
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="x", max_retries=0, timeout=120)
+        self.http = httpx.Client(base_url=self.base, timeout=120)
+
+    def metrics(self) -> dict:
+        r = self.http.get("/metrics")
+        assert r.status_code == 200
+        out = {}
+        for family in text_string_to_metric_families(r.text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include `labels` (0 if none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in metrics.items() if n == name and want <= set(ls))
+
+
+@pytest.fixture(scope="module")
+def server(llm, reference, checkpoint):
+    port = free_port()
+    app = create_app(llm, model_name=checkpoint[0].name)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    running = Running(port, app)
+    yield running
+    running.http.close()
+    uv.should_exit = True
+    thread.join(60)
+    assert not thread.is_alive()
+    assert not app.state.server.worker.alive  # the engine thread stopped with the server
+
+
+def test_models_and_health(server, checkpoint):
+    assert server.http.get("/health").json() == {"status": "ok"}
+    models = server.client.models.list().data
+    assert [m.id for m in models] == [checkpoint[0].name]
+    assert server.http.get(f"/v1/models/{checkpoint[0].name}").json()["max_model_len"] == 128
+
+
+def test_completion_matches_generate(server, reference, checkpoint):
+    name = checkpoint[0].name
+    ref = reference["text"]
+    out = server.client.completions.create(model=name, prompt=TEXT, max_tokens=12, extra_body={"return_token_ids": True},
+                                           **GREEDY)
+    assert out.object == "text_completion" and out.model == name and out.id.startswith("cmpl-")
+    choice = out.choices[0]
+    assert choice.text == ref.text and choice.token_ids == ref.token_ids and choice.finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids) == len(TEXT) + 1  # bos + one token per character
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    # token ids in, token ids out; several prompts in one request
+    ids = server.client.completions.create(model=name, prompt=IDS, max_tokens=12, extra_body={"return_token_ids": True},
+                                           **GREEDY)
+    assert ids.choices[0].token_ids == reference["ids"].token_ids and ids.choices[0].text == reference["ids"].text
+    both = server.client.completions.create(model=name, prompt=[TEXT, IDS], max_tokens=12, **GREEDY)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [ref.text, reference["ids"].text]
+    # streamed: the chunks add up to the same text and tokens
+    chunks = list(server.client.completions.create(model=name, prompt=TEXT, max_tokens=12, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   extra_body={"return_token_ids": True}, **GREEDY))
+    pieces = [c for c in chunks if c.choices]
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in pieces) == ref.text
+    assert [t for c in pieces for t in c.choices[0].token_ids] == ref.token_ids
+    assert [c.choices[0].finish_reason for c in pieces] == [None] * (len(pieces) - 1) + [ref.finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids) and not chunks[-1].choices
+    assert len(pieces) > 1  # really streamed
+
+
+def test_chat_matches_generate(server, reference, checkpoint, llm):
+    name = checkpoint[0].name
+    ref = reference["chat"]
+    assert ref.prompt_token_ids[:3] == [0, 4 + CHARS.index("B"), 4 + CHARS.index("e")]  # bos, then the system text
+    out = server.client.chat.completions.create(model=name, messages=CHAT, max_tokens=12, **GREEDY)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and msg.content == ref.text and out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids) and out.usage.completion_tokens == len(ref.token_ids)
+    chunks = list(server.client.chat.completions.create(model=name, messages=CHAT, max_tokens=12, stream=True,
+                                                        **GREEDY))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+    # content given as text parts renders the same prompt
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in CHAT]
+    again = server.client.chat.completions.create(model=name, messages=parts, max_tokens=12, **GREEDY)
+    assert again.choices[0].message.content == ref.text
+
+
+def test_stop_strings(server, reference, checkpoint):
+    """A string stop cuts the text before it (streamed or not) and ends the request."""
+    text = reference["long"].text
+    stop = text[5:7]
+    want = text[:text.find(stop)]
+    kw = dict(model=checkpoint[0].name, prompt=TEXT, max_tokens=12, stop=[stop, "\x00never"],
+              extra_body={"ignore_eos": True}, **GREEDY)
+    out = server.client.completions.create(**kw)
+    assert out.choices[0].text == want and out.choices[0].finish_reason == "stop"
+    chunks = list(server.client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_fifty_concurrent_streams_share_engine_steps(server, reference, checkpoint):
+    name = checkpoint[0].name
+    before = server.metrics()
+
+    async def one(client, prompt):
+        stream = await client.completions.create(model=name, prompt=prompt, max_tokens=8, stream=True,
+                                                 extra_body={"ignore_eos": True, "return_token_ids": True}, **GREEDY)
+        tokens, finish = [], None
+        async for chunk in stream:
+            tokens += chunk.choices[0].token_ids
+            finish = chunk.choices[0].finish_reason or finish
+        return prompt, tokens, finish
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0,
+                                      timeout=120) as client:
+            return await asyncio.gather(*(one(client, CONCURRENT[i % len(CONCURRENT)]) for i in range(50)))
+
+    results = asyncio.run(main())
+    assert len(results) == 50
+    for prompt, tokens, finish in results:
+        assert len(tokens) == 8 and finish == "length"
+        assert tokens == reference["concurrent"][prompt]  # batching changes no output
+    after = server.metrics()
+    decode_steps = value(after, "jaxseek_engine_steps_total", kind="decode") - \
+        value(before, "jaxseek_engine_steps_total", kind="decode")
+    # one at a time would take 50 x 7 decode steps
+    assert 7 <= decode_steps <= 50, decode_steps
+    assert value(after, "jaxseek_generation_tokens_total") - value(before, "jaxseek_generation_tokens_total") == 400
+
+
+def test_metrics_count_requests_and_tokens(server, checkpoint):
+    name = checkpoint[0].name
+    before = server.metrics()
+    prompts = [[10 + i] * (3 + i) for i in range(3)]  # 3, 4 and 5 tokens
+    for p in prompts:
+        server.client.completions.create(model=name, prompt=p, max_tokens=5, extra_body={"ignore_eos": True}, **GREEDY)
+    list(server.client.chat.completions.create(model=name, messages=CHAT, max_tokens=4, stream=True,
+                                               extra_body={"ignore_eos": True}, **GREEDY))
+    server.http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 0})
+    after = server.metrics()
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    chat_prompt = len(server.app.state.server.llm.chat_prompt(CHAT))
+    assert delta("jaxseek_http_requests_total", endpoint="/v1/completions", status="200") == 3
+    assert delta("jaxseek_http_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert delta("jaxseek_http_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert delta("jaxseek_http_requests_total", endpoint="/metrics", status="200") == 1  # the first scrape
+    assert delta("jaxseek_generation_tokens_total") == 3 * 5 + 4
+    assert delta("jaxseek_prompt_tokens_total") == 3 + 4 + 5 + chat_prompt
+    assert delta("jaxseek_prompt_tokens_by_cache_total") == 3 + 4 + 5 + chat_prompt  # hit + miss
+    assert delta("jaxseek_prompt_tokens_by_cache_total", cache="hit") >= 8  # the chat prompt was seen before
+    assert delta("jaxseek_requests_finished_total", reason="length") == 4
+    assert delta("jaxseek_time_to_first_token_seconds_count") == 4
+    assert delta("jaxseek_time_per_output_token_seconds_count") == 4
+    assert delta("jaxseek_e2e_request_latency_seconds_count") == 4
+    assert value(after, "jaxseek_requests_running") == value(after, "jaxseek_requests_waiting") == 0
+    assert value(after, "jaxseek_kv_blocks_used", dp_rank="0") == 0
+    assert value(after, "jaxseek_kv_blocks_total", dp_rank="0") > 100
+    assert value(after, "jaxseek_compilations_total") >= 2 and value(after, "jaxseek_ep_overflow_retries_total") == 0
+    assert value(after, "jaxseek_expert_load_imbalance") >= 1.0
+    layers = {dict(ls)["layer"] for (n, ls) in after if n == "jaxseek_expert_load_imbalance_per_layer"}
+    assert layers == {"1", "2"}  # configs/tiny: layer 0 is dense, 1 and 2 are MoE
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server, checkpoint):
+    engine = server.app.state.server.engine
+    before = server.metrics()
+    body = {"model": checkpoint[0].name, "prompt": TEXT, "max_tokens": 110, "stream": True, "ignore_eos": True,
+            "temperature": 0}
+    events = 0
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events += 1
+                if events == 2:
+                    break  # leave mid-stream: the connection closes
+    assert events == 2
+    deadline = time.time() + 10
+    while True:
+        after = server.metrics()
+        if value(after, "jaxseek_kv_blocks_used", dp_rank="0") == 0 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert value(after, "jaxseek_kv_blocks_used", dp_rank="0") == 0
+    assert value(after, "jaxseek_requests_running") == 0
+    assert value(after, "jaxseek_requests_finished_total", reason="abort") - \
+        value(before, "jaxseek_requests_finished_total", reason="abort") == 1
+    generated = value(after, "jaxseek_generation_tokens_total") - value(before, "jaxseek_generation_tokens_total")
+    assert 2 <= generated < 110  # it did not run to the end
+    assert engine.scheduler.pools[0].refs.sum() == 0
+
+
+def test_bad_requests_get_openai_errors(server, checkpoint):
+    name = checkpoint[0].name
+    engine_requests = server.metrics()[("jaxseek_engine_requests_total", ())]
+    cases = [  # (path, body, status, code)
+        ("/v1/completions", b"{not json", 400, "invalid_json"),
+        ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "max_tokens": "many"}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "x" * 200}, 400, "context_length_exceeded"),
+        ("/v1/completions", {"model": name, "prompt": list(range(4, 200))}, 400, "context_length_exceeded"),
+        ("/v1/completions", {"model": name, "prompt": [5, 6, 128]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": [5, -1]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": ""}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": []}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name}, 400, "missing_required_parameter"),
+        ("/v1/completions", {"model": name, "prompt": [{"a": 1}]}, 400, "invalid_type"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "n": 2}, 400, "unsupported"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "logprobs": 2}, 400, "unsupported"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "temperature": -1}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "top_p": 0}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "beam_width": 4}, 400, "unknown_parameter"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "stream": "yes"}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"model": name, "messages": []}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"model": name}, 400, "missing_required_parameter"),
+        ("/v1/chat/completions", {"model": name, "messages": [{"content": "no role"}]}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"model": name, "messages": CHAT, "logprobs": True}, 400, "unsupported"),
+        ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "y" * 300}]}, 400,
+         "context_length_exceeded"),
+    ]
+    for path, body, status, code in cases:
+        r = server.http.post(path, content=body) if isinstance(body, bytes) else server.http.post(path, json=body)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        assert error["code"] == code, (body, error)
+    r = server.http.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    assert server.http.get("/nowhere").json()["error"]["code"] == "404"
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="does not fit the context|maximum context length"):
+        server.client.completions.create(model=name, prompt=[5] * 128)
+    with pytest.raises(openai.BadRequestError, match="only 1"):
+        server.client.chat.completions.create(model=name, messages=CHAT, n=3)
+    # none of them reached the engine, and it still serves
+    assert server.metrics()[("jaxseek_engine_requests_total", ())] == engine_requests
+    out = server.client.completions.create(model=name, prompt="ok", max_tokens=3, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+
+
+def test_cli_subprocess_serves(checkpoint, reference):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model", str(checkpoint[0]), "--deployment",
+                             str(checkpoint[1]), "--port", str(port), "--no-warmup", "--log-level", "warning"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        models = httpx.get(f"{base}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [checkpoint[0].name]  # the default served name
+        r = httpx.post(f"{base}/v1/completions", timeout=120, json={
+            "model": checkpoint[0].name, "prompt": IDS, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == reference["cli"].token_ids
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stdout.read()
