@@ -112,3 +112,48 @@ def test_engine_with_overlap_matches_without(net, tmp_path):
     plain = LLM(path, deployment=dataclasses.replace(EXACT, serving=serving)).generate(prompts, params)
     over = LLM(path, deployment=dataclasses.replace(EXACT, overlap="auto", serving=serving)).generate(prompts, params)
     assert [o.token_ids for o in over] == [o.token_ids for o in plain]
+
+
+def _bench_overlap():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_overlap", Path(__file__).resolve().parents[1]
+                                                  / "scripts" / "bench_overlap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hlo_summary_finds_async_pairs_and_the_compute_inside():
+    """CPU sibling of the GPU check below: the HLO reader on a hand-written scheduled program."""
+    text = "\n".join([
+        "%a2a-start = (f32[8]) all-to-all-start(f32[8] %x), replica_groups={}",
+        "%fusion.1 = f32[8] fusion(f32[8] %y), kind=kLoop",
+        "%dot.2 = f32[8,8] dot(f32[8,8] %p, f32[8,8] %q)",
+        "%a2a-done = f32[8] all-to-all-done(%a2a-start)",
+        "%sync = f32[8] all-to-all(f32[8] %z)",
+    ])
+    assert _bench_overlap().hlo_summary(text) == {"all_to_all_sync": 1, "all_to_all_async_pairs": 1,
+                                                  "compute_ops_inside_pairs": [2]}
+
+
+def test_timeline_model_never_beats_the_critical_path():
+    bench = _bench_overlap()
+    m = bench.layer_model(attn_a=100, attn_b=50, experts=80, dispatch=120, combine=200)
+    assert m["sequential_us"] == 2 * (100 + 50 + 80 + 120 + 200)
+    # two micro-batches on two streams: at least all compute, at least all network, at most sequential
+    for key in ("two_batch_us", "five_stage_us"):
+        assert max(2 * 230, 2 * 320) <= m[key] < m["sequential_us"]
+    models = bench.deepseek_models()
+    assert models["decode_ep144"]["gain_two_batch"] > 1 and models["prefill_ep32"]["gain_two_batch"] > 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="async collectives are a GPU compilation (XLA:CPU runs them synchronously)")
+def test_gpu_hlo_has_async_all_to_all_with_compute_inside(net):
+    from model.transformer import _run_method
+    _with(net, "two_batch")
+    graphdef, state = nnx.split(net)
+    tokens = jnp.zeros((16, 8), jnp.int32)
+    text = _run_method.lower(graphdef, state, "_logits_full", tokens).compile().as_text()
+    _with(net, "none")
+    summary = _bench_overlap().hlo_summary(text)
+    assert summary["all_to_all_async_pairs"] > 0 and max(summary["compute_ops_inside_pairs"]) > 0
