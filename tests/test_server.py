@@ -8,6 +8,7 @@ DeepSeek-style chat template), so the tests need nothing else on disk."""
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,8 +37,9 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
             "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
             "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
-DEPLOYMENT = {"mesh": {"dp": 1}, "serving": {"block_size": 8, "prefill_tokens": [16, 64], "prefill_rows": [1, 8],
-                                             "decode_batch": [8, 64], "max_model_len": 128, "kv_cache_mb": 16}}
+# One shape bucket per kind, so the whole file compiles the engine step only a few times.
+DEPLOYMENT = {"mesh": {"dp": 1}, "serving": {"block_size": 16, "prefill_tokens": [32], "prefill_rows": [8],
+                                             "decode_batch": [64], "max_model_len": 128, "kv_cache_mb": 16}}
 TEXT = "The quick brown fox"
 IDS = [5, 9, 13, 2, 7, 30, 31, 44]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
@@ -262,7 +264,7 @@ def test_metrics_count_requests_and_tokens(server, checkpoint):
     assert delta("jaxseek_generation_tokens_total") == 3 * 5 + 4
     assert delta("jaxseek_prompt_tokens_total") == 3 + 4 + 5 + chat_prompt
     assert delta("jaxseek_prompt_tokens_by_cache_total") == 3 + 4 + 5 + chat_prompt  # hit + miss
-    assert delta("jaxseek_prompt_tokens_by_cache_total", cache="hit") >= 8  # the chat prompt was seen before
+    assert delta("jaxseek_prompt_tokens_by_cache_total", cache="hit") >= 16  # the chat prompt's first block was seen before
     assert delta("jaxseek_requests_finished_total", reason="length") == 4
     assert delta("jaxseek_time_to_first_token_seconds_count") == 4
     assert delta("jaxseek_time_per_output_token_seconds_count") == 4
@@ -389,4 +391,6 @@ def test_cli_subprocess_serves(checkpoint, reference):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, proc.stdout.read()
+    output = proc.stdout.read()
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
+    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in output, output
