@@ -82,8 +82,10 @@ class Engine:
         self.expert_load = jnp.zeros((0, 0) if moe is None else moe.mlp.phy2log.shape, jnp.int32)  # summed, for EPLB
         self.requests: dict[str, Request] = {}
         self.counters = dict(requests=0, finished=0, rejected=0, prompt_tokens=0, cached_prompt_tokens=0,
-                             generated_tokens=0, prefill_steps=0, decode_steps=0, prefill_s=0.0, decode_s=0.0,
-                             ep_overflow_retries=0)
+                             generated_tokens=0, kv_tokens_read=0, prefill_steps=0, decode_steps=0, prefill_s=0.0,
+                             decode_s=0.0, ep_overflow_retries=0)
+        self.started = time.perf_counter()
+        self.devices = 1 if mesh is None else mesh.size
         self.last_step: dict = {}
         self.rebalancing = rebalancing if net.ep is not None and rebalancing and rebalancing.interval else None
         self._load_window: collections.deque = collections.deque(maxlen=rebalancing.window if rebalancing else 1)
@@ -260,6 +262,7 @@ class Engine:
                 token = int(next_tokens[rank * rows_b + slot])
                 req.output.append(token)
                 self.counters["generated_tokens"] += 1
+                self.counters["kv_tokens_read"] += pos + n  # the context this token attended over
                 reason = self._finish_reason(req, token)
                 if reason:
                     self.scheduler.finish(req, reason)
@@ -279,6 +282,14 @@ class Engine:
     @property
     def compilations(self) -> int:
         return self._compiled_before + self._step._cache_size()
+
+    def statistics_record(self, gpus_per_node: int = 8) -> dict:
+        """The window served so far in the statistics-file form scripts/cost_report.py reads
+        (serving/economics.py, docs/ECONOMICS.md)."""
+        c = self.stats()
+        return {"window_hours": max(c["gpu_seconds"] / self.devices / 3600, 1e-9), "gpus_per_node": gpus_per_node,
+                "gpu_seconds": c["gpu_seconds"], "input_tokens_cache_hit": c["input_tokens_cache_hit"],
+                "input_tokens_cache_miss": c["input_tokens_cache_miss"], "output_tokens": c["generated_tokens"]}
 
     def eplb_stats(self) -> dict:
         """Balancedness (max / mean GPU load, per MoE layer and overall) of the loads seen so far under
@@ -306,6 +317,10 @@ class Engine:
         c.update(
             running=sum(len(r) for r in self.scheduler.running), waiting=len(self.scheduler.waiting),
             cache_hit_rate=c["cached_prompt_tokens"] / max(c["prompt_tokens"], 1),
+            input_tokens_cache_hit=c["cached_prompt_tokens"],
+            input_tokens_cache_miss=c["prompt_tokens"] - c["cached_prompt_tokens"],
+            average_kv_length_per_output_token=c["kv_tokens_read"] / max(c["generated_tokens"], 1),
+            gpu_seconds=(time.perf_counter() - self.started) * self.devices,
             prefill_tokens_per_s=(c["prompt_tokens"] - c["cached_prompt_tokens"]) / max(c["prefill_s"], 1e-9),
             decode_tokens_per_s=c["generated_tokens"] / max(c["decode_s"], 1e-9),
             ttft_s=_percentiles(ttft), tokens_per_s_per_user=_percentiles(speed),

@@ -142,3 +142,16 @@ def test_generate_cli(hf, tmp_path):
     first = json.loads(run.stdout.splitlines()[0])
     assert len(first["token_ids"]) <= 4 and first["error"] is None
     assert first["token_ids"] == hf_greedy(hf[1], PROMPTS[0], 4)[:len(first["token_ids"])]
+
+
+def test_statistics_record_feeds_the_cost_report(llm, tmp_path):
+    from serving.economics import load, report
+    llm.generate([[5, 6, 7, 8], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=3, ignore_eos=True))
+    stats = llm.stats()
+    assert stats["input_tokens_cache_hit"] + stats["input_tokens_cache_miss"] == stats["prompt_tokens"]
+    assert stats["average_kv_length_per_output_token"] > 4  # every token attended over >= its prompt
+    record = llm.engine.statistics_record()
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(record))
+    out = report(load(path).stats, load(ROOT / "configs/economics/deepseek-2025-02-27.json").prices)
+    assert out["cost_usd"] > 0 and out["revenue_usd"] > 0
