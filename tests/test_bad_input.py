@@ -7,20 +7,17 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
+from tiny import TINY, save_tiny
+from model.checkpoint import CheckpointError, SafetensorsDir, write_safetensors
 from model import ConfigError, DeepseekV3, ModelConfig
-from model.checkpoint import CheckpointError, SafetensorsDir, save_safetensors, write_safetensors
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "config.json"
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("good")
-    net = DeepseekV3(ModelConfig.from_json(TINY), rngs=nnx.Rngs(0))
-    save_safetensors(net, path)
-    return path, net
+    return path, save_tiny(path, 0)
 
 
 def _copy(src: Path, dst: Path) -> Path:

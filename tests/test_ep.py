@@ -1,6 +1,5 @@
 """Expert parallelism on the 8-device CPU mesh, against the single-device model."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tiny import CONFIGS, TINY, save_tiny
 from model import DeepseekV3, ModelConfig
-from model.checkpoint import save_safetensors
 from model.moe import MoE
 from model.quant import ACTIVATION_BLOCK, dequantize_blocks, quantize_blocks
 from sharding import make_mesh
@@ -17,8 +16,6 @@ from sharding.deployment import Deployment
 from sharding.ep import EPConfig, ep_routed_experts, grouped_ffn_padded, grouped_ffn_ragged, plan_dispatch, \
     slots_by_key
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = CONFIGS / "tiny" / "config.json"  # 16 routed experts in 4 groups, top-4
 
 
 def exact(name, dp, tp=1, redundant=8):
@@ -29,9 +26,7 @@ def exact(name, dp, tp=1, redundant=8):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("ep")
-    net = DeepseekV3(ModelConfig.from_json(TINY), rngs=nnx.Rngs(11))
-    save_safetensors(net, path)
-    return path, net
+    return path, save_tiny(path, 11)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from model import DeepseekV3, ModelConfig
-from model.checkpoint import save_safetensors
+from tiny import save_tiny
 from model.moe import default_placement
 from serving import LLM, SamplingParams
 from sharding.deployment import Deployment
 from sharding.eplb import balancedness, logical_loads
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "config.json"
 BASE = Deployment(name="ep8", dp=8, redundant_experts=8, dispatch_dtype="fp32", combine_dtype="fp32",
                   serving={"block_size": 8, "max_model_len": 64, "decode_batch": [8], "prefill_rows": [4],
                            "prefill_tokens": [16]})
@@ -24,7 +21,7 @@ PROMPTS = [[5, 9, 13, 2, 7], [8, 4], [60, 61, 62, 63, 1, 2], [3, 3, 3], [100, 7]
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     p = tmp_path_factory.mktemp("eplb")
-    save_safetensors(DeepseekV3(ModelConfig.from_json(TINY), rngs=nnx.Rngs(5)), p)
+    save_tiny(p, 5)
     return p
 
 

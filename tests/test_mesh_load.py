@@ -1,27 +1,21 @@
 """Loading straight onto a mesh: each device gets only its shard, and the math is unchanged."""
 
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from model import DeepseekV3, ModelConfig
-from model.checkpoint import save_safetensors
+from tiny import save_tiny
+from model import DeepseekV3
 from sharding import make_mesh
 from sharding.deployment import Deployment
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "config.json"
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("mesh")
-    net = DeepseekV3(ModelConfig.from_json(TINY), rngs=nnx.Rngs(3))
-    save_safetensors(net, path)
-    return path, net
+    return path, save_tiny(path, 3)
 
 
 @pytest.mark.parametrize("dp,tp", [(8, 1), (4, 2)])

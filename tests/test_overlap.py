@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from jax.extend.core import Literal
 
-from model import DeepseekV3, ModelConfig
+from tiny import save_tiny
+from model import DeepseekV3
 from model.cache import DenseCache
 from model.checkpoint import save_safetensors
 from model.layers import rope_cos_sin
@@ -19,14 +20,13 @@ from serving import LLM, SamplingParams
 from sharding.deployment import Deployment
 from sharding.overlap import balanced_slots, overlapped_layer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "config.json"
 EXACT = Deployment(name="ep8", dp=8, redundant_experts=8, dispatch_dtype="fp32", combine_dtype="fp32")
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     path = tmp_path_factory.mktemp("overlap")
-    save_safetensors(DeepseekV3(ModelConfig.from_json(TINY), rngs=nnx.Rngs(21)), path)
+    save_tiny(path, 21)
     return DeepseekV3.from_pretrained(path, deployment=EXACT)
 
 
