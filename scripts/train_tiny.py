@@ -41,8 +41,11 @@ BOS, EOS, USER, ASSISTANT, PAD, UNK = ("<｜begin▁of▁sentence｜>", "<｜end
                                        "<｜Assistant｜>", "<｜▁pad▁｜>", "<｜unk｜>")
 SPECIALS = [BOS, EOS, USER, ASSISTANT, PAD, UNK]  # ids 0.. in this order: bos 0, eos 1 as DeepSeek
 CHARS = [chr(c) for c in range(32, 127)]  # printable ASCII, one token each
-MAX_DIGITS = 8  # operands have 1..MAX_DIGITS digits
-TASKS = ("reverse", "sort", "add")
+# task: (operands have 1..max digits, share of training sequences). Addition is given fewer digits
+# and more data: it writes the sum most-significant digit first, so every digit depends on the
+# carries from all lower ones, far harder for a small model to learn than reverse or sort.
+TASK_SPEC = {"reverse": (8, 0.25), "sort": (8, 0.25), "add": (4, 0.5)}
+TASKS = tuple(TASK_SPEC)
 # DeepSeek-V3's template (without its tool-call branches): a system prompt follows bos directly.
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
@@ -80,25 +83,16 @@ def tokenizer_config() -> dict:
 
 # ---- the task --------------------------------------------------------------------------------------
 
-def digits(rng: np.random.Generator) -> str:
-    n = rng.integers(1, MAX_DIGITS + 1)
-    return "".join(map(str, rng.integers(0, 10, n)))
-
-
-def number(rng: np.random.Generator) -> int:
-    n = rng.integers(1, MAX_DIGITS + 1)
-    return int(rng.integers(10 ** (n - 1) if n > 1 else 0, 10 ** n))
+def length(task: str, rng: np.random.Generator) -> int:
+    return int(rng.integers(1, TASK_SPEC[task][0] + 1))
 
 
 def problem(task: str, rng: np.random.Generator) -> tuple[str, str]:
-    """-> (instruction, answer), e.g. ("sort 3141", "1134")."""
-    if task == "reverse":
-        s = digits(rng)
-        return f"reverse {s}", s[::-1]
-    if task == "sort":
-        s = digits(rng)
-        return f"sort {s}", "".join(sorted(s))
-    a, b = number(rng), number(rng)
+    """-> (instruction, answer), e.g. ("sort 3141", "1134"). Digit strings may start with 0; numbers do not."""
+    if task in ("reverse", "sort"):
+        s = "".join(map(str, rng.integers(0, 10, length(task, rng))))
+        return f"{task} {s}", s[::-1] if task == "reverse" else "".join(sorted(s))
+    a, b = (int(rng.integers(10 ** (n - 1) if n > 1 else 0, 10 ** n)) for n in (length(task, rng), length(task, rng)))
     return f"add {a}+{b}", str(a + b)
 
 
@@ -107,14 +101,22 @@ def prompt_text(instruction: str, chat: bool) -> str:
     return f"{USER}{instruction}{ASSISTANT}" if chat else f"{instruction}="
 
 
-# Longest sequence: bos <User> "add " 8 digits "+" 8 digits <Assistant> 9 digits eos.
-SEQ_LEN = 1 + 1 + len("add ") + 2 * MAX_DIGITS + 1 + 1 + (MAX_DIGITS + 1) + 1
+def longest_sequence() -> int:
+    """Tokens in the longest training sequence: bos, the chat form of a task's largest problem, eos."""
+    def largest(task):
+        n = "9" * TASK_SPEC[task][0]
+        return (f"add {n}+{n}", str(2 * int(n))) if task == "add" else (f"{task} {n}", n)
+    return max(1 + len(q) + 2 + len(a) + 1 for q, a in map(largest, TASKS))
+
+
+SEQ_LEN = longest_sequence()  # every batch is padded to it, so the step compiles once
+MAX_ANSWER = max(TASK_SPEC[t][0] for t in TASKS) + 1  # tokens a greedy answer may take before eos
 
 
 def encode_batch(tok: Tokenizer, rng: np.random.Generator, batch: int):
-    """A training batch: half plain, half chat, tasks uniform. -> dict of int32/float32 [B, SEQ_LEN]:
-    tokens, positions (-1 on padding), and the loss weight of each *target* token (answer + eos)."""
-    tasks = rng.integers(0, len(TASKS), batch)
+    """A training batch: half plain, half chat, tasks drawn by their share. -> tokens, positions (-1 on
+    padding) and the loss weight of each token as a target (answer + eos), all [B, SEQ_LEN]; task [B]."""
+    tasks = rng.choice(len(TASKS), batch, p=[TASK_SPEC[t][1] for t in TASKS])
     chat = rng.random(batch) < 0.5
     pairs = [problem(TASKS[t], rng) for t in tasks]
     prompts = tok.encode_batch([prompt_text(q, c) for (q, _), c in zip(pairs, chat)])
@@ -330,7 +332,7 @@ def accuracy(net: DeepseekV3, tok: Tokenizer, seed: int, n: int) -> dict[str, fl
     for task in TASKS:
         pairs = [problem(task, rng) for _ in range(n)]
         for form, chat in (("plain", False), ("chat", True)):
-            got = greedy(net, tok, [prompt_text(q, chat) for q, _ in pairs], MAX_DIGITS + 2)
+            got = greedy(net, tok, [prompt_text(q, chat) for q, _ in pairs], MAX_ANSWER + 1)
             result[f"{task}/{form}"] = float(np.mean([g == a for g, (_, a) in zip(got, pairs)]))
     return result
 

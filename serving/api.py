@@ -96,7 +96,7 @@ class LLM:
         self.deployment = deployment
         rebalancing = Rebalancing(deployment.rebalance_interval, deployment.rebalance_window,
                                   deployment.rebalance_threshold, deployment.nodes)
-        self.engine = Engine(net, serving, mesh if deployment.ep_size > 1 or deployment.dp > 1 else None, rebalancing)
+        self.engine = Engine(net, serving, mesh, rebalancing)
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
 
     # ---- prompts -----------------------------------------------------------------------------------

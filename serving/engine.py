@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from serving.config import ServingConfig, bucket
 from serving.kv_cache import PagedCache, new_pool
@@ -22,7 +24,7 @@ from sharding.overlap import balanced_slots
 from serving.scheduler import Batch, Request, Scheduler
 
 
-def _compile_step(net, mesh):
+def _compile_step(net, mesh, cache_mesh):
     """The engine's jitted step for this model (and EP capacity bucket). The weights go in as a flat
     list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
     milliseconds of host time per step."""
@@ -32,7 +34,7 @@ def _compile_step(net, mesh):
     def step(leaves, pool, expert_load, page_table, tokens, positions, sample_at, temperature, top_k, top_p, seeds,
              counters, absorbed: bool):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, mesh), absorbed)
+        hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
         last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
         next_tokens = sample(net.logits(last), temperature, top_k, top_p, seeds, counters)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
@@ -41,7 +43,12 @@ def _compile_step(net, mesh):
         # one array to read back per step: the tokens, then the EP overflow flag
         return jnp.concatenate([next_tokens, overflow.astype(jnp.int32)[None]]), cache.pool, expert_load
 
-    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load"))
+    shardings = None
+    if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
+        replicated = NamedSharding(mesh, P())
+        shardings = (replicated, NamedSharding(mesh, P(None, "dp")), replicated)
+    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load"),
+                           out_shardings=shardings)
 
 
 @dataclasses.dataclass
@@ -66,6 +73,9 @@ class Engine:
         cfg = net.config
         self.net, self.cfg, self.mesh = net, serving, mesh
         self.ranks = 1 if mesh is None else mesh.shape["dp"]
+        # a one-device mesh still fixes the arrays' layout (so warm-up and serving share compilations)
+        # but needs no per-rank shard_map around cache reads and writes
+        self.cache_mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.context_len = serving.context_len(cfg.max_position_embeddings)
         self.max_blocks = math.ceil(self.context_len / serving.block_size)
         self.context_buckets = tuple(sorted({min(2 ** i, self.max_blocks) for i in
@@ -75,11 +85,13 @@ class Engine:
         self.blocks_per_rank = serving.blocks_per_rank(cfg.num_hidden_layers, width, jnp.dtype(kv_dtype).itemsize)
         self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size, width,
                              kv_dtype, mesh)
+        self.finished: collections.deque[Request] = collections.deque(maxlen=4096)  # recent ones, for stats
         self.scheduler = Scheduler(serving, self.ranks, self.blocks_per_rank)
-        self.leaves, self._step = _compile_step(net, mesh)
+        self.leaves, self._step = _compile_step(net, mesh, self.cache_mesh)
         self._compiled_before = 0  # compilations of earlier steps (before an EP capacity escalation)
         moe = net.moe_layers
-        self.expert_load = jnp.zeros((0, 0) if moe is None else moe.mlp.phy2log.shape, jnp.int32)  # summed, for EPLB
+        load = np.zeros((0, 0) if moe is None else moe.mlp.phy2log.shape, np.int32)  # summed over steps, for EPLB
+        self.expert_load = jax.device_put(load, NamedSharding(mesh, P()) if mesh is not None else None)
         self.requests: dict[str, Request] = {}
         self.counters = dict(requests=0, finished=0, rejected=0, prompt_tokens=0, cached_prompt_tokens=0,
                              generated_tokens=0, kv_tokens_read=0, prefill_steps=0, decode_steps=0, prefill_s=0.0,
@@ -154,7 +166,7 @@ class Engine:
             # returned pool is safe: every cache row this step reads it first writes again.
             self._compiled_before += self._step._cache_size()
             self.net.set_expert_parallel(self.net.ep.escalated())
-            self.leaves, self._step = _compile_step(self.net, self.mesh)
+            self.leaves, self._step = _compile_step(self.net, self.mesh, self.cache_mesh)
             self.counters["ep_overflow_retries"] += 1
         next_tokens = out[:-1]
         returned = time.perf_counter()
@@ -267,6 +279,7 @@ class Engine:
                 if reason:
                     self.scheduler.finish(req, reason)
                     self.counters["finished"] += 1
+                    self.finished.append(self.requests.pop(req.id))
                 events.append(Event(req, [token], reason is not None))
         return events
 
@@ -310,7 +323,7 @@ class Engine:
 
     def stats(self) -> dict:
         c = dict(self.counters)
-        done = [r for r in self.requests.values() if r.finished_at is not None and r.first_token_at]
+        done = [r for r in self.finished if r.first_token_at]
         ttft = [r.first_token_at - r.arrival for r in done]
         speed = [(len(r.output) - 1) / (r.finished_at - r.first_token_at) for r in done
                  if len(r.output) > 1 and r.finished_at > r.first_token_at]

@@ -1,12 +1,23 @@
 """python -m serving.generate --model DIR [--deployment F] (--prompt TEXT | --prompt-ids 1,2,3)...
-[--max-tokens N --temperature T --top-k K --top-p P --seed S] [--json]"""
+[--max-tokens N --temperature T --top-k K --top-p P --seed S] [--json]
+[--coordinator HOST:PORT --num-processes N --process-id I]
+
+Multi-host: every process runs this same command and the same engine; each step is the same
+deterministic decision on every process (identical inputs, no wall-clock in scheduling), so no
+plan needs broadcasting; process 0 prints the results."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def main(argv=None) -> int:
@@ -22,6 +33,11 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--json", action="store_true", help="one JSON object per prompt, then the stats")
+    multi = ap.add_argument_group("multi-host (one command per process; scripts/launch_multihost.py sets these)")
+    multi.add_argument("--coordinator", default=os.environ.get("JAXSEEK_COORDINATOR"), help="process 0's host:port")
+    multi.add_argument("--num-processes", type=int, default=_env_int("JAXSEEK_NUM_PROCESSES"))
+    multi.add_argument("--process-id", type=int, default=_env_int("JAXSEEK_PROCESS_ID"))
+    multi.add_argument("--init-timeout", type=int, default=60, help="seconds to wait for every process to join")
     args = ap.parse_args(argv)
     try:
         prompt_ids = [[int(t) for t in p.split(",")] for p in args.prompt_ids]
@@ -29,6 +45,17 @@ def main(argv=None) -> int:
         ap.error("--prompt-ids takes comma-separated integers, e.g. --prompt-ids 0,17,42")
     if not args.prompt and not prompt_ids:
         ap.error("give at least one --prompt or --prompt-ids")
+
+    if args.num_processes not in (None, 1) or "SLURM_JOB_ID" in os.environ:
+        from sharding.mesh import initialize_multihost
+        try:
+            initialize_multihost(args.coordinator, args.num_processes, args.process_id,
+                                 init_timeout_s=args.init_timeout)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    import jax
+    lead = jax.process_index() == 0  # every process runs the same engine steps; process 0 reports
 
     from serving import LLM, SamplingParams
     try:
@@ -45,6 +72,8 @@ def main(argv=None) -> int:
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(args.prompt + args.prompt_ids, outputs):
+        if not lead:
+            continue
         if args.json:
             print(json.dumps({"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
                               "finish_reason": out.finish_reason, "error": out.error}))
@@ -53,7 +82,9 @@ def main(argv=None) -> int:
         else:
             print(f"{prompt!r} -> {out.text if out.text is not None else out.token_ids!r} ({out.finish_reason})")
     stats = llm.stats()
-    if args.json:
+    if not lead:
+        pass
+    elif args.json:
         print(json.dumps({"stats": stats, "elapsed_s": elapsed}, default=str))
     else:
         print(f"[generate] {stats['generated_tokens']} tokens in {elapsed:.2f}s "

@@ -25,12 +25,12 @@ class SamplingParams:
             problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             problems.append(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2 ** 31:
+            problems.append(f"top_k must be an integer in [0, 2^31), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            problems.append(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32):
+            problems.append(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

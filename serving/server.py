@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -30,7 +29,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+import jinja2
 from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
@@ -68,25 +69,25 @@ class _Live:
 class EngineWorker:
     """The one thread that touches the engine. Everything else talks to it through `inbox`."""
 
-    def __init__(self, engine, metrics: ServerMetrics | None = None, keep_finished: int = 1024):
+    def __init__(self, engine, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.metrics = metrics
         self.inbox: queue.Queue = queue.Queue()
         self.live: dict[str, _Live] = {}
-        # The engine keeps every request it has seen in engine.requests (its stats read them); a
-        # server lives long, so the worker forgets all but the last `keep_finished` finished ones.
-        self._finished: collections.deque[str] = collections.deque()
-        self._keep = keep_finished
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False
+        self._lock = threading.Lock()
 
     # -- called from any thread --
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stopping = True
-        self.inbox.put(("stop",))
+        """Fails whatever is still running and ends the thread (after its current step)."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self.inbox.put(("stop",))  # the last message: _put refuses any after it
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -94,33 +95,46 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    def _put(self, msg) -> bool:
+        with self._lock:  # nothing enters the inbox after "stop", so nothing is left unanswered there
+            if self._stopping:
+                return False
+            self.inbox.put(msg)
+            return True
+
     def submit(self, requests: list[tuple[str, list[int], SamplingParams]], sink: Callable[[Update], None],
                arrival: float) -> concurrent.futures.Future:
         """Adds the requests (all or none: the first bad one raises ValueError through the future)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if not self.alive:
+        if not self._put(("submit", requests, sink, arrival, fut)):
             fut.set_exception(RuntimeError("the engine thread is not running"))
-        else:
-            self.inbox.put(("submit", requests, sink, arrival, fut))
         return fut
 
     def abort(self, request_ids, reason: str = "abort") -> None:
         """Cancels requests; `reason` is what the finish counter records (abort: the client went away)."""
         ids = list(request_ids)
         if ids:
-            self.inbox.put(("abort", ids, reason))
+            self._put(("abort", ids, reason))
 
     def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
         """Runs fn(engine) in the engine thread between steps (e.g. to read statistics)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if not self.alive:
+        if not self._put(("call", fn, fut)):
             fut.set_exception(RuntimeError("the engine thread is not running"))
-        else:
-            self.inbox.put(("call", fn, fut))
         return fut
 
     # -- the engine thread --
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug in the loop itself: fail loudly rather than leave handlers waiting
+            log.exception("the engine thread died")
+            with self._lock:
+                self._stopping = True
+            self._fail_all("the engine thread died", drain=True)
+            raise
+
+    def _loop(self) -> None:
         engine = self.engine
         wait: float | None = None  # block on the inbox: None = until something arrives
         while True:
@@ -210,16 +224,7 @@ class EngineWorker:
                 m.e2e.observe(now - live.arrival)
                 if live.tokens > 1:
                     m.tpot.observe((now - live.first_at) / (live.tokens - 1))
-            self._forget(req.id)
         live.sink(update)
-
-    def _forget(self, rid: str) -> None:
-        self._finished.append(rid)
-        while len(self._finished) > self._keep:
-            old = self._finished.popleft()
-            req = self.engine.requests.get(old)
-            if req is not None and req.finish_reason is not None:
-                del self.engine.requests[old]
 
     def _fail_all(self, message: str, drain: bool = False) -> None:
         for rid, live in list(self.live.items()):
@@ -301,7 +306,7 @@ def _check_fields(body: dict, allowed: set[str]) -> None:
                        "unsupported")
 
 
-def _parse_sampling(body: dict, default_max_tokens: int, chat: bool) -> Parsed:
+def _parse_sampling(body: dict, default_max_tokens: int, chat: bool, vocab_size: int) -> Parsed:
     max_tokens = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         max_tokens = body["max_completion_tokens"]
@@ -326,19 +331,25 @@ def _parse_sampling(body: dict, default_max_tokens: int, chat: bool) -> Parsed:
     top_k = body.get("top_k")
     if top_k == -1:  # vLLM's "off"
         top_k = 0
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > vocab_size:
+        top_k = 0  # k >= the vocabulary keeps every token (and must fit the engine's int32 array)
+    seed = body.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seed &= 0xFFFFFFFF  # OpenAI takes any 64-bit seed; the sampler's keys are 32-bit
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _bad(f"stream must be a boolean, got {stream!r}", "stream")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise _bad(f"stream_options may hold only include_usage, got {options!r}", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+            not isinstance(options.get("include_usage", False), bool):
+        raise _bad(f"stream_options may hold only include_usage (a boolean), got {options!r}", "stream_options")
     if options and not stream:
         raise _bad("stream_options is only allowed with stream: true", "stream_options")
     for flag in ("ignore_eos", "return_token_ids"):
         if not isinstance(body.get(flag, False), bool):
             raise _bad(f"{flag} must be a boolean, got {body[flag]!r}", flag)
     raw = dict(max_tokens=max_tokens, temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=top_k,
-               seed=body.get("seed"), stop_token_ids=tuple(stop_ids), ignore_eos=bool(body.get("ignore_eos", False)))
+               seed=seed, stop_token_ids=tuple(stop_ids), ignore_eos=bool(body.get("ignore_eos", False)))
     defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # OpenAI's defaults (temperature 1: sampling)
     raw = {k: (defaults[k] if v is None and k in defaults else v) for k, v in raw.items()}
     try:
@@ -421,8 +432,9 @@ class Choice:
 class Call:
     """One HTTP request's engine requests (one per prompt) and the queue their updates arrive on."""
 
-    def __init__(self, worker: EngineWorker, prefix: str, prompts: list[list[int]], tokenizer, parsed: Parsed):
-        self.worker, self.parsed = worker, parsed
+    def __init__(self, worker: EngineWorker, prefix: str, prompts: list[list[int]], tokenizer, parsed: Parsed,
+                 param: str = "prompt"):
+        self.worker, self.parsed, self.param = worker, parsed, param
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.choices = [Choice(i, f"{self.id}-{i}", p, tokenizer, parsed.stops) for i, p in enumerate(prompts)]
@@ -445,7 +457,7 @@ class Call:
             await asyncio.wrap_future(fut)
         except ValueError as e:
             self.live.clear()
-            raise _bad(_strip_request_id(str(e)), "prompt",
+            raise _bad(_strip_request_id(str(e)), self.param,
                        "context_length_exceeded" if "does not fit the context" in str(e) else "invalid_value") \
                 from None
         except RuntimeError as e:
@@ -484,6 +496,10 @@ def _strip_request_id(message: str) -> str:
     return message
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -501,14 +517,16 @@ class Server:
         self.metrics = ServerMetrics()
         self.worker = EngineWorker(self.engine, self.metrics)
         self.started = int(time.time())
+        self.snapshot_timeout = 2.0  # seconds a scrape waits for the engine thread
+        self._last_snapshot: dict | None = None
         self.app = self._build_app()
 
     # -- parsing helpers --
     async def _body(self, request) -> dict:
         raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") \
                 from None
         if not isinstance(body, dict):
@@ -556,7 +574,6 @@ class Server:
                    "prompt must be a string, a list of token ids, or a list of either", "prompt")
 
     def _chat_ids(self, messages) -> list[int]:
-        import jinja2
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list", "messages",
                        "missing_required_parameter" if messages is None else "invalid_value")
@@ -581,7 +598,7 @@ class Server:
             raise _bad("chat needs the checkpoint's tokenizer.json and chat template", "messages")
         try:
             ids = self.llm.chat_prompt(clean)
-        except (ValueError, jinja2.TemplateError) as e:
+        except (ValueError, TypeError, KeyError, jinja2.TemplateError) as e:
             raise _bad(f"the chat template rejected the messages: {e}", "messages") from None
         return self._check_ids(ids, "messages")
 
@@ -590,11 +607,12 @@ class Server:
         arrival = time.perf_counter()
         body = await self._body(request)
         _check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-        parsed = _parse_sampling(body, self.default_max_tokens, chat)
+        parsed = _parse_sampling(body, self.default_max_tokens, chat, self.engine.net.config.vocab_size)
         prompts = [self._chat_ids(body.get("messages"))] if chat else self._prompts(body.get("prompt"))
         if self.tokenizer is None:
             parsed.return_token_ids = True  # no text without a tokenizer: the ids are the answer
-        call = Call(self.worker, "chatcmpl" if chat else "cmpl", prompts, self.tokenizer, parsed)
+        call = Call(self.worker, "chatcmpl" if chat else "cmpl", prompts, self.tokenizer, parsed,
+                    "messages" if chat else "prompt")
         try:
             await call.submit(arrival)
         except BaseException:
@@ -683,8 +701,15 @@ class Server:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(call.cancel))
 
-    async def _snapshot(self):
-        return await asyncio.wrap_future(self.worker.call(engine_snapshot))
+    async def _snapshot(self) -> dict | None:
+        """A fresh engine snapshot; the last one if the engine thread is busy for long (a compilation)
+        or gone, so a scrape never hangs."""
+        try:
+            fut = asyncio.wrap_future(self.worker.call(engine_snapshot))
+            self._last_snapshot = await asyncio.wait_for(asyncio.shield(fut), timeout=self.snapshot_timeout)
+        except (asyncio.TimeoutError, RuntimeError):
+            pass
+        return self._last_snapshot
 
     # -- routes --
     def _build_app(self):
@@ -748,12 +773,7 @@ class Server:
 
         @app.get("/metrics")
         async def metrics():
-            from prometheus_client import CONTENT_TYPE_LATEST
-            try:
-                snap = await self._snapshot()
-            except RuntimeError:
-                snap = None  # engine thread gone: the server's own metrics still render
-            return Response(self.metrics.render(snap), media_type=CONTENT_TYPE_LATEST)
+            return Response(self.metrics.render(await self._snapshot()), media_type=CONTENT_TYPE_LATEST)
 
         return _CountRequests(app, self.metrics)
 
@@ -786,6 +806,12 @@ class _CountRequests:
         finally:
             if not counted:
                 self.metrics.http_requests.labels(endpoint=endpoint, status="500").inc()
+
+
+def warm_up(engine) -> int:
+    """Compiles every shape bucket of the engine step now (Engine.warmup), so no request waits for
+    a compilation; returns the number of compilations."""
+    return engine.warmup()
 
 
 def create_app(llm, model_name: str | None = None, default_max_tokens: int = 16):
@@ -822,7 +848,7 @@ def main(argv=None) -> int:
         return 2
     if not args.no_warmup:
         start = time.perf_counter()
-        n = llm.engine.warmup()
+        n = warm_up(llm.engine)
         print(f"[server] compiled {n} shape buckets in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     name = args.served_model_name or model_dir.resolve().name
     app = Server(llm, name, args.default_max_tokens).app

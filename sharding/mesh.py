@@ -58,3 +58,25 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
                                  f"(spec {spec})")
         return NamedSharding(mesh, spec)
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None, *, init_timeout_s: int = 60,
+                         heartbeat_timeout_s: int = 10) -> None:
+    """Joins this process to a multi-controller JAX job: afterwards jax.devices() lists every
+    process's devices and one mesh spans them all. With no arguments the cluster environment
+    (SLURM, ...) is read by jax.distributed. A process that dies is noticed by the others within
+    heartbeat_timeout_s, which then abort naming it ("Task N heartbeat timeout") instead of hanging
+    in a collective."""
+    if num_processes is not None and (num_processes < 1 or process_id is None or not 0 <= process_id < num_processes):
+        raise ValueError(f"process id {process_id} is outside [0, {num_processes}) (--num-processes {num_processes})")
+    if num_processes not in (None, 1) and coordinator is None:
+        raise ValueError("a multi-process launch needs --coordinator host:port (process 0's address)")
+    # CPU devices of different processes talk through gloo; the setting is inert on GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=init_timeout_s,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except Exception as e:  # jax raises several types for an unreachable coordinator or a bad cluster env
+        raise RuntimeError(f"process {process_id} of {num_processes} could not join the coordinator at "
+                           f"{coordinator} within {init_timeout_s} s: {e}") from None

@@ -155,3 +155,14 @@ def test_statistics_record_feeds_the_cost_report(llm, tmp_path):
     path.write_text(json.dumps(record))
     out = report(load(path).stats, load(ROOT / "configs/economics/deepseek-2025-02-27.json").prices)
     assert out["cost_usd"] > 0 and out["revenue_usd"] > 0
+
+
+def test_warmup_covers_the_first_real_step(hf):
+    """The pool and expert-load arrays start in the layout every step returns, so a warmed-up
+    engine compiles nothing when the first real request lands in the first bucket."""
+    llm = LLM(hf[0], deployment=deployment(1, decode_batch=[2], prefill_rows=[1], prefill_tokens=[8],
+                                           max_model_len=16))
+    llm.engine.warmup()
+    before = llm.engine.compilations
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert llm.engine.compilations == before

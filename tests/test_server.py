@@ -20,13 +20,11 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from flax import nnx
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import DeepseekV3, ModelConfig
-from model.checkpoint import save_safetensors
 from serving import LLM, SamplingParams
-from serving.server import create_app
+from serving.server import create_app, warm_up
+from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
@@ -63,8 +61,7 @@ def write_tokenizer(path: Path) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("jaxseek-test")
-    net = DeepseekV3(ModelConfig.from_json(ROOT / "configs" / "tiny" / "config.json"), rngs=nnx.Rngs(0))
-    save_safetensors(net, path)
+    save_tiny(path, 0)  # random weights for configs/tiny (vocabulary 128)
     write_tokenizer(path)
     deployment = path.parent / f"{path.name}-deployment.json"
     deployment.write_text(json.dumps(DEPLOYMENT))
@@ -73,7 +70,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    return LLM(checkpoint[0], deployment=checkpoint[1])
+    llm = LLM(checkpoint[0], deployment=checkpoint[1])
+    warm_up(llm.engine)  # as the CLI does: serving should then never compile
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def reference(llm):
            "long": run(TEXT, max_tokens=12, ignore_eos=True),
            "cli": run(IDS, max_tokens=3, ignore_eos=True),
            "concurrent": {p: run(p, max_tokens=8, ignore_eos=True).token_ids for p in CONCURRENT}}
-    assert len(ref["long"].text) == 12  # every token is a character or a special; the stop test needs text
+    assert len(ref["long"].text) >= 7  # tokens are characters (or specials, which print nothing): the stop test needs text
     return ref
 
 
@@ -130,6 +129,7 @@ def server(llm, reference, checkpoint):
         assert thread.is_alive() and time.time() < deadline, "the server did not start"
         time.sleep(0.05)
     running = Running(port, app)
+    running.compiled_at_start = llm.engine.compilations
     yield running
     running.http.close()
     uv.should_exit = True
@@ -148,8 +148,8 @@ def test_models_and_health(server, checkpoint):
 def test_completion_matches_generate(server, reference, checkpoint):
     name = checkpoint[0].name
     ref = reference["text"]
-    out = server.client.completions.create(model=name, prompt=TEXT, max_tokens=12, extra_body={"return_token_ids": True},
-                                           **GREEDY)
+    out = server.client.completions.create(model=name, prompt=TEXT, max_tokens=12,
+                                           extra_body={"return_token_ids": True}, **GREEDY)
     assert out.object == "text_completion" and out.model == name and out.id.startswith("cmpl-")
     choice = out.choices[0]
     assert choice.text == ref.text and choice.token_ids == ref.token_ids and choice.finish_reason == ref.finish_reason
@@ -264,7 +264,8 @@ def test_metrics_count_requests_and_tokens(server, checkpoint):
     assert delta("jaxseek_generation_tokens_total") == 3 * 5 + 4
     assert delta("jaxseek_prompt_tokens_total") == 3 + 4 + 5 + chat_prompt
     assert delta("jaxseek_prompt_tokens_by_cache_total") == 3 + 4 + 5 + chat_prompt  # hit + miss
-    assert delta("jaxseek_prompt_tokens_by_cache_total", cache="hit") >= 16  # the chat prompt's first block was seen before
+    # the chat prompt's first block (16 tokens) is in the prefix cache since the reference run
+    assert delta("jaxseek_prompt_tokens_by_cache_total", cache="hit") >= 16
     assert delta("jaxseek_requests_finished_total", reason="length") == 4
     assert delta("jaxseek_time_to_first_token_seconds_count") == 4
     assert delta("jaxseek_time_per_output_token_seconds_count") == 4
@@ -272,7 +273,9 @@ def test_metrics_count_requests_and_tokens(server, checkpoint):
     assert value(after, "jaxseek_requests_running") == value(after, "jaxseek_requests_waiting") == 0
     assert value(after, "jaxseek_kv_blocks_used", dp_rank="0") == 0
     assert value(after, "jaxseek_kv_blocks_total", dp_rank="0") > 100
-    assert value(after, "jaxseek_compilations_total") >= 2 and value(after, "jaxseek_ep_overflow_retries_total") == 0
+    # every shape bucket was compiled before the server started: serving compiled nothing
+    assert value(after, "jaxseek_compilations_total") == server.compiled_at_start
+    assert value(after, "jaxseek_ep_overflow_retries_total") == 0
     assert value(after, "jaxseek_expert_load_imbalance") >= 1.0
     layers = {dict(ls)["layer"] for (n, ls) in after if n == "jaxseek_expert_load_imbalance_per_layer"}
     assert layers == {"1", "2"}  # configs/tiny: layer 0 is dense, 1 and 2 are MoE
@@ -331,6 +334,8 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         ("/v1/completions", {"model": name, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),
         ("/v1/completions", {"model": name, "prompt": "hi", "beam_width": 4}, 400, "unknown_parameter"),
         ("/v1/completions", {"model": name, "prompt": "hi", "stream": "yes"}, 400, "invalid_value"),
+        ("/v1/completions", b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % name.encode(), 400,
+         "invalid_json"),
         ("/v1/chat/completions", {"model": name, "messages": []}, 400, "invalid_value"),
         ("/v1/chat/completions", {"model": name}, 400, "missing_required_parameter"),
         ("/v1/chat/completions", {"model": name, "messages": [{"content": "no role"}]}, 400, "invalid_value"),
@@ -353,9 +358,10 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         server.client.completions.create(model=name, prompt=[5] * 128)
     with pytest.raises(openai.BadRequestError, match="only 1"):
         server.client.chat.completions.create(model=name, messages=CHAT, n=3)
-    # none of them reached the engine, and it still serves
+    # none of them reached the engine, and it still serves, even values past the engine's 32-bit arrays
     assert server.metrics()[("jaxseek_engine_requests_total", ())] == engine_requests
-    out = server.client.completions.create(model=name, prompt="ok", max_tokens=3, extra_body={"ignore_eos": True})
+    out = server.client.completions.create(model=name, prompt="ok", max_tokens=3, seed=2 ** 40 + 7, top_p=0.9,
+                                           extra_body={"ignore_eos": True, "top_k": 10 ** 12})
     assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
 
 

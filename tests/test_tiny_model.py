@@ -1,0 +1,186 @@
+"""The shipped models/jaxseek-tiny: DeepSeek-V3's architecture in DeepSeek's FP8 release format,
+and trained: greedy decoding answers fresh digit problems exactly, in plain and chat form."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import jinja2
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from model import DeepseekV3, ModelConfig
+from model.checkpoint import SafetensorsDir
+from sharding.ep import grouped_ffn_ragged
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "jaxseek-tiny"
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+DIGITS = {"reverse": 8, "sort": 8, "add": 4}  # the training range of each task (docs/TINY_MODEL.md)
+N_PROBLEMS = 48  # per task, plain form
+N_CHAT = 4  # per task, chat form
+MIN_ACCURACY = 0.9
+
+
+def make_problem(task: str, rng: np.random.Generator) -> tuple[str, str]:
+    n = int(rng.integers(1, DIGITS[task] + 1))
+    if task == "add":
+        m = int(rng.integers(1, DIGITS[task] + 1))
+        a, b = (int(rng.integers(10 ** (k - 1) if k > 1 else 0, 10 ** k)) for k in (n, m))
+        return f"add {a}+{b}", str(a + b)
+    s = "".join(map(str, rng.integers(0, 10, n)))
+    return f"{task} {s}", s[::-1] if task == "reverse" else "".join(sorted(s))
+
+
+def render_chat(messages: list[dict]) -> str:
+    config = json.loads((MODEL / "tokenizer_config.json").read_text())
+    return jinja2.Environment().from_string(config["chat_template"]).render(
+        messages=messages, add_generation_prompt=True, bos_token=config["bos_token"], eos_token=config["eos_token"])
+
+
+@pytest.fixture(scope="module")
+def net():
+    return DeepseekV3.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+
+
+def greedy(net, tok, prompts: list[str], max_new: int = 10) -> list[str | None]:
+    """Batched greedy decoding through the serving path: prefill, then absorbed-MLA decode steps.
+    Prompts are text with their special tokens spelled out; None: no eos within max_new tokens."""
+    ids = [tok.encode(p, add_special_tokens=False).ids for p in prompts]
+    lengths = np.array([len(i) for i in ids], np.int32)
+    tokens = np.zeros((len(ids), lengths.max()), np.int32)
+    for row, i in enumerate(ids):
+        tokens[row, :len(i)] = i
+    cache = net.init_cache(len(ids), int(lengths.max()) + max_new)
+    logits, cache = net.prefill(tokens, lengths, cache)
+    nxt = np.asarray(logits)[np.arange(len(ids)), lengths - 1].argmax(-1)
+    out = [nxt]
+    for t in range(max_new - 1):
+        logits, cache = net.decode(nxt, lengths + t, cache)
+        nxt = np.asarray(logits).argmax(-1)
+        out.append(nxt)
+    eos = net.config.eos_token_id
+    return [tok.decode(row[:row.index(eos)]) if eos in row else None for row in np.stack(out, 1).tolist()]
+
+
+@pytest.fixture(scope="module")
+def answers(net, tok):
+    """One batched greedy run over fresh problems: per task, N_PROBLEMS plain and N_CHAT chat prompts.
+    -> {(task, form): [(expected, got), ...]}"""
+    rng = np.random.default_rng(20240601)  # not the training seed's stream
+    keys, prompts, expected = [], [], []
+    for task in DIGITS:
+        for form, n in (("plain", N_PROBLEMS), ("chat", N_CHAT)):
+            for _ in range(n):
+                question, answer = make_problem(task, rng)
+                text = render_chat([{"role": "user", "content": question}]) if form == "chat" else BOS + question + "="
+                keys.append((task, form))
+                prompts.append(text)
+                expected.append(answer)
+    result = {}
+    for key, want, got in zip(keys, expected, greedy(net, tok, prompts)):
+        result.setdefault(key, []).append((want, got))
+    return result
+
+
+def test_config_is_deepseek_v3_architecture():
+    cfg = ModelConfig.from_json(MODEL)
+    raw = json.loads((MODEL / "config.json").read_text())
+    assert raw["rope_scaling"]["type"] == "yarn" and cfg.rope_factor > 1 and cfg.rope_mscale_all_dim
+    assert cfg.q_lora_rank and cfg.kv_lora_rank
+    assert 1 <= cfg.first_k_dense_replace < cfg.num_hidden_layers  # dense layer(s), then MoE layers
+    assert cfg.n_routed_experts >= 16 and cfg.n_group >= 4 and cfg.topk_group < cfg.n_group
+    assert cfg.num_experts_per_tok > 1 and cfg.n_shared_experts == 1
+    assert raw["scoring_func"] == "sigmoid" and raw["topk_method"] == "noaux_tc"
+    assert cfg.num_nextn_predict_layers == 1
+    assert cfg.vocab_size == Tokenizer.from_file(str(MODEL / "tokenizer.json")).get_vocab_size()
+
+
+def test_checkpoint_is_deepseek_fp8_release_format():
+    cfg = ModelConfig.from_json(MODEL)
+    files = SafetensorsDir(MODEL)
+    mtp = cfg.num_hidden_layers  # the MTP module is stored as the layer after the main ones
+    for name in ("model.layers.0.self_attn.q_a_proj.weight", "model.layers.1.mlp.experts.15.down_proj.weight",
+                 f"model.layers.{mtp}.eh_proj.weight", f"model.layers.{mtp}.mlp.shared_experts.up_proj.weight"):
+        assert files.info(name)[1] == "F8_E4M3", name
+        assert files.info(name + "_scale_inv")[1] == "F32", name
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.head.weight", "embed_tokens.weight",
+                 "mlp.gate.e_score_correction_bias"):
+        assert f"model.layers.{mtp}.{name}" in files, name
+    assert cfg.fp8_block_size == (128, 128)
+    size = sum(f.stat().st_size for f in MODEL.glob("*.safetensors"))
+    print(f"checkpoint: {size / 1e6:.1f} MB")
+    assert size < 8e6
+
+
+def test_routing_bias_was_balanced_during_training(net):
+    """Auxiliary-loss-free balancing moves every bias by +-gamma per step, so trained biases are
+    spread out; an untrained (all-zero) bias would mean the rule never ran."""
+    for bias in (net.moe_layers.mlp.gate.e_score_correction_bias[...], net.mtp.mlp.gate.e_score_correction_bias[...]):
+        assert float(jnp.std(bias, axis=-1).min()) > 1e-3
+
+
+def test_tokenizer_is_character_level_with_deepseek_specials(tok):
+    cfg = ModelConfig.from_json(MODEL)
+    assert tok.token_to_id(BOS) == cfg.bos_token_id == 0 and tok.token_to_id(EOS) == cfg.eos_token_id == 1
+    assert tok.token_to_id(USER) is not None and tok.token_to_id(ASSISTANT) is not None
+    enc = tok.encode("add 12+3=")
+    assert enc.tokens == [BOS, "a", "d", "d", " ", "1", "2", "+", "3", "="]  # bos added, one token per char
+    assert tok.decode(enc.ids) == "add 12+3="
+    text = f"{BOS}{USER}sort 31{ASSISTANT}13{EOS}"
+    assert tok.encode(text, add_special_tokens=False).tokens == [BOS, USER, "s", "o", "r", "t", " ", "3", "1",
+                                                                ASSISTANT, "1", "3", EOS]
+
+
+def test_chat_template_is_deepseek_style():
+    messages = [{"role": "user", "content": "sort 31"}, {"role": "assistant", "content": "13"},
+                {"role": "user", "content": "reverse 12"}]
+    assert render_chat(messages) == f"{BOS}{USER}sort 31{ASSISTANT}13{EOS}{USER}reverse 12{ASSISTANT}"
+
+
+@pytest.mark.parametrize("task", list(DIGITS))
+def test_greedy_answers_are_exact(answers, task):
+    pairs = answers[(task, "plain")]
+    accuracy = np.mean([want == got for want, got in pairs])
+    print(f"{task}: {accuracy:.1%} exact over {len(pairs)} fresh problems (1-{DIGITS[task]} digits)")
+    assert accuracy >= MIN_ACCURACY, [p for p in pairs if p[0] != p[1]]
+
+
+def test_chat_form_answers(answers):
+    pairs = [p for task in DIGITS for p in answers[(task, "chat")]]
+    wrong = [p for p in pairs if p[0] != p[1]]
+    assert len(wrong) <= 1, wrong
+
+
+def test_training_kernel_matches_the_models_moe():
+    """train_tiny.py trains with a tiled grouped FFN in place of lax.ragged_dot (slow on XLA:CPU);
+    it must compute the model's numbers, and gradients, for any routing, padding rows included."""
+    import jax
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_tiny import tiled_grouped_ffn
+
+    rng = np.random.default_rng(0)
+    M, D, F, E, k = 50, 16, 8, 6, 3
+    rows = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+    ids = rng.integers(0, E, (M, k))
+    ids[:7] = -1  # padding tokens
+    ids[7:20] = [0, 1, 2]  # a hot expert set
+    ids = jnp.asarray(ids, jnp.int32)
+    weights = jnp.asarray(rng.random((M, k)), jnp.float32)
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) * 0.3 for s in ((E, F, D), (E, F, D), (E, D, F))]
+    for ffn_out, ref_out in zip(tiled_grouped_ffn(rows, ids, weights, *w), grouped_ffn_ragged(rows, ids, weights, *w)):
+        np.testing.assert_allclose(ffn_out, ref_out, atol=1e-5)
+
+    def loss(ffn, x, *ws):
+        return (ffn(x, ids, weights, *ws)[0] ** 2).sum()
+    got = jax.grad(lambda *a: loss(tiled_grouped_ffn, *a), argnums=(0, 1, 2, 3))(rows, *w)
+    want = jax.grad(lambda *a: loss(grouped_ffn_ragged, *a), argnums=(0, 1, 2, 3))(rows, *w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
