@@ -1,12 +1,16 @@
-"""Demo: load a DeepSeek-V3-architecture checkpoint onto a deployment's mesh (default: 8 devices,
-DP attention + EP experts with FP8 dispatch), prefill prompts into the latent KV cache and decode
-greedily with the absorbed MLA form, then check the tokens against a teacher-forced full forward. Without --model it uses configs/tiny with seeded random weights, written once in
-DeepSeek's FP8 release format under .cache/ (the trained default model is not embedded yet)."""
+"""Demo: the serving engine on a deployment's mesh (default: 8 devices, DP attention + EP experts,
+FP8 dispatch) answering checkable questions with the embedded model, models/jaxseek-tiny (a small
+DeepSeek-V3-architecture model trained to reverse, sort and add digit strings). Every answer is
+checked; the engine's statistics follow.
+
+Without the embedded model (or with --model pointing at a checkpoint without a tokenizer) it runs
+token-id prompts and checks greedy decoding against a teacher-forced full forward instead."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -14,9 +18,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "models" / "jaxseek-tiny"
 
 
 def default_model() -> Path:
+    """The embedded trained model; failing that, a seeded random tiny model written once to .cache/."""
+    if (EMBEDDED / "config.json").is_file():
+        return EMBEDDED
     from flax import nnx
 
     from model import DeepseekV3, ModelConfig
@@ -29,79 +37,94 @@ def default_model() -> Path:
     return path
 
 
-def generate(net, prompts: list[list[int]], max_tokens: int):
-    """Greedy generation for a batch of prompts of different lengths; returns tokens and timings."""
-    lengths = np.array([len(p) for p in prompts])
-    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
-    for row, p in enumerate(prompts):
-        tokens[row, :len(p)] = p
-    cache = net.init_cache(len(prompts), int(lengths.max()) + max_tokens)
-    t0 = time.perf_counter()
-    logits, cache = net.prefill(tokens, lengths, cache)
-    nxt = np.argmax(np.asarray(logits)[np.arange(len(prompts)), lengths - 1], axis=-1)
-    t_prefill = time.perf_counter() - t0
-    out, step_times = [nxt], []
-    for step in range(max_tokens - 1):
-        t0 = time.perf_counter()
-        logits, cache = net.decode(nxt, lengths + step, cache)
-        nxt = np.argmax(np.asarray(logits), axis=-1)
-        step_times.append(time.perf_counter() - t0)
-        out.append(nxt)
-    # The first decode step compiles; the rest show the steady state.
-    return np.stack(out, axis=1), t_prefill, step_times
+def expected(question: str) -> str:
+    op, arg = question.rstrip("=").split(" ", 1)
+    if op == "reverse":
+        return arg[::-1]
+    if op == "sort":
+        return "".join(sorted(arg))
+    a, b = arg.split("+")
+    return str(int(a) + int(b))
+
+
+def questions(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    digits = lambda k: "".join(rng.choice("0123456789") for _ in range(k))  # noqa: E731
+    out = []
+    for i in range(n):
+        kind = ("reverse", "sort", "add")[i % 3]
+        out.append(f"add {digits(rng.randint(1, 4))}+{digits(rng.randint(1, 4))}=" if kind == "add"
+                   else f"{kind} {digits(rng.randint(2, 8))}=")
+    return out
+
+
+def text_demo(llm, args) -> tuple[list[dict], bool]:
+    from serving import SamplingParams
+    qs = args.prompt or questions(args.questions, args.seed)
+    outs = llm.generate(qs, SamplingParams(max_tokens=args.max_tokens))
+    rows = [{"prompt": q, "answer": o.text, "expected": expected(q), "correct": o.text == expected(q)}
+            for q, o in zip(qs, outs)]
+    chat = llm.chat([{"role": "user", "content": "reverse 2025"}], SamplingParams(max_tokens=args.max_tokens))
+    rows.append({"prompt": "chat: reverse 2025", "answer": chat.text, "expected": "5202", "correct": chat.text == "5202"})
+    return rows, all(r["correct"] for r in rows)
+
+
+def token_demo(llm, args) -> tuple[list[dict], bool]:
+    from serving import SamplingParams
+    prompts = [[5, 17, 42, 7], [9, 3], [60, 61, 62, 63, 64]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
+    net, rows = llm.engine.net, []
+    for p, o in zip(prompts, outs):
+        full = np.asarray(net(np.array([p + o.token_ids], np.int32)))[0]
+        teacher = [int(t) for t in np.argmax(full[len(p) - 1:-1], axis=-1)]
+        rows.append({"prompt": p, "answer": o.token_ids, "expected": teacher, "correct": teacher == o.token_ids})
+    return rows, all(r["correct"] for r in rows)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, help="HF checkpoint directory or one written by DeepseekV3.save")
-    ap.add_argument("--prompt", action="append", help="comma-separated token ids (repeatable)")
-    ap.add_argument("--max-tokens", type=int, default=12)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
     ap.add_argument("--deployment", default=str(ROOT / "configs/deploy/cpu8.json"),
-                    help="deployment file (mesh, EP, dispatch precision); 'none' for one device")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+                    help="deployment file (mesh, EP, dispatch precision, serving buckets)")
+    ap.add_argument("--prompt", action="append", help="a question such as 'sort 3141=' (repeatable)")
+    ap.add_argument("--questions", type=int, default=12, help="random questions when no --prompt is given")
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=2025)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
 
-    from model import DeepseekV3
+    from serving import LLM
     path = args.model or default_model()
+    print(f"[demo] loading {path} onto {args.deployment} and compiling...", file=sys.stderr)
     t0 = time.perf_counter()
-    deployment = None if args.deployment == "none" else args.deployment
-    net = DeepseekV3.from_pretrained(path, deployment=deployment)
+    llm = LLM(path, deployment=args.deployment)
     t_load = time.perf_counter() - t0
-    try:
-        prompts = [[int(t) for t in p.split(",")] for p in (args.prompt or ["5,17,42,7", "9,3"])]
-    except ValueError:
-        ap.error("--prompt takes comma-separated integer token ids, e.g. --prompt 5,17,42")
-    for p in prompts:
-        net.check_tokens(np.array([p]))
-    generated, t_prefill, step_times = generate(net, prompts, args.max_tokens)
-    steady = step_times[1:] or step_times
-    # Greedy decoding must agree with the full forward's argmax over the finished sequence.
-    consistent = True
-    for p, g in zip(prompts, generated):
-        full = np.asarray(net(np.array([p + list(g)], np.int32)))[0]
-        consistent &= bool(np.array_equal(np.argmax(full[len(p) - 1:-1], axis=-1), g))
-    result = {
-        "model": str(path), "deployment": args.deployment, "load_s": round(t_load, 3), "prefill_s": round(t_prefill, 3),
-        "decode_first_step_s": round(step_times[0], 3) if step_times else None,
-        "decode_ms_per_step": round(1000 * float(np.median(steady)), 2) if steady else None,
-        "outputs": [{"prompt": p, "generated": [int(t) for t in g]} for p, g in zip(prompts, generated)],
-        "decode_matches_full_forward": consistent,
-    }
+    t0 = time.perf_counter()
+    rows, ok = (text_demo if llm.tokenizer else token_demo)(llm, args)
+    elapsed = time.perf_counter() - t0
+    stats = llm.stats()
+    summary = {"model": str(path), "deployment": llm.deployment.name, "load_s": round(t_load, 2),
+               "generate_s": round(elapsed, 2), "results": rows, "all_correct": ok,
+               "generated_tokens": stats["generated_tokens"], "compilations": stats["compilations"],
+               "ttft_s": stats["ttft_s"], "eplb_balancedness": stats["eplb"].get("balancedness")}
     if args.json:
-        print(json.dumps(result))
-    else:
-        where = "one device" if net.ep is None else (
-            f"mesh {dict(net.ep.mesh.shape)} (EP{net.ep.ranks}, {net.n_physical_experts} physical experts, "
-            f"{net.ep.dispatch_dtype} dispatch, {net.ep.combine_dtype} combine)")
-        print(f"model {path} loaded in {t_load:.2f}s onto {where}")
-        for o in result["outputs"]:
-            print(f"prompt {o['prompt']} -> {o['generated']}")
-        print(f"prefill {t_prefill:.2f}s and first decode step {result['decode_first_step_s']}s (both compile), "
-              f"then {result['decode_ms_per_step']} ms per decode step (median)")
-        print(f"greedy decode == teacher-forced full forward: {consistent}")
-    return 0 if consistent else 1
+        print(json.dumps(summary))
+        return 0 if ok else 1
+    ep = llm.engine.net.ep
+    where = "one device" if ep is None else (f"mesh {dict(ep.mesh.shape)}: EP{ep.ranks}, "
+                                             f"{llm.engine.net.n_physical_experts} physical experts, "
+                                             f"{ep.dispatch_dtype} dispatch, {ep.combine_dtype} combine")
+    print(f"{path.name} on {where} (loaded in {t_load:.1f}s)")
+    for r in rows:
+        print(f"  {'ok ' if r['correct'] else 'BAD'} {str(r['prompt']):<24} -> {r['answer']!s:<14}"
+              f"{'' if r['correct'] else '  expected ' + str(r['expected'])}")
+    print(f"{sum(r['correct'] for r in rows)}/{len(rows)} correct; {stats['generated_tokens']} tokens in "
+          f"{elapsed:.1f}s including compilation ({stats['compilations']} compiled shapes); "
+          f"expert load max/mean per GPU {summary['eplb_balancedness']:.2f}" if summary["eplb_balancedness"]
+          else f"{sum(r['correct'] for r in rows)}/{len(rows)} correct")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,10 +125,10 @@ class LLM:
         return params if isinstance(params, SamplingParams) else SamplingParams.from_dict(dict(params))
 
     # ---- generation --------------------------------------------------------------------------------
-    def generate(self, prompts, params=None) -> list[RequestOutput]:
+    def generate(self, prompts, params=None, progress: bool = False) -> list[RequestOutput]:
         """Prompts: text, token-id lists, or a list of either; params: one SamplingParams (or dict) for
         all, or one per prompt. A bad prompt gets an output with finish_reason "error" and the
-        reason; the others complete."""
+        reason; the others complete. progress: a status line on stderr while it runs."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -141,13 +143,20 @@ class LLM:
                 outs.append(RequestOutput(req.id, ids, [], None, None))
             except ValueError as e:
                 outs.append(RequestOutput("", [], [], None, "error", error=str(e)))
+        total, shown = len(live), 0.0
         while live:
+            if progress and time.monotonic() - shown > 0.5:
+                shown = time.monotonic()
+                print(f"\r[generate] {total - len(live)}/{total} requests done, "
+                      f"{self.engine.counters['generated_tokens']} tokens", end="", file=sys.stderr, flush=True)
             for event in self.engine.step():
                 if event.finished and event.request.id in live:
                     req = event.request
                     out = outs[live.pop(req.id)]
                     out.token_ids, out.finish_reason, out.cached_tokens = req.output, req.finish_reason, req.cached
                     out.text = self._text(req.output)
+        if progress:
+            print(f"\r[generate] {total}/{total} requests done", file=sys.stderr)
         return outs
 
     def chat(self, messages: list[dict], params=None) -> RequestOutput:

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, progress=lead)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(args.prompt + args.prompt_ids, outputs):
         if not lead:

@@ -72,6 +72,9 @@ def initialize_multihost(coordinator: str | None = None, num_processes: int | No
         raise ValueError(f"process id {process_id} is outside [0, {num_processes}) (--num-processes {num_processes})")
     if num_processes not in (None, 1) and coordinator is None:
         raise ValueError("a multi-process launch needs --coordinator host:port (process 0's address)")
+    if coordinator is not None and process_id:
+        # jax aborts the whole process (no Python exception) when the coordinator never answers
+        _wait_for_coordinator(coordinator, init_timeout_s, process_id, num_processes)
     # CPU devices of different processes talk through gloo; the setting is inert on GPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -80,3 +83,22 @@ def initialize_multihost(coordinator: str | None = None, num_processes: int | No
     except Exception as e:  # jax raises several types for an unreachable coordinator or a bad cluster env
         raise RuntimeError(f"process {process_id} of {num_processes} could not join the coordinator at "
                            f"{coordinator} within {init_timeout_s} s: {e}") from None
+
+
+def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
+    """Returns once process 0's coordinator accepts connections; raises a clear error otherwise."""
+    import socket
+    import time
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator must be host:port, got {coordinator!r}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process {process_id} of {num_processes} could not join the coordinator at "
+                                   f"{coordinator} within {timeout_s} s: {e}") from None
+            time.sleep(0.5)
