@@ -53,7 +53,7 @@ def questions(n: int, seed: int) -> list[str]:
     out = []
     for i in range(n):
         kind = ("reverse", "sort", "add")[i % 3]
-        out.append(f"add {digits(rng.randint(1, 4))}+{digits(rng.randint(1, 4))}=" if kind == "add"
+        out.append(f"add {rng.randint(0, 99)}+{rng.randint(0, 99)}=" if kind == "add"
                    else f"{kind} {digits(rng.randint(2, 8))}=")
     return out
 

@@ -18,7 +18,7 @@ from sharding.ep import grouped_ffn_ragged
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "jaxseek-tiny"
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-DIGITS = {"reverse": 8, "sort": 8, "add": 4}  # the training range of each task (docs/TINY_MODEL.md)
+DIGITS = {"reverse": 8, "sort": 8, "add": 2}  # the training range of each task (docs/TINY_MODEL.md)
 N_PROBLEMS = 48  # per task, plain form
 N_CHAT = 4  # per task, chat form
 MIN_ACCURACY = 0.9
