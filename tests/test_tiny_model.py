@@ -120,6 +120,35 @@ def test_checkpoint_is_deepseek_fp8_release_format():
     assert size < 8e6
 
 
+def test_mtp_module_shares_embedding_and_head_with_the_main_model():
+    """DeepSeek-V3 trains its MTP module with the main model's embedding and output head; the
+    checkpoint stores copies under the MTP layer, which must therefore be identical."""
+    files = SafetensorsDir(MODEL)
+    mtp = ModelConfig.from_json(MODEL).num_hidden_layers
+    np.testing.assert_array_equal(files.raw(f"model.layers.{mtp}.embed_tokens.weight"),
+                                  files.raw("model.embed_tokens.weight"))
+    np.testing.assert_array_equal(files.raw(f"model.layers.{mtp}.shared_head.head.weight"), files.raw("lm_head.weight"))
+
+
+def test_mtp_module_predicts_the_token_after_next(net, tok):
+    """The MTP head was trained (auxiliary loss): from position i it predicts answer token i+2."""
+    rng = np.random.default_rng(7)
+    texts = [BOS + q + "=" + a + EOS for q, a in (make_problem(t, rng) for t in DIGITS for _ in range(16))]
+    ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    tokens = np.full((len(ids), max(map(len, ids))), net.config.eos_token_id, np.int32)
+    for row, i in enumerate(ids):
+        tokens[row, :len(i)] = i
+    predicted = np.asarray(net.mtp_forward(tokens)).argmax(-1)
+    right = total = 0
+    for row, (text, i) in enumerate(zip(texts, ids)):
+        first = text.index("=") - len(BOS) + 2  # token index of the first answer digit (after bos)
+        targets = range(first, len(i))  # the answer digits and eos
+        right += sum(predicted[row, j - 2] == i[j] for j in targets)
+        total += len(targets)
+    print(f"MTP: {right / total:.1%} of answer tokens predicted two positions ahead")
+    assert right / total >= 0.9
+
+
 def test_routing_bias_was_balanced_during_training(net):
     """Auxiliary-loss-free balancing moves every bias by +-gamma per step, so trained biases are
     spread out; an untrained (all-zero) bias would mean the rule never ran."""
