@@ -78,27 +78,40 @@ class Tokenizer:
                                                 eos_token=self.config.get("eos_token", ""))
 
 
+def build_engine(path, deployment, dtype, devices=None, role: str = "mixed") -> Engine:
+    """One engine: the checkpoint loaded onto the deployment's mesh (over `devices`, default all)."""
+    from model import DeepseekV3
+    from sharding.deployment import resolve
+    deployment, mesh = resolve(deployment, deployment.make_mesh(devices))
+    serving = ServingConfig.from_dict(deployment.serving, deployment.source)
+    net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment)
+    rebalancing = Rebalancing(deployment.rebalance_interval, deployment.rebalance_window,
+                              deployment.rebalance_threshold, deployment.gpus_per_node)
+    return Engine(net, serving, mesh, rebalancing, role)
+
+
 class LLM:
     def __init__(self, model_path=None, deployment=None, dtype=None):
         """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
         tiny model). deployment: a deployment file or sharding.deployment.Deployment (default: every
         device present). dtype: weights and compute (default float32 on CPU, bfloat16 elsewhere)."""
-        from model import DeepseekV3, ModelConfig
-        from sharding.deployment import Deployment, resolve
+        from model import ModelConfig
+        from sharding.deployment import Deployment, Disaggregated, read
         path = Path(model_path) if model_path is not None else DEFAULT_MODEL
         cfg = ModelConfig.from_json(path / "config.json")
         if deployment is None:
             deployment = default_deployment(cfg.n_routed_experts)
-        elif not isinstance(deployment, Deployment):
-            deployment = Deployment.from_json(deployment)
-        deployment, mesh = resolve(deployment)
-        serving = ServingConfig.from_dict(deployment.serving, deployment.source)
+        elif not isinstance(deployment, (Deployment, Disaggregated)):
+            deployment = read(deployment)
         dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-        net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment)
         self.deployment = deployment
-        rebalancing = Rebalancing(deployment.rebalance_interval, deployment.rebalance_window,
-                                  deployment.rebalance_threshold, deployment.nodes)
-        self.engine = Engine(net, serving, mesh, rebalancing)
+        if isinstance(deployment, Disaggregated):
+            from serving.disagg import build
+            self.engine = build(path, deployment, dtype)
+            self.spare = self.engine.spare
+        else:
+            self.engine = build_engine(path, deployment, dtype)
+            self.spare = [d for d in jax.devices() if d not in set(self.engine.mesh.devices.flat)]
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
 
     # ---- prompts -----------------------------------------------------------------------------------
@@ -177,3 +190,17 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def resize(self, dp: int | None = None, *, prefill: int | None = None, decode: int | None = None) -> None:
+        """Elastic capacity while serving: dp ranks for a single-slice deployment, or per slice for a
+        disaggregated one. Leaving ranks stop taking requests and move theirs (KV blocks included) to
+        the staying ranks; their devices become spare. No request is lost or changes a token."""
+        from serving.disagg import DisaggEngine
+        if isinstance(self.engine, DisaggEngine):
+            if dp is not None:
+                raise ValueError("a disaggregated deployment resizes per slice: resize(prefill=..., decode=...)")
+            self.engine.resize(prefill, decode)
+        elif prefill is not None or decode is not None:
+            raise ValueError(f"deployment {self.deployment.name} has one slice: resize(dp=...)")
+        elif dp is not None:
+            self.engine.resize_dp(dp, self.spare)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from serving.balance import POLICIES
+
 KV_DTYPES = ("auto", "bf16", "fp32")
 
 
@@ -19,6 +21,10 @@ class ServingConfig:
     prefill_tokens: tuple[int, ...] = (16, 64, 256)
     prefill_rows: tuple[int, ...] = (1, 4)
     decode_batch: tuple[int, ...] = (1, 4, 16, 64)
+    placement: str = "balanced"  # requests on dp ranks: balanced (serving/balance.py) | round_robin
+    # Disk tier of the prefix cache (serving/kv_disk.py): one checksummed file per full block.
+    disk_cache_dir: str | None = None
+    disk_cache_mb: float = 1024.0
 
     def __post_init__(self):
         for name in ("prefill_tokens", "prefill_rows", "decode_batch"):
@@ -28,6 +34,10 @@ class ServingConfig:
             object.__setattr__(self, name, tuple(sorted(value)))
         if self.block_size < 1 or self.kv_cache_mb <= 0:
             raise ValueError(f"serving.block_size={self.block_size} and kv_cache_mb={self.kv_cache_mb} must be > 0")
+        if self.placement not in POLICIES:
+            raise ValueError(f"serving.placement {self.placement!r} is not one of {POLICIES}")
+        if self.disk_cache_mb <= 0:
+            raise ValueError(f"serving.disk_cache_mb={self.disk_cache_mb} must be > 0")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"serving.kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES}")
 

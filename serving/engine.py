@@ -18,8 +18,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from serving.config import ServingConfig, bucket
-from serving.kv_cache import PagedCache, new_pool
+from serving.kv_cache import PagedCache, new_pool, read_blocks, write_blocks
 from serving.sampling import SamplingParams, sample, sampling_arrays
+from sharding.mesh import make_mesh
 from sharding.overlap import balanced_slots
 from serving.scheduler import Batch, Request, Scheduler
 
@@ -65,13 +66,24 @@ class Rebalancing:
     interval: int  # engine steps between looks at the expert loads
     window: int  # looks whose loads the next placement is computed from
     threshold: float  # re-place when mean-over-layers max/mean GPU load exceeds this
-    nodes: int
+    gpus_per_node: int = 8
+
+    def nodes(self, ranks: int) -> int:
+        return max(1, -(-ranks // self.gpus_per_node))
+
+
+ROLES = ("mixed", "prefill", "decode")
 
 
 class Engine:
-    def __init__(self, net, serving: ServingConfig, mesh=None, rebalancing: Rebalancing | None = None):
+    def __init__(self, net, serving: ServingConfig, mesh=None, rebalancing: Rebalancing | None = None,
+                 role: str = "mixed"):
+        """role: mixed (prefill and decode here), prefill (finished prompts wait in `outbox` for a
+        decode slice, serving/disagg.py) or decode (takes prefilled requests through `receive`)."""
+        if role not in ROLES:
+            raise ValueError(f"engine role {role!r} is not one of {ROLES}")
         cfg = net.config
-        self.net, self.cfg, self.mesh = net, serving, mesh
+        self.net, self.cfg, self.mesh, self.role = net, serving, mesh, role
         self.ranks = 1 if mesh is None else mesh.shape["dp"]
         # a one-device mesh still fixes the arrays' layout (so warm-up and serving share compilations)
         # but needs no per-rank shard_map around cache reads and writes
@@ -86,24 +98,33 @@ class Engine:
         self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size, width,
                              kv_dtype, mesh)
         self.finished: collections.deque[Request] = collections.deque(maxlen=4096)  # recent ones, for stats
-        self.scheduler = Scheduler(serving, self.ranks, self.blocks_per_rank)
-        self.leaves, self._step = _compile_step(net, mesh, self.cache_mesh)
-        self._compiled_before = 0  # compilations of earlier steps (before an EP capacity escalation)
+        self.disk = self._open_disk(kv_dtype, width) if serving.disk_cache_dir else None
+        self.scheduler = Scheduler(serving, self.ranks, self.blocks_per_rank,
+                                   (self.disk.prefix, self._fetch_from_disk) if self.disk else None,
+                                   max_running=self.blocks_per_rank if role == "prefill" else None)
+        self.outbox: list[Request] = []  # prefill role: prompts done, KV still here, waiting for a decode rank
+        # One jitted step per (devices, EP capacity level): a resize back to devices served before,
+        # or a capacity level seen before, finds its compiled programs again.
+        self._steps: dict[tuple, object] = {}
+        self._use_step()
         moe = net.moe_layers
         load = np.zeros((0, 0) if moe is None else moe.mlp.phy2log.shape, np.int32)  # summed over steps, for EPLB
         self.expert_load = jax.device_put(load, NamedSharding(mesh, P()) if mesh is not None else None)
         self.requests: dict[str, Request] = {}
         self.counters = dict(requests=0, finished=0, rejected=0, prompt_tokens=0, cached_prompt_tokens=0,
                              generated_tokens=0, kv_tokens_read=0, prefill_steps=0, decode_steps=0, prefill_s=0.0,
-                             decode_s=0.0, ep_overflow_retries=0)
+                             decode_s=0.0, ep_overflow_retries=0, disk_cached_prompt_tokens=0, resizes=0)
         self.started = time.perf_counter()
         self.devices = 1 if mesh is None else mesh.size
+        self._device_seconds, self._devices_since = 0.0, self.started  # device-seconds before the last resize
         self.last_step: dict = {}
         self.rebalancing = rebalancing if net.ep is not None and rebalancing and rebalancing.interval else None
         self._load_window: collections.deque = collections.deque(maxlen=rebalancing.window if rebalancing else 1)
         self._load_seen = 0
         self.eplb = {"rebalances": 0, "last": None}
         self._next_id = 0
+        self._resize_to: list | None = None  # devices of a resize waiting for leaving ranks to empty
+        self.resizes: list[dict] = []
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -138,16 +159,30 @@ class Engine:
         if req in self.scheduler.waiting:
             self.scheduler.waiting.remove(req)
             req.finish_reason = "abort"
+        elif req in self.outbox:  # prefilled, not yet handed over
+            self.outbox.remove(req)
+            self.scheduler.pools[req.rank].release(req.blocks)
+            req.finish_reason = "abort"
         else:
             self.scheduler.finish(req, "abort")
 
     @property
     def idle(self) -> bool:
-        return self.scheduler.idle
+        return self.scheduler.idle and not self.outbox and self._resize_to is None
+
+    def receive(self, req: Request) -> bool:
+        """Decode role: takes a request prefilled elsewhere if a rank has room; the caller then writes
+        its KV blocks (serving/disagg.py). False: try again after some requests finish."""
+        if not self.scheduler.receive(req):
+            return False
+        self.requests[req.id] = req
+        return True
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         start = time.perf_counter()
+        if self._resize_to is not None:
+            self._continue_resize()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -164,9 +199,8 @@ class Engine:
                 break
             # Rows did not fit the EP capacity bucket: re-run at the next one. Re-running on the
             # returned pool is safe: every cache row this step reads it first writes again.
-            self._compiled_before += self._step._cache_size()
             self.net.set_expert_parallel(self.net.ep.escalated())
-            self.leaves, self._step = _compile_step(self.net, self.mesh, self.cache_mesh)
+            self._use_step()
             self.counters["ep_overflow_retries"] += 1
         next_tokens = out[:-1]
         returned = time.perf_counter()
@@ -193,7 +227,7 @@ class Engine:
         before = balancedness(weight, phy2log, logcnt, ranks)
         if weight.sum() == 0 or before.mean() <= self.rebalancing.threshold:
             return
-        new = rebalance_experts(weight, phy2log.shape[1], cfg.n_group, self.rebalancing.nodes, ranks)
+        new = rebalance_experts(weight, phy2log.shape[1], cfg.n_group, self.rebalancing.nodes(ranks), ranks)
         after = balancedness(weight, new[0], new[2], ranks)
         if after.mean() >= before.mean():
             return
@@ -207,12 +241,138 @@ class Engine:
                              "gpu_load_before": gpu_sum(weight, phy2log, logcnt, ranks),
                              "gpu_load_after": gpu_sum(weight, new[0], new[2], ranks)}
 
+    def _use_step(self) -> None:
+        devices = (None,) if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
+        key = devices, None if self.net.ep is None else self.net.ep.level
+        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh)
+        self.leaves, self._step = leaves, self._steps.setdefault(key, step)
+
+    # ---- disk tier of the prefix cache --------------------------------------------------------------
+    def _open_disk(self, kv_dtype, width: int):
+        from serving.kv_disk import DiskKVCache
+        cfg, bs = self.net.config, self.cfg.block_size
+        layout = f"block={bs} width={width} kv={jnp.dtype(kv_dtype).name}".encode()
+        return DiskKVCache(self.cfg.disk_cache_dir, self.cfg.disk_cache_mb, model_identity(self.net) + layout,
+                           (cfg.num_hidden_layers, bs, width), kv_dtype)
+
+    def _fetch_from_disk(self, rank: int, hashes: list[bytes], blocks: list[int]) -> int:
+        """Loads the leading blocks the disk holds into this rank's blocks; stops at the first missing
+        or bad one (which the disk tier has counted and deleted: that block is recomputed)."""
+        rows = []
+        for h in hashes:
+            block = self.disk.load(h)
+            if block is None:
+                break
+            rows.append(block)
+        if rows:
+            self.pool = write_blocks(self.pool, self.cache_mesh, [(rank, blocks[:len(rows)], np.stack(rows, 1))])
+            self.counters["disk_cached_prompt_tokens"] += len(rows) * self.cfg.block_size
+        return len(rows)
+
+    def _store_on_disk(self, req: Request) -> None:
+        """Writes the request's full prompt blocks the disk lacks, behind the engine's back."""
+        if self.disk is None:
+            return
+        new = [i for i, h in enumerate(req.hashes) if not self.disk.prefix([h])]
+        if new:
+            rows = read_blocks(self.pool, self.cache_mesh, [(req.rank, [req.blocks[i] for i in new])])[0]
+            for j, i in enumerate(new):
+                self.disk.store_async(req.hashes[i], rows[:, j])
+
+    # ---- elastic capacity ---------------------------------------------------------------------------
+    def resize(self, devices) -> None:
+        """Serve on these devices from now on (whole dp ranks: dp x tp devices, the current ranks'
+        devices first, in order). Ranks that leave take no new requests; their requests move, KV
+        blocks and all, to the staying ranks; the rest finish where they are, and the devices are
+        released once those ranks are empty (on a later step). Added ranks take requests at once."""
+        devices = list(devices)
+        tp = self.mesh.shape["tp"]
+        old = list(self.mesh.devices.flat)
+        keep = min(len(devices), len(old))
+        if len(devices) % tp or not devices or devices[:keep] != old[:keep] or len(set(devices)) < len(devices):
+            raise ValueError(f"resize to {[d.id for d in devices]}: give whole ranks of tp={tp} devices, starting "
+                             f"with the current ones in order {[d.id for d in old]}")
+        dp = len(devices) // tp
+        if self.net.moe_layers is not None and self.net.n_physical_experts % len(devices):
+            raise ValueError(f"resize to {len(devices)} devices: the {self.net.n_physical_experts} physical "
+                             f"experts per layer do not divide over EP{len(devices)}")
+        self._resize_to = devices
+        leaving = list(range(dp, self.ranks))
+        moves = self.scheduler.migrations(leaving)
+        if moves:
+            self.pool = write_blocks(self.pool, self.cache_mesh, [
+                (rank, blocks, rows) for (_, rank, blocks), rows in
+                zip(moves, read_blocks(self.pool, self.cache_mesh, [(r.rank, r.blocks) for r, _, _ in moves]))])
+            for req, rank, blocks in moves:
+                self.scheduler.move(req, rank, blocks)
+        self.resizes.append({"from_dp": self.ranks, "to_dp": dp, "migrated": len(moves),
+                             "requested_at": time.perf_counter() - self.started})
+        self._continue_resize()
+
+    def resize_dp(self, dp: int, spare: list) -> None:
+        """resize to dp ranks: leaving devices go to `spare`, new ranks come from it (in order)."""
+        current = list(self.mesh.devices.flat)
+        want = dp * self.mesh.shape["tp"]
+        if dp < 1 or want - len(current) > len(spare):
+            raise ValueError(f"resize the {self.role} engine to dp={dp}: needs {want} devices, "
+                             f"{len(current)} held and {len(spare)} spare")
+        if want < len(current):
+            self.resize(current[:want])
+            spare[:0] = current[want:]  # the most recently released are handed out first
+        elif want > len(current):
+            self.resize(current + spare[:want - len(current)])
+            del spare[:want - len(current)]
+
+    def _continue_resize(self) -> None:
+        devices = self._resize_to
+        dp = len(devices) // self.mesh.shape["tp"]
+        if any(self.scheduler.running[dp:]) or (self.role == "prefill" and any(r.rank >= dp for r in self.outbox)):
+            return  # leaving ranks still finish requests that found no room elsewhere
+        started = time.perf_counter()
+        mesh = make_mesh(dp, self.mesh.shape["tp"], devices)
+        self._reshard_weights(mesh)
+        L, _, BS, C = self.pool.shape
+        shards = {s.device: s.data for s in self.pool.addressable_shards}
+        self.pool = jax.make_array_from_single_device_arrays(
+            (L, dp * self.blocks_per_rank, BS, C), NamedSharding(mesh, P(None, "dp")),
+            [shards[d] if d in shards else jnp.zeros((L, self.blocks_per_rank, BS, C), self.pool.dtype, device=d)
+             for d in mesh.devices.flat])
+        self.expert_load = jax.device_put(np.zeros(self.expert_load.shape, np.int32), NamedSharding(mesh, P()))
+        self._load_window.clear()
+        self._load_seen = 0
+        self.scheduler.resize(dp)
+        now = time.perf_counter()
+        self._device_seconds += (now - self._devices_since) * self.devices
+        self.mesh, self.ranks, self.devices, self._devices_since = mesh, dp, mesh.size, now
+        self.cache_mesh = mesh if mesh.size > 1 else None
+        self._use_step()
+        self._resize_to = None
+        self.counters["resizes"] += 1
+        self.resizes[-1].update(done_at=time.perf_counter() - self.started, reshard_s=time.perf_counter() - started)
+
+    def _reshard_weights(self, mesh) -> None:
+        """Every parameter onto the new mesh by the same logical-axis rules it was loaded with: the
+        routed experts' physical slots spread over the new EP group, the rest replicated."""
+        from sharding.ep import EPConfig
+        from sharding.mesh import param_shardings
+        state = nnx.state(self.net)
+        shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+        nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), shardings))
+        nnx.update(self.net, state)
+        ep = self.net.ep
+        if mesh.size > 1:
+            ep = dataclasses.replace(ep, mesh=mesh) if ep is not None else EPConfig(mesh=mesh)
+            self.net.set_expert_parallel(ep)
+        else:
+            self.net.set_expert_parallel(None)
+
     def warmup(self) -> int:
         """Compiles every shape bucket on an all-padding batch (it writes nothing), so serving never
         compiles; returns the number of compilations this took."""
         before = self.compilations
-        shapes = [("prefill", r, t) for r in self.cfg.prefill_rows for t in self.cfg.prefill_tokens]
-        shapes += [("decode", b, 1) for b in self.cfg.decode_batch]
+        shapes = [("prefill", r, t) for r in self.cfg.prefill_rows for t in self.cfg.prefill_tokens
+                  if self.role != "decode"]
+        shapes += [("decode", b, 1) for b in self.cfg.decode_batch if self.role != "prefill"]
         for kind, rows, width in shapes:
             for blocks in self.context_buckets:
                 B = rows * self.ranks
@@ -269,6 +429,7 @@ class Engine:
                     continue
                 if batch.kind == "prefill":
                     self.scheduler.register_prompt_blocks(req)
+                    self._store_on_disk(req)
                     self.counters["cached_prompt_tokens"] += req.cached
                     req.first_token_at = now
                 token = int(next_tokens[rank * rows_b + slot])
@@ -280,6 +441,9 @@ class Engine:
                     self.scheduler.finish(req, reason)
                     self.counters["finished"] += 1
                     self.finished.append(self.requests.pop(req.id))
+                elif self.role == "prefill":  # decode happens on the decode slice; the blocks stay until sent
+                    self.scheduler.running[req.rank].remove(req)
+                    self.outbox.append(req)
                 events.append(Event(req, [token], reason is not None))
         return events
 
@@ -294,15 +458,17 @@ class Engine:
     # ---- statistics --------------------------------------------------------------------------------
     @property
     def compilations(self) -> int:
-        return self._compiled_before + self._step._cache_size()
+        return sum(step._cache_size() for step in self._steps.values())
 
     def statistics_record(self, gpus_per_node: int = 8) -> dict:
         """The window served so far in the statistics-file form scripts/cost_report.py reads
         (serving/economics.py, docs/ECONOMICS.md)."""
-        c = self.stats()
-        return {"window_hours": max(c["gpu_seconds"] / self.devices / 3600, 1e-9), "gpus_per_node": gpus_per_node,
-                "gpu_seconds": c["gpu_seconds"], "input_tokens_cache_hit": c["input_tokens_cache_hit"],
-                "input_tokens_cache_miss": c["input_tokens_cache_miss"], "output_tokens": c["generated_tokens"]}
+        return statistics_record(self.stats(), gpus_per_node)
+
+    @property
+    def gpu_seconds(self) -> float:
+        """Device-seconds held since the engine started, through every resize."""
+        return self._device_seconds + (time.perf_counter() - self._devices_since) * self.devices
 
     def eplb_stats(self) -> dict:
         """Balancedness (max / mean GPU load, per MoE layer and overall) of the loads seen so far under
@@ -322,28 +488,46 @@ class Engine:
         return logical_loads(unseen, np.asarray(self.net.moe_layers.mlp.phy2log[...]), self.net.config.n_routed_experts)
 
     def stats(self) -> dict:
-        c = dict(self.counters)
-        done = [r for r in self.finished if r.first_token_at]
-        ttft = [r.first_token_at - r.arrival for r in done]
-        speed = [(len(r.output) - 1) / (r.finished_at - r.first_token_at) for r in done
-                 if len(r.output) > 1 and r.finished_at > r.first_token_at]
+        c = summarize(self.counters, self.finished, self.gpu_seconds)
         c.update(
             running=sum(len(r) for r in self.scheduler.running), waiting=len(self.scheduler.waiting),
-            cache_hit_rate=c["cached_prompt_tokens"] / max(c["prompt_tokens"], 1),
-            input_tokens_cache_hit=c["cached_prompt_tokens"],
-            input_tokens_cache_miss=c["prompt_tokens"] - c["cached_prompt_tokens"],
-            average_kv_length_per_output_token=c["kv_tokens_read"] / max(c["generated_tokens"], 1),
-            gpu_seconds=(time.perf_counter() - self.started) * self.devices,
-            prefill_tokens_per_s=(c["prompt_tokens"] - c["cached_prompt_tokens"]) / max(c["prefill_s"], 1e-9),
-            decode_tokens_per_s=c["generated_tokens"] / max(c["decode_s"], 1e-9),
-            ttft_s=_percentiles(ttft), tokens_per_s_per_user=_percentiles(speed),
+            dp=self.ranks, devices=self.devices,
             kv_blocks_total_per_rank=self.blocks_per_rank,
             kv_blocks_used=[p.used for p in self.scheduler.pools],
             kv_blocks_cached=[len(p.evictable) for p in self.scheduler.pools],
+            balance={k: v.summary() for k, v in self.scheduler.balance.items()},
+            disk=self.disk.stats if self.disk else None, resizes=self.resizes,
             compilations=self.compilations, ep_capacity_level=None if self.net.ep is None else self.net.ep.level,
             eplb=self.eplb_stats(),
         )
         return c
+
+
+def summarize(counters: dict, finished, gpu_seconds: float) -> dict:
+    """Counters -> the figures users and the cost report read (also over several engines' counters)."""
+    c = dict(counters)
+    done = [r for r in finished if r.first_token_at]
+    ttft = [r.first_token_at - r.arrival for r in done]
+    speed = [(len(r.output) - 1) / (r.finished_at - r.first_token_at) for r in done
+             if len(r.output) > 1 and r.finished_at > r.first_token_at]
+    c.update(
+        cache_hit_rate=c["cached_prompt_tokens"] / max(c["prompt_tokens"], 1),
+        input_tokens_cache_hit=c["cached_prompt_tokens"],
+        input_tokens_cache_miss=c["prompt_tokens"] - c["cached_prompt_tokens"],
+        average_kv_length_per_output_token=c["kv_tokens_read"] / max(c["generated_tokens"], 1),
+        gpu_seconds=gpu_seconds,
+        prefill_tokens_per_s=(c["prompt_tokens"] - c["cached_prompt_tokens"]) / max(c["prefill_s"], 1e-9),
+        decode_tokens_per_s=c["generated_tokens"] / max(c["decode_s"], 1e-9),
+        ttft_s=_percentiles(ttft), tokens_per_s_per_user=_percentiles(speed),
+    )
+    return c
+
+
+def statistics_record(stats: dict, gpus_per_node: int = 8) -> dict:
+    """Engine statistics -> one record of the statistics file scripts/cost_report.py reads."""
+    return {"window_hours": max(stats["gpu_seconds"] / stats["devices"] / 3600, 1e-9), "gpus_per_node": gpus_per_node,
+            "gpu_seconds": stats["gpu_seconds"], "input_tokens_cache_hit": stats["input_tokens_cache_hit"],
+            "input_tokens_cache_miss": stats["input_tokens_cache_miss"], "output_tokens": stats["generated_tokens"]}
 
 
 def gpu_sum(weight, phy2log, logcnt, ranks) -> list[float]:
@@ -356,3 +540,17 @@ def _percentiles(values) -> dict:
     if not values:
         return {}
     return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}
+
+
+def model_identity(net) -> bytes:
+    """A digest of the model a KV block was computed by: its config, dtype and a sample of its
+    weights (two models with one config differ there), so a disk block from another model is never
+    taken for ours."""
+    import hashlib
+    import json
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(net.config.to_dict(), sort_keys=True).encode() + jnp.dtype(net.dtype).name.encode())
+    head = net.lm_head.weight if net.lm_head is not None else net.embed_tokens.weight
+    for weight in (net.embed_tokens.weight, head, net.norm.weight):
+        h.update(np.asarray(weight[...].addressable_data(0)[:64]).tobytes())
+    return h.digest()

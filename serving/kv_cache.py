@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 from typing import Any
 
@@ -141,3 +142,82 @@ class BlockPool:
         if h not in self.by_hash and block not in self.hash_of:
             self.by_hash[h] = block
             self.hash_of[block] = h
+
+
+# ---- moving blocks between pools: hand-over (disaggregation), migration (resize), disk tier --------
+# A read yields, per request, its blocks as one array on its rank's device; a write takes such
+# arrays (from any device, or host numpy from disk) into a rank's blocks. Both are one jitted
+# per-rank gather/scatter over the whole pool, dispatched without waiting, so a prefill slice never
+# waits for the decode slice it hands over to.
+
+def rank_devices(pool: jax.Array, mesh) -> list[list]:
+    """Each dp rank's devices (one per tp replica of the pool's rank slice)."""
+    if mesh is None:
+        return [list(pool.devices())]
+    return [list(row) for row in mesh.devices.reshape(mesh.shape["dp"], -1)]
+
+
+def _padded(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()  # power-of-two widths: few compilations
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _gather(pool, idx, mesh):  # idx int32[R, K] local ids -> [L, R * K, BS, C]
+    if mesh is None:
+        return pool[:, idx[0]]
+    return jax.shard_map(lambda p, i: p[:, i[0]], mesh=mesh, in_specs=(P(None, "dp"), P("dp")),
+                         out_specs=P(None, "dp"), check_vma=False)(pool, idx)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("pool",))
+def _scatter(pool, idx, rows, mesh):  # idx int32[R, K] (>= NB: not written), rows [L, R * K, BS, C]
+    def local(p, i, r):
+        return p.at[:, i[0]].set(r.astype(p.dtype), mode="drop")
+    if mesh is None:
+        return local(pool, idx, rows)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, "dp"), P("dp"), P(None, "dp")),
+                         out_specs=P(None, "dp"), check_vma=False)(pool, idx, rows)
+
+
+def read_blocks(pool: jax.Array, mesh, reads: list[tuple[int, list[int]]]) -> list[jax.Array]:
+    """reads: (rank, local block ids) -> per read, [L, len(ids), BS, C] on that rank's device."""
+    devices = rank_devices(pool, mesh)
+    per_rank = [[] for _ in devices]
+    for rank, blocks in reads:
+        per_rank[rank].extend(blocks)
+    K = _padded(max(len(b) for b in per_rank))
+    idx = np.zeros((len(devices), K), np.int32)
+    for rank, blocks in enumerate(per_rank):
+        idx[rank, :len(blocks)] = blocks
+    gathered = _gather(pool, idx, mesh)
+    shard = {s.device: s.data for s in gathered.addressable_shards}
+    out, offset = [], [0] * len(devices)
+    for rank, blocks in reads:
+        out.append(shard[devices[rank][0]][:, offset[rank]:offset[rank] + len(blocks)])
+        offset[rank] += len(blocks)
+    return out
+
+
+def write_blocks(pool: jax.Array, mesh, writes: list[tuple[int, list[int], Any]]) -> jax.Array:
+    """writes: (rank, local block ids, rows [L, len(ids), BS, C] anywhere) -> the pool with them in."""
+    devices = rank_devices(pool, mesh)
+    per_rank = [[] for _ in devices]
+    for rank, blocks, rows in writes:
+        per_rank[rank].append((blocks, rows))
+    K = _padded(max(sum(len(b) for b, _ in w) for w in per_rank))
+    L, _, BS, C = pool.shape
+    idx = np.full((len(devices), K), pool.shape[1], np.int32)  # out of range of every rank: dropped
+    arrays = []
+    for rank, items in enumerate(per_rank):
+        ids = [b for blocks, _ in items for b in blocks]
+        idx[rank, :len(ids)] = ids
+        for device in devices[rank]:
+            parts = [jax.device_put(rows, device).astype(pool.dtype) for _, rows in items]
+            parts.append(jnp.zeros((L, K - len(ids), BS, C), pool.dtype, device=device))
+            arrays.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+    if mesh is None:
+        rows = arrays[0]
+    else:
+        rows = jax.make_array_from_single_device_arrays((L, len(devices) * K, BS, C),
+                                                        NamedSharding(mesh, P(None, "dp")), arrays)
+    return _scatter(pool, idx, rows, mesh)

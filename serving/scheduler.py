@@ -1,6 +1,9 @@
 """Continuous batching: requests join and leave at any step. Each step is a prefill step (chunks of
 prompts, in token-count buckets) or a decode step (one token per running request, in batch-size
 buckets); each rank's rows form a contiguous slice of the batch, because attention is data-parallel.
+
+Where a request runs is the balancers' choice (serving/balance.py): new prompts by the prefill
+balancer, prefilled requests handed over from a prefill slice by the decode balancer.
 """
 
 from __future__ import annotations
@@ -9,7 +12,11 @@ import collections
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
+import numpy as np
+
+from serving.balance import Balancedness, Balancer, core_attention
 from serving.config import ServingConfig
 from serving.kv_cache import BlockPool, block_hashes
 from serving.sampling import SamplingParams
@@ -25,7 +32,7 @@ class Request:
     rank: int = -1
     blocks: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # full prompt blocks
-    cached: int = 0  # prompt tokens found in the prefix cache
+    cached: int = 0  # prompt tokens found in the prefix cache (device or disk)
     computed: int = 0  # tokens whose KV rows are in the cache
     output: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -45,55 +52,117 @@ class Batch:
     slots: list[list[int]] = dataclasses.field(default_factory=list)  # per rank: each row's place in the batch
 
 
+# The disk tier's two questions: how many leading blocks it holds (no read), and "load these
+# blocks into (rank, block ids)" -> how many loaded and verified, in order.
+DiskPrefix = Callable[[list[bytes]], int]
+DiskFetch = Callable[[int, list[bytes], list[int]], int]
+
+
 class Scheduler:
-    def __init__(self, cfg: ServingConfig, ranks: int, blocks_per_rank: int):
+    def __init__(self, cfg: ServingConfig, ranks: int, blocks_per_rank: int,
+                 disk: tuple[DiskPrefix, DiskFetch] | None = None, max_running: int | None = None):
+        """max_running: requests per rank (default: the largest decode batch; a prefill slice's
+        queue is bounded by its KV blocks alone)."""
         self.cfg = cfg
+        self.max_running = max_running or cfg.decode_batch[-1]
+        self.blocks_per_rank = blocks_per_rank
         self.pools = [BlockPool(blocks_per_rank) for _ in range(ranks)]
+        self.active = [True] * ranks  # a draining rank (elastic resize) takes no new requests
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[list[Request]] = [[] for _ in range(ranks)]
+        self.disk = disk
+        self.prefill_balancer, self.decode_balancer = Balancer(cfg.placement), Balancer(cfg.placement)
+        self.balance = {"prefill_core_attention": Balancedness(), "prefill_input_tokens": Balancedness(),
+                        "decode_kv_tokens": Balancedness(), "decode_requests": Balancedness()}
         self._last = "decode"
+
+    @property
+    def ranks(self) -> int:
+        return len(self.pools)
 
     def add(self, req: Request) -> None:
         need = self.blocks_needed(req)
-        if need > self.pools[0].num_blocks:
+        if need > self.blocks_per_rank:
             raise ValueError(f"request {req.id}: needs {need} KV blocks, more than a rank's pool of "
-                             f"{self.pools[0].num_blocks} (raise serving.kv_cache_mb or lower max_tokens)")
+                             f"{self.blocks_per_rank} (raise serving.kv_cache_mb or lower max_tokens)")
         self.waiting.append(req)
 
     def blocks_needed(self, req: Request) -> int:
         # every prompt token and every generated token but the last gets a cache row
         return math.ceil((len(req.prompt) + req.max_tokens - 1) / self.cfg.block_size)
 
+    def _open(self, rank: int) -> bool:
+        return self.active[rank] and len(self.running[rank]) < self.max_running
+
+    # ---- placement ---------------------------------------------------------------------------------
+    def prefill_loads(self) -> np.ndarray:
+        """[R, 2]: core-attention work and input tokens placed on each rank and not yet computed."""
+        return np.array([[sum(core_attention(len(r.prompt), r.computed) for r in reqs if r.in_prefill),
+                          sum(len(r.prompt) - r.computed for r in reqs if r.in_prefill)] for reqs in self.running],
+                        np.float64).reshape(self.ranks, 2)
+
+    def decode_loads(self) -> np.ndarray:
+        """[R, 2]: KV-cache tokens in use and running requests on each rank."""
+        return np.array([[sum(r.computed for r in reqs), len(reqs)] for reqs in self.running],
+                        np.float64).reshape(self.ranks, 2)
+
     def _admit(self) -> None:
-        """FIFO: place the oldest waiting request on the rank with the longest cached prefix (then the
-        most free blocks), reserving all its blocks up front so a running request never waits."""
-        bs = self.cfg.block_size
+        """FIFO: the prefill balancer places the oldest waiting request, cache hits counted on the rank
+        that holds them; all its blocks are reserved up front so a running request never waits."""
+        bs, loads, placed = self.cfg.block_size, None, False
         while self.waiting:
             req = self.waiting[0]
-            # at least the last prompt token is recomputed, into a block of the request's own
             hashes = block_hashes(req.prompt, bs)
-            reusable = hashes[:(len(req.prompt) - 1) // bs]
-            best = None
+            reusable = hashes[:(len(req.prompt) - 1) // bs]  # the last prompt token is always recomputed
+            hits, costs = [], np.zeros((self.ranks, 2))
+            allowed = np.zeros(self.ranks, bool)
             for rank, pool in enumerate(self.pools):
-                if len(self.running[rank]) >= self.cfg.decode_batch[-1]:
-                    continue
                 hit = pool.match(reusable)
+                on_disk = self.disk[0](reusable[len(hit):]) if self.disk else 0
+                cached = (len(hit) + on_disk) * bs
                 fresh = self.blocks_needed(req) - len(hit)
-                if fresh > pool.available - sum(b in pool.evictable for b in hit):
-                    continue
-                key = (len(hit), pool.available - len(self.running[rank]))
-                if best is None or key > best[0]:
-                    best = (key, rank, hit, fresh)
-            if best is None:
-                return
-            _, rank, hit, fresh = best
-            pool = self.pools[rank]
-            pool.acquire(hit)
-            req.rank, req.blocks, req.hashes = rank, hit + pool.allocate(fresh), hashes
-            req.cached = req.computed = len(hit) * bs
-            self.running[rank].append(req)
+                allowed[rank] = self._open(rank) and fresh <= pool.available - sum(b in pool.evictable for b in hit)
+                hits.append(hit)
+                costs[rank] = core_attention(len(req.prompt), cached), len(req.prompt) - cached
+            loads = self.prefill_loads() if loads is None else loads
+            rank = self.prefill_balancer.choose(loads, costs, allowed)
+            if rank is None:
+                break
             self.waiting.popleft()
+            self._place(req, rank, hits[rank], hashes, reusable)
+            loads[rank] += core_attention(len(req.prompt), req.computed), len(req.prompt) - req.computed
+            placed = True
+        if placed:
+            active = [r for r in range(self.ranks) if self.active[r]]
+            self.balance["prefill_core_attention"].record(loads[active, 0])
+            self.balance["prefill_input_tokens"].record(loads[active, 1])
 
+    def _place(self, req: Request, rank: int, hit: list[int], hashes: list[bytes], reusable: list[bytes]) -> None:
+        pool = self.pools[rank]
+        pool.acquire(hit)
+        req.rank, req.blocks, req.hashes = rank, hit + pool.allocate(self.blocks_needed(req) - len(hit)), hashes
+        loaded = 0
+        if self.disk and len(hit) < len(reusable):
+            loaded = self.disk[1](rank, reusable[len(hit):], req.blocks[len(hit):len(reusable)])
+            for i in range(len(hit), len(hit) + loaded):
+                pool.register(req.blocks[i], hashes[i])
+        req.cached = req.computed = (len(hit) + loaded) * self.cfg.block_size
+        self.running[rank].append(req)
+
+    def receive(self, req: Request) -> bool:
+        """A request prefilled elsewhere (its KV rows for positions < computed arrive by hand-over):
+        the decode balancer picks its rank and reserves all its blocks. False: no room yet."""
+        need = self.blocks_needed(req)
+        allowed = np.array([self._open(r) and self.pools[r].available >= need for r in range(self.ranks)])
+        cost = np.tile([req.computed, 1.0], (self.ranks, 1))
+        rank = self.decode_balancer.choose(self.decode_loads(), cost, allowed)
+        if rank is None:
+            return False
+        req.rank, req.blocks = rank, self.pools[rank].allocate(need)
+        self.running[rank].append(req)
+        return True
+
+    # ---- steps -------------------------------------------------------------------------------------
     def schedule(self) -> Batch | None:
         self._admit()
         chunk = self.cfg.prefill_tokens[-1]
@@ -107,11 +176,18 @@ class Scheduler:
             return Batch("prefill", prefill)
         if has_decode:
             self._last = "decode"
+            active = [rank for rank in range(self.ranks) if self.active[rank]]
+            self.balance["decode_kv_tokens"].record([sum(p + 1 for _, p, _ in decode[r]) for r in active])
+            self.balance["decode_requests"].record([len(decode[r]) for r in active])
             return Batch("decode", decode)
         return None
 
     def finish(self, req: Request, reason: str) -> None:
         req.finish_reason, req.finished_at = reason, time.perf_counter()
+        self.release(req)
+
+    def release(self, req: Request) -> None:
+        """Takes the request off its rank (finished, handed over or migrated) and frees its blocks."""
         self.running[req.rank].remove(req)
         self.pools[req.rank].release(req.blocks)
 
@@ -119,6 +195,43 @@ class Scheduler:
         """Once its prompt is in the cache, the request's full prompt blocks serve later prefixes."""
         for i, h in enumerate(req.hashes):
             self.pools[req.rank].register(req.blocks[i], h)
+
+    # ---- elastic resize ----------------------------------------------------------------------------
+    def migrations(self, leaving: list[int]) -> list[tuple[Request, int, list[int]]]:
+        """Moves for the requests of ranks about to leave: (request, new rank, new blocks), each placed
+        by the decode balancer among the staying ranks. A request that finds no room stays, and
+        finishes where it is. Apply each move with `move` once its blocks are copied."""
+        for rank in leaving:
+            self.active[rank] = False
+        loads, moves = self.decode_loads(), []
+        for rank in leaving:
+            for req in self.running[rank]:
+                need = len(req.blocks)
+                allowed = np.array([self.active[r] and loads[r, 1] < self.max_running
+                                    and self.pools[r].available >= need for r in range(self.ranks)])
+                cost = np.tile([req.computed, 1.0], (self.ranks, 1))
+                dest = self.decode_balancer.choose(loads, cost, allowed)
+                if dest is None:
+                    continue
+                loads[dest] += cost[dest]
+                moves.append((req, dest, self.pools[dest].allocate(need)))
+        return moves
+
+    def move(self, req: Request, rank: int, blocks: list[int]) -> None:
+        self.release(req)
+        req.rank, req.blocks = rank, blocks
+        self.running[rank].append(req)
+        if not req.in_prefill:
+            self.register_prompt_blocks(req)
+
+    def resize(self, ranks: int) -> None:
+        """Keeps ranks [0, ranks) (the others must be empty) and adds fresh ones up to `ranks`."""
+        assert not any(self.running[ranks:]), "ranks leaving still hold requests"
+        keep = min(ranks, self.ranks)
+        extra = ranks - keep
+        self.pools = self.pools[:keep] + [BlockPool(self.blocks_per_rank) for _ in range(extra)]
+        self.running = self.running[:keep] + [[] for _ in range(extra)]
+        self.active = [True] * ranks
 
     @property
     def idle(self) -> bool:

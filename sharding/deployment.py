@@ -5,6 +5,9 @@
 
 EP spans every device of the mesh (dp x tp); routed experts + redundant replicas must divide
 evenly over it (DeepSeek: 256 + 32 = 288 = 32 x 9 for prefill, 144 x 2 for decode).
+
+A disaggregated deployment is two such deployments, {"prefill": {...}, "decode": {...}}: the
+prefill slice takes the first devices, the decode slice the next (configs/deploy/cpu8-disagg.json).
 """
 
 from __future__ import annotations
@@ -56,23 +59,24 @@ class Deployment:
 
     @classmethod
     def from_json(cls, path) -> "Deployment":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: deployment file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        dep = read(path)
+        if not isinstance(dep, Deployment):
+            raise ValueError(f"{path}: describes a disaggregated deployment (prefill + decode slices); "
+                             f"serve it with serving.LLM or serving.disagg")
+        return dep
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str, name: str | None = None) -> "Deployment":
         for key, value in raw.items():
             if key not in SECTIONS:
-                raise ValueError(f"{path}: unknown section '{key}' (known: {', '.join(SECTIONS)})")
+                raise ValueError(f"{source}: unknown section '{key}' (known: {', '.join(SECTIONS)})")
             allowed = SECTIONS[key]
             if allowed is not None and (not isinstance(value, dict) or set(value) - allowed):
-                raise ValueError(f"{path}: section '{key}' may hold only {sorted(allowed)}, got {value!r}")
+                raise ValueError(f"{source}: section '{key}' may hold only {sorted(allowed)}, got {value!r}")
         mesh, experts, dispatch = raw.get("mesh", {}), raw.get("experts", {}), raw.get("dispatch", {})
         factors = dispatch.get("capacity_factors", [2.0, 4.0, None])
         try:
-            dep = cls(name=raw.get("name", path.stem), dp=int(mesh.get("dp", 1)), tp=int(mesh.get("tp", 1)),
+            dep = cls(name=raw.get("name", name), dp=int(mesh.get("dp", 1)), tp=int(mesh.get("tp", 1)),
                       redundant_experts=int(experts.get("redundant", 0)),
                       dispatch_dtype=dispatch.get("dtype", "fp8"),
                       combine_dtype=dispatch.get("combine_dtype", "bf16"),
@@ -81,11 +85,11 @@ class Deployment:
                       rebalance_interval=int(experts.get("rebalance_interval", 0)),
                       rebalance_window=int(experts.get("rebalance_window", 4)),
                       rebalance_threshold=float(experts.get("rebalance_threshold", 1.1)),
-                      serving=raw.get("serving", {}), source=str(path))
+                      serving=raw.get("serving", {}), source=source)
             EPConfig(mesh=None, dispatch_dtype=dep.dispatch_dtype, combine_dtype=dep.combine_dtype,
                      capacity_factors=dep.capacity_factors, overlap=dep.overlap)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{source}: {e}") from None
         return dep
 
     def n_physical_experts(self, n_routed_experts: int) -> int:
@@ -106,6 +110,42 @@ class Deployment:
             return None
         return EPConfig(mesh=mesh, dispatch_dtype=self.dispatch_dtype, combine_dtype=self.combine_dtype,
                         capacity_factors=self.capacity_factors, overlap=self.overlap)
+
+
+@dataclasses.dataclass(frozen=True)
+class Disaggregated:
+    """Prefill and decode on separate slices of the devices (prefill first), each a whole deployment
+    of its own: mesh, EP size, redundant experts, dispatch, buckets (serving/disagg.py)."""
+    name: str
+    prefill: Deployment
+    decode: Deployment
+    source: str = "<deployment>"
+
+    @property
+    def devices(self) -> int:
+        return self.prefill.ep_size + self.decode.ep_size
+
+
+def read(path) -> "Deployment | Disaggregated":
+    """A deployment file: one mesh for everything, or {"prefill": {...}, "decode": {...}} slices."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: deployment file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    if "prefill" not in raw and "decode" not in raw:
+        return Deployment.from_dict(raw, str(path), path.stem)
+    extra = set(raw) - {"name", "description", "prefill", "decode"}
+    if extra or not isinstance(raw.get("prefill"), dict) or not isinstance(raw.get("decode"), dict):
+        raise ValueError(f"{path}: a disaggregated deployment holds 'prefill' and 'decode' sections (each a "
+                         f"deployment: mesh, experts, dispatch, serving) and nothing else{f', not {sorted(extra)}' if extra else ''}")
+    name = raw.get("name", path.stem)
+    return Disaggregated(name, Deployment.from_dict(raw["prefill"], f"{path} [prefill]", f"{name}-prefill"),
+                         Deployment.from_dict(raw["decode"], f"{path} [decode]", f"{name}-decode"), str(path))
 
 
 def resolve(deployment, mesh=None) -> tuple[Deployment, object]:

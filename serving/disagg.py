@@ -1,0 +1,153 @@
+"""Prefill/decode disaggregation: a prefill slice and a decode slice of the devices, each an
+Engine with its own mesh, EP size, redundant experts and buckets, and the KV hand-over between them.
+
+A request is prefilled on the prefill slice (the prefill balancer picks its rank; its prefix may
+come from the device or disk cache there). Its first token is sampled there; then the decode
+balancer picks a decode rank, the request's latent KV blocks are gathered on the prefill device and
+`jax.device_put` onto the decode device, and the request decodes on the decode slice. Nothing in
+the hand-over waits for a device: the copies are queued behind the prefill step that wrote the
+blocks and ahead of the decode step that reads them, and the two slices step side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+
+from serving.engine import Engine, Event, statistics_record, summarize
+from serving.kv_cache import read_blocks, write_blocks
+from serving.sampling import SamplingParams
+from serving.scheduler import Request
+
+# counters that belong to requests as a whole: kept by the prefill slice, where requests arrive
+ARRIVAL_COUNTERS = ("requests", "rejected", "prompt_tokens", "cached_prompt_tokens", "disk_cached_prompt_tokens")
+
+
+def build(path, deployment, dtype, devices=None) -> "DisaggEngine":
+    """Loads the checkpoint once per slice, each onto its own devices with its own deployment."""
+    from serving.api import build_engine
+    devices = list(jax.devices() if devices is None else devices)
+    n_prefill, need = deployment.prefill.ep_size, deployment.devices
+    if need > len(devices):
+        raise ValueError(f"{deployment.source}: needs {need} devices ({n_prefill} prefill + "
+                         f"{need - n_prefill} decode), only {len(devices)} available")
+    return DisaggEngine(build_engine(path, deployment.prefill, dtype, devices[:n_prefill], "prefill"),
+                        build_engine(path, deployment.decode, dtype, devices[n_prefill:need], "decode"),
+                        spare_devices=devices[need:])
+
+
+class DisaggEngine:
+    """The Engine interface (add_request / step / abort / stats / warmup / resize) over two slices."""
+
+    def __init__(self, prefill: Engine, decode: Engine, spare_devices=()):
+        if prefill.role != "prefill" or decode.role != "decode":
+            raise ValueError("a disaggregated engine needs a prefill-role and a decode-role engine")
+        self.prefill, self.decode = prefill, decode
+        self.spare = list(spare_devices)  # devices neither slice uses now (elastic capacity)
+        self.net = prefill.net  # tokenizer-side facts (vocabulary, bos/eos) are the model's
+        self.context_len = min(prefill.context_len, decode.context_len)
+        self.handover = {"requests": 0, "blocks": 0, "waited_for_room": 0, "s": 0.0}
+        self._beside = ThreadPoolExecutor(1, thread_name_prefix="decode-slice")
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        if request_id is not None and request_id in self.decode.requests:  # the prefill slice checks its own
+            raise ValueError(f"request {request_id}: id already in use")
+        req = self.prefill.add_request(prompt, params, request_id)
+        need = self.decode.scheduler.blocks_needed(req)
+        if need > self.decode.blocks_per_rank:  # it could be prefilled but never decoded
+            self.prefill.abort(req.id)
+            raise ValueError(f"request {req.id}: needs {need} KV blocks, more than a decode rank's pool of "
+                             f"{self.decode.blocks_per_rank} (raise the decode slice's serving.kv_cache_mb)")
+        return req
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.prefill.requests:  # prefilling, or prefilled and waiting for a decode rank
+            self.prefill.abort(request_id)
+        else:
+            self.decode.abort(request_id)
+
+    @property
+    def idle(self) -> bool:
+        return self.prefill.idle and self.decode.idle
+
+    @property
+    def requests(self) -> dict:
+        return {**self.prefill.requests, **self.decode.requests}
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """One step of each slice, side by side (the decode slice in a thread: JAX releases the GIL
+        while a step runs), then the hand-over of every prompt the prefill slice finished."""
+        beside = None if self.decode.idle else self._beside.submit(self.decode.step)
+        events = self.prefill.step()
+        if beside is not None:
+            events += beside.result()
+        self._hand_over()
+        return events
+
+    def _hand_over(self) -> None:
+        start = time.perf_counter()
+        sent = []
+        for req in self.prefill.outbox:  # FIFO: a request that finds no room holds back the later ones
+            source = req.rank, req.blocks
+            if not self.decode.receive(req):  # on success: req.rank, req.blocks are the decode side's
+                self.handover["waited_for_room"] += 1
+                break
+            sent.append((req, *source))
+        if not sent:
+            return
+        bs = self.prefill.cfg.block_size
+        n = [-(-req.computed // bs) for req, _, _ in sent]  # blocks holding the prompt's KV rows
+        # read on the prefill slice before the prefill ranks' blocks are released below
+        rows = read_blocks(self.prefill.pool, self.prefill.cache_mesh,
+                           [(rank, blocks[:k]) for (_, rank, blocks), k in zip(sent, n)])
+        self.decode.pool = write_blocks(self.decode.pool, self.decode.cache_mesh,
+                                        [(req.rank, req.blocks[:k], r) for (req, _, _), k, r in zip(sent, n, rows)])
+        for req, rank, blocks in sent:
+            self.prefill.outbox.remove(req)
+            del self.prefill.requests[req.id]
+            self.prefill.scheduler.pools[rank].release(blocks)
+        self.handover["requests"] += len(sent)
+        self.handover["blocks"] += sum(n)
+        self.handover["s"] += time.perf_counter() - start
+
+    def warmup(self) -> int:
+        return self.prefill.warmup() + self.decode.warmup()
+
+    @property
+    def compilations(self) -> int:
+        return self.prefill.compilations + self.decode.compilations
+
+    # ---- elastic capacity --------------------------------------------------------------------------
+    def resize(self, prefill: int | None = None, decode: int | None = None) -> None:
+        """New dp sizes for the slices (None: unchanged). A shrinking slice moves its leaving ranks'
+        requests to its staying ranks and returns the devices to the spare pool; a growing one takes
+        spare devices."""
+        for engine, dp in ((self.prefill, prefill), (self.decode, decode)):
+            if dp is not None:
+                engine.resize_dp(dp, self.spare)
+
+    # ---- statistics --------------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict:
+        p, d = self.prefill.counters, self.decode.counters
+        merged = {k: p[k] + d[k] for k in p if k not in ARRIVAL_COUNTERS}
+        merged.update({k: p[k] for k in ARRIVAL_COUNTERS})
+        return merged
+
+    def stats(self) -> dict:
+        prefill, decode = self.prefill.stats(), self.decode.stats()
+        out = summarize(self.counters, list(self.prefill.finished) + list(self.decode.finished),
+                        self.prefill.gpu_seconds + self.decode.gpu_seconds)
+        out.update(running=prefill["running"] + decode["running"] + len(self.prefill.outbox),
+                   waiting=prefill["waiting"], devices=self.prefill.devices + self.decode.devices,
+                   balance={**{k: v for k, v in prefill["balance"].items() if k.startswith("prefill")},
+                            **{k: v for k, v in decode["balance"].items() if k.startswith("decode")}},
+                   handover=dict(self.handover), spare_devices=len(self.spare), prefill=prefill, decode=decode)
+        return out
+
+    def statistics_record(self, gpus_per_node: int = 8) -> dict:
+        return statistics_record(self.stats(), gpus_per_node)

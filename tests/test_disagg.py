@@ -1,0 +1,93 @@
+"""Prefill/decode disaggregation and elastic capacity on the embedded model: the shipped cpu8
+(mixed) and cpu8-disagg deployments give the same greedy tokens, the KV hand-over never passes
+through the host, and resizing in the middle of a workload changes no token."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from serving import LLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "add 12+7=19\nadd 30+4=34\nadd 5+61=66\n"  # shared by every prompt: two full KV blocks
+PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    return [PREFIX + f"add {(seed * 7 + i * 13) % 90}+{(i * 29 + seed) % 90}=" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return LLM(deployment=ROOT / "configs/deploy/cpu8.json")
+
+
+@pytest.fixture(scope="module")
+def disagg():
+    llm = LLM(deployment=ROOT / "configs/deploy/cpu8-disagg.json")
+    hand_over = llm.engine._hand_over
+
+    def host_free_hand_over():  # the KV blocks go device to device: reading one to the host raises
+        with jax.transfer_guard_device_to_host("disallow"):
+            hand_over()
+    llm.engine._hand_over = host_free_hand_over
+    return llm
+
+
+def test_disaggregated_greedy_equals_mixed_with_shared_prefixes(mixed, disagg):
+    engine = disagg.engine
+    assert (engine.prefill.ranks, engine.decode.ranks) == (4, 4)
+    assert {d.id for d in engine.prefill.mesh.devices.flat} == {0, 1, 2, 3}
+    assert {d.id for d in engine.decode.mesh.devices.flat} == {4, 5, 6, 7}
+    assert engine.prefill.net.n_physical_experts != engine.decode.net.n_physical_experts  # own redundancy
+    for wave in (prompts(8, 1), prompts(8, 2)):  # the second wave finds the prefix cached
+        a, b = mixed.generate(wave, PARAMS), disagg.generate(wave, PARAMS)
+        assert [o.token_ids for o in b] == [o.token_ids for o in a]
+        assert all(len(o.token_ids) == 6 for o in b)
+    assert all(o.cached_tokens >= 32 for o in b) and all(o.cached_tokens >= 32 for o in a)
+    stats = disagg.stats()
+    assert stats["handover"]["requests"] == 16 and stats["handover"]["blocks"] >= 16 * 3
+    assert stats["generated_tokens"] == 16 * 6 and stats["input_tokens_cache_hit"] >= 8 * 32
+    for name in ("prefill_core_attention", "prefill_input_tokens", "decode_kv_tokens", "decode_requests"):
+        assert stats["balance"][name]["samples"] > 0 and stats["balance"][name]["overall"] >= 1.0
+    assert stats["prefill"]["decode_steps"] == 0 and stats["decode"]["prefill_steps"] == 0
+
+
+def run(llm, texts, resizes: dict[int, dict]) -> list[list[int]]:
+    """Serves the texts step by step, resizing at the given steps."""
+    reqs = [llm.engine.add_request(llm._ids(t), PARAMS) for t in texts]
+    step = 0
+    while not llm.engine.idle:
+        if step in resizes:
+            llm.resize(**resizes[step])
+        llm.engine.step()
+        step += 1
+    assert all(r.finish_reason == "length" for r in reqs)
+    return [r.output for r in reqs]
+
+
+def test_resize_down_and_up_mid_workload_changes_no_token(mixed, disagg):
+    texts = prompts(100, 3)
+    reference = [o.token_ids for o in mixed.generate(texts, PARAMS)]
+    assert run(mixed, texts, {3: {"dp": 4}, 12: {"dp": 8}}) == reference
+    resizes = mixed.engine.resizes[-2:]
+    assert [(r["from_dp"], r["to_dp"]) for r in resizes] == [(8, 4), (4, 8)]
+    assert resizes[0]["migrated"] > 0  # requests really moved off the leaving ranks, KV and all
+    assert mixed.engine.ranks == 8 and not mixed.spare
+
+    assert run(disagg, texts, {2: {"prefill": 2, "decode": 2}, 9: {"decode": 4}, 14: {"prefill": 4}}) == reference
+    engine = disagg.engine
+    assert (engine.prefill.ranks, engine.decode.ranks) == (4, 4) and not engine.spare
+    assert [(r["from_dp"], r["to_dp"]) for r in engine.decode.resizes] == [(4, 2), (2, 4)]
+    assert engine.decode.resizes[0]["migrated"] > 0
+
+
+def test_bad_resize_is_refused_in_one_sentence(mixed, disagg):
+    with pytest.raises(ValueError, match="24 physical experts per layer do not divide over EP5"):
+        mixed.resize(dp=5)
+    with pytest.raises(ValueError, match="needs 9 devices, 8 held and 0 spare"):
+        mixed.resize(dp=9)
+    with pytest.raises(ValueError, match=r"resize\(prefill=..., decode=...\)"):
+        disagg.resize(dp=4)
+    assert mixed.engine.ranks == 8 and mixed.generate(prompts(2, 4), PARAMS)[0].finish_reason == "length"
