@@ -179,3 +179,11 @@ def draw(curve: LoadCurve, plan: Plan, path: str | Path, title: str = "") -> Non
     nodes.set_xlabel(f"hour starting ({curve.timezone})" if curve.timezone else "hour starting")
     nodes.legend(loc="upper left", bbox_to_anchor=(1, 1))
     fig.savefig(path, dpi=100)
+
+
+def follow(llm, plan: Plan, hour: int, gpus_per_node: int) -> tuple[int, int]:
+    """Resizes a disaggregated deployment to the plan's hour, one dp rank per GPU: the nodes the plan
+    frees go back to the spare pool (training); returns the (prefill, decode) dp sizes now serving."""
+    sizes = plan.prefill_nodes[hour] * gpus_per_node, plan.decode_nodes[hour] * gpus_per_node
+    llm.resize(prefill=sizes[0], decode=sizes[1])
+    return sizes

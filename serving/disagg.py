@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 
 from serving.engine import Engine, Event, statistics_record, summarize
-from serving.kv_cache import read_blocks, write_blocks
+from serving.kv_cache import copy_blocks
 from serving.sampling import SamplingParams
 from serving.scheduler import Request
 
@@ -44,6 +44,10 @@ class DisaggEngine:
     def __init__(self, prefill: Engine, decode: Engine, spare_devices=()):
         if prefill.role != "prefill" or decode.role != "decode":
             raise ValueError("a disaggregated engine needs a prefill-role and a decode-role engine")
+        layout = [(e.pool.dtype, e.pool.shape[0], e.pool.shape[2:]) for e in (prefill, decode)]
+        if layout[0] != layout[1]:
+            raise ValueError(f"the prefill and decode slices must share one KV layout (dtype, layers, block "
+                             f"size, width) for the hand-over; got {layout[0]} and {layout[1]}")
         self.prefill, self.decode = prefill, decode
         self.spare = list(spare_devices)  # devices neither slice uses now (elastic capacity)
         self.net = prefill.net  # tokenizer-side facts (vocabulary, bos/eos) are the model's
@@ -101,11 +105,10 @@ class DisaggEngine:
             return
         bs = self.prefill.cfg.block_size
         n = [-(-req.computed // bs) for req, _, _ in sent]  # blocks holding the prompt's KV rows
-        # read on the prefill slice before the prefill ranks' blocks are released below
-        rows = read_blocks(self.prefill.pool, self.prefill.cache_mesh,
-                           [(rank, blocks[:k]) for (_, rank, blocks), k in zip(sent, n)])
-        self.decode.pool = write_blocks(self.decode.pool, self.decode.cache_mesh,
-                                        [(req.rank, req.blocks[:k], r) for (req, _, _), k, r in zip(sent, n, rows)])
+        # queued behind the prefill step that wrote the blocks, ahead of any step that reuses them
+        self.decode.pool = copy_blocks(self.prefill.pool, self.prefill.cache_mesh, self.decode.pool,
+                                       self.decode.cache_mesh, [(rank, blocks[:k], req.rank, req.blocks[:k])
+                                                                for (req, rank, blocks), k in zip(sent, n)])
         for req, rank, blocks in sent:
             self.prefill.outbox.remove(req)
             del self.prefill.requests[req.id]

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from serving.config import ServingConfig, bucket
-from serving.kv_cache import PagedCache, new_pool, read_blocks, write_blocks
+from serving.kv_cache import PagedCache, copy_blocks, new_pool, pow2, read_rank, write_rank
 from serving.sampling import SamplingParams, sample, sampling_arrays
 from sharding.mesh import make_mesh
 from sharding.overlap import balanced_slots
@@ -265,7 +265,9 @@ class Engine:
                 break
             rows.append(block)
         if rows:
-            self.pool = write_blocks(self.pool, self.cache_mesh, [(rank, blocks[:len(rows)], np.stack(rows, 1))])
+            K = pow2(len(rows))
+            padded = np.stack(rows + [np.zeros_like(rows[0])] * (K - len(rows)), 1)  # [L, K, BS, C]
+            self.pool = write_rank(self.pool, self.cache_mesh, {rank: (blocks[:len(rows)], padded)}, K)
             self.counters["disk_cached_prompt_tokens"] += len(rows) * self.cfg.block_size
         return len(rows)
 
@@ -275,9 +277,8 @@ class Engine:
             return
         new = [i for i, h in enumerate(req.hashes) if not self.disk.prefix([h])]
         if new:
-            rows = read_blocks(self.pool, self.cache_mesh, [(req.rank, [req.blocks[i] for i in new])])[0]
-            for j, i in enumerate(new):
-                self.disk.store_async(req.hashes[i], rows[:, j])
+            rows = read_rank(self.pool, self.cache_mesh, {req.rank: [req.blocks[i] for i in new]}, pow2(len(new)))
+            self.disk.store_async([req.hashes[i] for i in new], rows[req.rank])
 
     # ---- elastic capacity ---------------------------------------------------------------------------
     def resize(self, devices) -> None:
@@ -300,9 +301,8 @@ class Engine:
         leaving = list(range(dp, self.ranks))
         moves = self.scheduler.migrations(leaving)
         if moves:
-            self.pool = write_blocks(self.pool, self.cache_mesh, [
-                (rank, blocks, rows) for (_, rank, blocks), rows in
-                zip(moves, read_blocks(self.pool, self.cache_mesh, [(r.rank, r.blocks) for r, _, _ in moves]))])
+            self.pool = copy_blocks(self.pool, self.cache_mesh, self.pool, self.cache_mesh,
+                                    [(req.rank, req.blocks, rank, blocks) for req, rank, blocks in moves])
             for req, rank, blocks in moves:
                 self.scheduler.move(req, rank, blocks)
         self.resizes.append({"from_dp": self.ranks, "to_dp": dp, "migrated": len(moves),

@@ -145,10 +145,10 @@ class BlockPool:
 
 
 # ---- moving blocks between pools: hand-over (disaggregation), migration (resize), disk tier --------
-# A read yields, per request, its blocks as one array on its rank's device; a write takes such
-# arrays (from any device, or host numpy from disk) into a rank's blocks. Both are one jitted
-# per-rank gather/scatter over the whole pool, dispatched without waiting, so a prefill slice never
-# waits for the decode slice it hands over to.
+# A read gathers blocks of some ranks into one [L, K, BS, C] array per rank, on its device; a write
+# scatters such arrays (from any device, or host numpy from disk) into ranks' blocks. Both are one
+# jitted per-rank gather/scatter over the whole pool, dispatched without waiting, so a prefill slice
+# never waits for the decode slice it hands over to.
 
 def rank_devices(pool: jax.Array, mesh) -> list[list]:
     """Each dp rank's devices (one per tp replica of the pool's rank slice)."""
@@ -157,8 +157,9 @@ def rank_devices(pool: jax.Array, mesh) -> list[list]:
     return [list(row) for row in mesh.devices.reshape(mesh.shape["dp"], -1)]
 
 
-def _padded(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()  # power-of-two widths: few compilations
+def pow2(n: int) -> int:
+    """Block-count widths of copies are powers of two: few shapes, so few compilations."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -179,45 +180,63 @@ def _scatter(pool, idx, rows, mesh):  # idx int32[R, K] (>= NB: not written), ro
                          out_specs=P(None, "dp"), check_vma=False)(pool, idx, rows)
 
 
-def read_blocks(pool: jax.Array, mesh, reads: list[tuple[int, list[int]]]) -> list[jax.Array]:
-    """reads: (rank, local block ids) -> per read, [L, len(ids), BS, C] on that rank's device."""
+def _zeros(device, shape, dtype) -> jax.Array:
+    """Filler rows for ranks a copy round does not write (kept: they are never donated)."""
+    key = (device, shape, jnp.dtype(dtype).name)
+    if key not in _ZEROS:
+        _ZEROS[key] = jnp.zeros(shape, dtype, device=device)
+    return _ZEROS[key]
+
+
+_ZEROS: dict = {}
+
+
+def read_rank(pool: jax.Array, mesh, reads: dict[int, list[int]], K: int) -> dict[int, jax.Array]:
+    """{rank: local block ids} -> {rank: [L, K, BS, C] on that rank's device}: rows past the ids are
+    padding. Every shape is a power-of-two K, so serving compiles nothing new."""
     devices = rank_devices(pool, mesh)
-    per_rank = [[] for _ in devices]
-    for rank, blocks in reads:
-        per_rank[rank].extend(blocks)
-    K = _padded(max(len(b) for b in per_rank))
     idx = np.zeros((len(devices), K), np.int32)
-    for rank, blocks in enumerate(per_rank):
+    for rank, blocks in reads.items():
         idx[rank, :len(blocks)] = blocks
-    gathered = _gather(pool, idx, mesh)
-    shard = {s.device: s.data for s in gathered.addressable_shards}
-    out, offset = [], [0] * len(devices)
-    for rank, blocks in reads:
-        out.append(shard[devices[rank][0]][:, offset[rank]:offset[rank] + len(blocks)])
-        offset[rank] += len(blocks)
-    return out
+    shard = {s.device: s.data for s in _gather(pool, idx, mesh).addressable_shards}
+    return {rank: shard[devices[rank][0]] for rank in reads}
 
 
-def write_blocks(pool: jax.Array, mesh, writes: list[tuple[int, list[int], Any]]) -> jax.Array:
-    """writes: (rank, local block ids, rows [L, len(ids), BS, C] anywhere) -> the pool with them in."""
+def write_rank(pool: jax.Array, mesh, writes: dict[int, tuple[list[int], Any]], K: int) -> jax.Array:
+    """{rank: (local block ids, rows [L, K, BS, C] on any device or host)} -> the pool with them in."""
     devices = rank_devices(pool, mesh)
-    per_rank = [[] for _ in devices]
-    for rank, blocks, rows in writes:
-        per_rank[rank].append((blocks, rows))
-    K = _padded(max(sum(len(b) for b, _ in w) for w in per_rank))
     L, _, BS, C = pool.shape
     idx = np.full((len(devices), K), pool.shape[1], np.int32)  # out of range of every rank: dropped
     arrays = []
-    for rank, items in enumerate(per_rank):
-        ids = [b for blocks, _ in items for b in blocks]
-        idx[rank, :len(ids)] = ids
-        for device in devices[rank]:
-            parts = [jax.device_put(rows, device).astype(pool.dtype) for _, rows in items]
-            parts.append(jnp.zeros((L, K - len(ids), BS, C), pool.dtype, device=device))
-            arrays.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+    for rank, devs in enumerate(devices):
+        blocks, rows = writes.get(rank, ([], None))
+        idx[rank, :len(blocks)] = blocks
+        arrays += [_zeros(d, (L, K, BS, C), pool.dtype) if rows is None else jax.device_put(rows, d) for d in devs]
     if mesh is None:
-        rows = arrays[0]
-    else:
-        rows = jax.make_array_from_single_device_arrays((L, len(devices) * K, BS, C),
-                                                        NamedSharding(mesh, P(None, "dp")), arrays)
+        return _scatter(pool, idx, arrays[0], mesh)
+    rows = jax.make_array_from_single_device_arrays((L, len(devices) * K, BS, C), NamedSharding(mesh, P(None, "dp")),
+                                                    arrays)
     return _scatter(pool, idx, rows, mesh)
+
+
+def copy_blocks(src_pool: jax.Array, src_mesh, dst_pool: jax.Array, dst_mesh,
+                moves: list[tuple[int, list[int], int, list[int]]]) -> jax.Array:
+    """moves: (source rank, its block ids, destination rank, its block ids) -> the destination pool.
+    In rounds that read each source rank and write each destination rank at most once; the rows go
+    device to device (jax.device_put), never through the host. The pools may be one (migration)."""
+    same = src_pool is dst_pool
+    while moves:
+        batch, rest, sources, dests = [], [], set(), set()
+        for move in moves:
+            if move[0] in sources or move[2] in dests:
+                rest.append(move)
+                continue
+            batch.append(move)
+            sources.add(move[0])
+            dests.add(move[2])
+        K = pow2(max(len(m[1]) for m in batch))
+        rows = read_rank(src_pool, src_mesh, {m[0]: m[1] for m in batch}, K)
+        dst_pool = write_rank(dst_pool, dst_mesh, {m[2]: (m[3], rows[m[0]]) for m in batch}, K)
+        src_pool = dst_pool if same else src_pool
+        moves = rest
+    return dst_pool

@@ -251,20 +251,25 @@ class DiskKVCache:
             tmp.unlink(missing_ok=True)
             raise
 
-    def store_async(self, h: bytes, rows) -> None:
-        """rows may be a jax.Array still being computed; the background writer materializes and stores it."""
+    def store_async(self, h: bytes | list[bytes], rows) -> None:
+        """rows may be a jax.Array still being computed; the background writer materializes and stores it.
+        With a list of hashes, rows holds those blocks along axis 1 (rows[:, j] is block j; rows past
+        the list are padding), so a device gather of several blocks crosses to the host once."""
         try:
             if self._closed:
                 raise queue.Full
             self._queue.put_nowait((h, rows))
         except queue.Full:  # the disk is behind (or we are closed): the block is not cached, nobody waits
             with self._lock:
-                self._counts["dropped"] += 1
+                self._counts["dropped"] += 1 if isinstance(h, bytes) else len(h)
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
-                self.store(item[0], np.asarray(item[1]))
+                hashes, rows = item
+                rows = np.asarray(rows)
+                for j, h in enumerate([hashes] if isinstance(hashes, bytes) else hashes):
+                    self.store(h, rows if isinstance(hashes, bytes) else rows[:, j])
             except Exception:  # a cache write must never kill the writer (disk full, bad block, ...)
                 with self._lock:
                     self._counts["write_errors"] += 1

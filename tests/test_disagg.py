@@ -91,3 +91,36 @@ def test_bad_resize_is_refused_in_one_sentence(mixed, disagg):
     with pytest.raises(ValueError, match=r"resize\(prefill=..., decode=...\)"):
         disagg.resize(dp=4)
     assert mixed.engine.ranks == 8 and mixed.generate(prompts(2, 4), PARAMS)[0].finish_reason == "length"
+
+
+def test_engine_follows_the_capacity_plan_over_a_compressed_day(mixed, disagg):
+    """24 planned hours, a few engine steps each: the slices resize to the planner's node counts
+    (2 devices a node), the nodes freed at night become spare, and every request keeps its tokens."""
+    from serving.capacity import cosine_curve, follow, plan_day
+    from serving.economics import Stats
+    day = Stats(window_hours=24, gpus_per_node=2, average_nodes=1, input_tokens_cache_hit=1620,
+                input_tokens_cache_miss=1620, output_tokens=24 * 3 * PARAMS.max_tokens)
+    curve = cosine_curve(day, peak_to_mean=1.6, peak_hour=14)
+    # a node serves 0.9 of an average hour: peak hours need 2 nodes per role, night hours 1
+    plan = plan_day(curve, sum(curve.input_tokens) / 24 / 3600 / 0.9, sum(curve.output_tokens) / 24 / 3600 / 0.9, 4)
+    assert min(plan.nodes) == 2 and max(plan.nodes) == 4
+    texts, served, spare = prompts(80, 5), [], []
+    queue = list(texts)
+    reqs = []
+    for hour in range(24):
+        served.append(follow(disagg, plan, hour, gpus_per_node=2))
+        spare.append(len(disagg.engine.spare))
+        for _ in range(round(curve.output_tokens[hour] / PARAMS.max_tokens)):
+            if queue:
+                reqs.append(disagg.engine.add_request(disagg._ids(queue.pop(0)), PARAMS))
+        for _ in range(3):  # the hour, compressed
+            disagg.engine.step()
+    while not disagg.engine.idle:
+        disagg.engine.step()
+    follow(disagg, plan, plan.nodes.index(max(plan.nodes)), 2)  # leave the fixture at full size
+    assert served == [(p * 2, d * 2) for p, d in zip(plan.prefill_nodes, plan.decode_nodes)]
+    assert [(disagg.engine.prefill.ranks, disagg.engine.decode.ranks)] == [(4, 4)]
+    assert max(spare) == 4 and spare == [8 - 2 * n for n in plan.nodes]  # night: half the devices freed
+    assert len(reqs) >= 60 and all(r.finish_reason == "length" for r in reqs)
+    reference = mixed.generate(texts[:len(reqs)], PARAMS)
+    assert [r.output for r in reqs] == [o.token_ids for o in reference]
