@@ -250,7 +250,7 @@ def _load_leaf(reader: _TensorReader, cfg, placement, path, abstract, sharding) 
             out[pos] = reader.read(name(tuple(r[i] for r, i in zip(ranges, pos))), abstract.dtype, index[n_stacked:])
         return out
 
-    return jax.make_array_from_callback(abstract.shape, sharding, shard)
+    return jax.make_array_from_callback(abstract.shape, sharding, shard, dtype=abstract.dtype)
 
 
 def _abstract(cfg: ModelConfig, dtype, n_physical):

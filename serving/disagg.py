@@ -11,13 +11,18 @@ blocks and ahead of the decode step that reads them, and the two slices step sid
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from serving.engine import Engine, Event, statistics_record, summarize
-from serving.kv_cache import copy_blocks
+from serving.kv_cache import copy_blocks, copy_round, pow2, read_rank, write_rank, zeros_on
 from serving.sampling import SamplingParams
 from serving.scheduler import Request
 
@@ -54,6 +59,8 @@ class DisaggEngine:
         self.context_len = min(prefill.context_len, decode.context_len)
         self.handover = {"requests": 0, "blocks": 0, "waited_for_room": 0, "s": 0.0}
         self._beside = ThreadPoolExecutor(1, thread_name_prefix="decode-slice")
+        devices = [*prefill.mesh.devices.flat, *decode.mesh.devices.flat]
+        self.across = Across(prefill, decode) if len({d.process_index for d in devices}) > 1 else None
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -83,12 +90,17 @@ class DisaggEngine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """One step of each slice, side by side (the decode slice in a thread: JAX releases the GIL
-        while a step runs), then the hand-over of every prompt the prefill slice finished."""
-        beside = None if self.decode.idle else self._beside.submit(self.decode.step)
-        events = self.prefill.step()
-        if beside is not None:
-            events += beside.result()
+        """One step of each slice, side by side, then the hand-over of every prompt the prefill slice
+        finished. In one process the decode slice steps in a thread (JAX releases the GIL while a step
+        runs); across processes each process computes only its own slice's steps, and the sampled
+        tokens of both reach every process through one small collective over both slices."""
+        if self.across is not None:
+            events = self.across.step()
+        else:
+            beside = None if self.decode.idle else self._beside.submit(self.decode.step)
+            events = self.prefill.step()
+            if beside is not None:
+                events += beside.result()
         self._hand_over()
         return events
 
@@ -105,10 +117,13 @@ class DisaggEngine:
             return
         bs = self.prefill.cfg.block_size
         n = [-(-req.computed // bs) for req, _, _ in sent]  # blocks holding the prompt's KV rows
+        moves = [(rank, blocks[:k], req.rank, req.blocks[:k]) for (req, rank, blocks), k in zip(sent, n)]
         # queued behind the prefill step that wrote the blocks, ahead of any step that reuses them
-        self.decode.pool = copy_blocks(self.prefill.pool, self.prefill.cache_mesh, self.decode.pool,
-                                       self.decode.cache_mesh, [(rank, blocks[:k], req.rank, req.blocks[:k])
-                                                                for (req, rank, blocks), k in zip(sent, n)])
+        if self.across is not None:
+            self.across.copy(moves)
+        else:
+            self.decode.pool = copy_blocks(self.prefill.pool, self.prefill.cache_mesh, self.decode.pool,
+                                           self.decode.cache_mesh, moves)
         for req, rank, blocks in sent:
             self.prefill.outbox.remove(req)
             del self.prefill.requests[req.id]
@@ -126,6 +141,8 @@ class DisaggEngine:
 
     # ---- elastic capacity --------------------------------------------------------------------------
     def resize(self, prefill: int | None = None, decode: int | None = None) -> None:
+        if self.across is not None:
+            raise ValueError("resizing a disaggregated deployment that spans processes is not supported yet")
         """New dp sizes for the slices (None: unchanged). A shrinking slice moves its leaving ranks'
         requests to its staying ranks and returns the devices to the spare pool; a growing one takes
         spare devices."""
@@ -154,3 +171,83 @@ class DisaggEngine:
 
     def statistics_record(self, gpus_per_node: int = 8) -> dict:
         return statistics_record(self.stats(), gpus_per_node)
+
+
+class Across:
+    """The two collectives a disaggregated deployment needs when its slices live in different
+    processes (jax.device_put cannot cross processes on every backend; a collective can): over a
+    1-D mesh of both slices' devices, (1) the slices' step outputs, replicated to every process so
+    that each runs the same host loop, and (2) KV rows, ppermute'd from prefill to decode ranks.
+    Both slices must be tp = 1 (one device per dp rank)."""
+
+    def __init__(self, prefill: Engine, decode: Engine):
+        if prefill.mesh.shape["tp"] != 1 or decode.mesh.shape["tp"] != 1:
+            raise ValueError("a disaggregated deployment across processes needs tp = 1 in both slices")
+        self.prefill, self.decode = prefill, decode
+        self.mesh = Mesh(np.array([*prefill.mesh.devices.flat, *decode.mesh.devices.flat]), ("all",))
+        self.n_prefill = prefill.mesh.size
+        rows = max(prefill.cfg.prefill_rows[-1] * prefill.ranks, decode.cfg.decode_batch[-1] * decode.ranks)
+        self.width = rows + 1  # the longest step output: a token per row, then the overflow flag
+
+    def _local(self):
+        return [(i, d) for i, d in enumerate(self.mesh.devices.flat) if d.process_index == jax.process_index()]
+
+    def _global(self, per_device, shape, dtype) -> jax.Array:
+        return jax.make_array_from_single_device_arrays((self.mesh.size, *shape),
+                                                        NamedSharding(self.mesh, P("all")), per_device, dtype=dtype)
+
+    def read(self, outs: list) -> list:
+        """Each slice's step output (a device array replicated over its slice, or None) -> host arrays,
+        the same on every process."""
+        arrays = []
+        for i, d in self._local():
+            out = outs[0 if i < self.n_prefill else 1]
+            if out is None:
+                arrays.append(zeros_on(d, (1, self.width), np.int32))
+            else:
+                mine = {s.device: s.data for s in out.addressable_shards}[d]
+                arrays.append(jnp.pad(mine, (0, self.width - out.shape[0]))[None])
+        host = np.asarray(_replicate(self._global(arrays, (self.width,), np.int32), self.mesh))
+        return [None if o is None else host[row, :o.shape[0]] for o, row in zip(outs, (0, self.n_prefill))]
+
+    def step(self) -> list[Event]:
+        engines = (self.prefill, self.decode)
+        launched = [e.launch() for e in engines]
+        hosts = self.read([l.out if l else None for l in launched])
+        while True:
+            redo = [l is not None and e.retry_if_overflowed(l, h) for e, l, h in zip(engines, launched, hosts)]
+            if not any(redo):
+                break
+            again = self.read([l.out if r else None for l, r in zip(launched, redo)])
+            hosts = [a if r else h for a, h, r in zip(again, hosts, redo)]
+        return [event for e, l, h in zip(engines, launched, hosts) if l for event in e.land(l, h)]
+
+    def copy(self, moves) -> None:
+        """Like kv_cache.copy_blocks from the prefill pool to the decode pool, rows crossing processes
+        by one ppermute per round (a round reads each prefill rank and writes each decode rank once)."""
+        pool = self.decode.pool
+        L, _, BS, C = pool.shape
+        while moves:
+            batch, moves = copy_round(moves)
+            K = pow2(max(len(m[1]) for m in batch))
+            rows = read_rank(self.prefill.pool, self.prefill.cache_mesh, {m[0]: m[1] for m in batch}, K)
+            arrays = [rows[i][None] if i in rows else zeros_on(d, (1, L, K, BS, C), pool.dtype)
+                      for i, d in self._local()]  # (union index i < n_prefill is prefill rank i)
+            perm = tuple((src, self.n_prefill + dst) for src, _, dst, _ in batch)
+            sent = _ppermute(self._global(arrays, (L, K, BS, C), pool.dtype), self.mesh, perm)
+            got = {s.device: s.data[0] for s in sent.addressable_shards}
+            decode_devices = list(self.decode.mesh.devices.flat)
+            pool = write_rank(pool, self.decode.cache_mesh,
+                              {dst: (blocks, got.get(decode_devices[dst])) for _, _, dst, blocks in batch}, K)
+        self.decode.pool = pool
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _replicate(x, mesh):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "perm"))
+def _ppermute(x, mesh, perm):
+    return jax.shard_map(lambda a: jax.lax.ppermute(a, "all", perm), mesh=mesh, in_specs=P("all"),
+                         out_specs=P("all"))(x)

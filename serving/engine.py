@@ -53,6 +53,16 @@ def _compile_step(net, mesh, cache_mesh):
 
 
 @dataclasses.dataclass
+class Launched:
+    """A dispatched step: its batch, the arrays it ran on, its output (still on device)."""
+    batch: Batch
+    arrays: tuple
+    out: jax.Array
+    start: float
+    prepared: float
+
+
+@dataclasses.dataclass
 class Event:
     """What one step did to one request: new tokens, and the finish reason once it is done."""
     request: Request
@@ -98,7 +108,8 @@ class Engine:
         self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size, width,
                              kv_dtype, mesh)
         self.finished: collections.deque[Request] = collections.deque(maxlen=4096)  # recent ones, for stats
-        self.disk = self._open_disk(kv_dtype, width) if serving.disk_cache_dir else None
+        local = mesh is None or any(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        self.disk = self._open_disk(kv_dtype, width) if serving.disk_cache_dir and local else None
         self.scheduler = Scheduler(serving, self.ranks, self.blocks_per_rank,
                                    (self.disk.prefix, self._fetch_from_disk) if self.disk else None,
                                    max_running=self.blocks_per_rank if role == "prefill" else None)
@@ -180,37 +191,57 @@ class Engine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
+        launched = self.launch()
+        if launched is None:
+            return []
+        host = np.asarray(launched.out)  # the one device->host sync of a step
+        while self.retry_if_overflowed(launched, host):
+            host = np.asarray(launched.out)
+        return self.land(launched, host)
+
+    # A step in three parts, so a disaggregated deployment spanning processes can launch both
+    # slices' steps before reading either (serving/disagg.py).
+    def launch(self) -> "Launched | None":
+        """Schedules the next batch and dispatches its jitted step (without waiting for it)."""
         start = time.perf_counter()
         if self._resize_to is not None:
             self._continue_resize()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return None
         arrays = self._arrays(batch)
         prepared = time.perf_counter()
-        wait = 0.0
-        while True:
-            out, self.pool, self.expert_load = self._step(self.leaves, self.pool, self.expert_load, *arrays,
-                                                          absorbed=batch.kind == "decode")
-            dispatched = time.perf_counter()
-            out = np.asarray(out)  # the one device->host sync of a step
-            wait += time.perf_counter() - dispatched
-            if not out[-1]:
-                break
-            # Rows did not fit the EP capacity bucket: re-run at the next one. Re-running on the
-            # returned pool is safe: every cache row this step reads it first writes again.
-            self.net.set_expert_parallel(self.net.ep.escalated())
-            self._use_step()
-            self.counters["ep_overflow_retries"] += 1
-        next_tokens = out[:-1]
+        return Launched(batch, arrays, self._dispatch(batch, arrays), start, prepared)
+
+    def _dispatch(self, batch: Batch, arrays: tuple) -> jax.Array:
+        out, self.pool, self.expert_load = self._step(self.leaves, self.pool, self.expert_load, *arrays,
+                                                      absorbed=batch.kind == "decode")
+        return out
+
+    def retry_if_overflowed(self, launched: "Launched", host: np.ndarray) -> bool:
+        """If rows did not fit the EP capacity bucket (the step's last value), re-dispatches the step
+        at the next bucket and returns True. Re-running on the returned pool is safe: every cache
+        row the step reads it first writes again."""
+        if not host[-1]:
+            return False
+        self.net.set_expert_parallel(self.net.ep.escalated())
+        self._use_step()
+        self.counters["ep_overflow_retries"] += 1
+        launched.out = self._dispatch(launched.batch, launched.arrays)
+        return True
+
+    def land(self, launched: "Launched", host: np.ndarray) -> list[Event]:
+        """Advances the requests by the step's sampled tokens (host: the step's output, read back)."""
+        batch, start = launched.batch, launched.start
         returned = time.perf_counter()
-        events = self._advance(batch, next_tokens)
+        events = self._advance(batch, host[:-1])
         done = time.perf_counter()
         elapsed = done - start
         self.counters[f"{batch.kind}_steps"] += 1
         self.counters[f"{batch.kind}_s"] += elapsed
         # host bookkeeping: building the batch before the jitted call and advancing requests after it
-        self.last_step = {"kind": batch.kind, "wall_s": elapsed, "host_s": (prepared - start) + (done - returned)}
+        self.last_step = {"kind": batch.kind, "wall_s": elapsed,
+                          "host_s": (launched.prepared - start) + (done - returned)}
         steps = self.counters["prefill_steps"] + self.counters["decode_steps"]
         if self.rebalancing and steps % self.rebalancing.interval == 0:
             self._rebalance()
@@ -473,8 +504,8 @@ class Engine:
     def eplb_stats(self) -> dict:
         """Balancedness (max / mean GPU load, per MoE layer and overall) of the loads seen so far under
         the current placement, and the last live rebalance's before/after."""
-        if self.net.ep is None or self.net.moe_layers is None:
-            return {}
+        if self.net.ep is None or self.net.moe_layers is None or not self.expert_load.addressable_shards:
+            return {}  # (no loads to read on a process that holds none of this engine's devices)
         from sharding.eplb import balancedness
         mlp = self.net.moe_layers.mlp
         weight = sum(self._load_window) + self._unseen_logical_load()

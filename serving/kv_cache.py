@@ -180,7 +180,7 @@ def _scatter(pool, idx, rows, mesh):  # idx int32[R, K] (>= NB: not written), ro
                          out_specs=P(None, "dp"), check_vma=False)(pool, idx, rows)
 
 
-def _zeros(device, shape, dtype) -> jax.Array:
+def zeros_on(device, shape, dtype) -> jax.Array:
     """Filler rows for ranks a copy round does not write (kept: they are never donated)."""
     key = (device, shape, jnp.dtype(dtype).name)
     if key not in _ZEROS:
@@ -199,11 +199,12 @@ def read_rank(pool: jax.Array, mesh, reads: dict[int, list[int]], K: int) -> dic
     for rank, blocks in reads.items():
         idx[rank, :len(blocks)] = blocks
     shard = {s.device: s.data for s in _gather(pool, idx, mesh).addressable_shards}
-    return {rank: shard[devices[rank][0]] for rank in reads}
+    return {rank: shard[devices[rank][0]] for rank in reads if devices[rank][0] in shard}  # this process's
 
 
 def write_rank(pool: jax.Array, mesh, writes: dict[int, tuple[list[int], Any]], K: int) -> jax.Array:
-    """{rank: (local block ids, rows [L, K, BS, C] on any device or host)} -> the pool with them in."""
+    """{rank: (local block ids, rows [L, K, BS, C] on any device or host)} -> the pool with them in.
+    Every process passes every rank's ids; rows only matter on the process holding the rank."""
     devices = rank_devices(pool, mesh)
     L, _, BS, C = pool.shape
     idx = np.full((len(devices), K), pool.shape[1], np.int32)  # out of range of every rank: dropped
@@ -211,11 +212,12 @@ def write_rank(pool: jax.Array, mesh, writes: dict[int, tuple[list[int], Any]], 
     for rank, devs in enumerate(devices):
         blocks, rows = writes.get(rank, ([], None))
         idx[rank, :len(blocks)] = blocks
-        arrays += [_zeros(d, (L, K, BS, C), pool.dtype) if rows is None else jax.device_put(rows, d) for d in devs]
+        arrays += [zeros_on(d, (L, K, BS, C), pool.dtype) if rows is None else jax.device_put(rows, d)
+                   for d in devs if d.process_index == jax.process_index()]
     if mesh is None:
         return _scatter(pool, idx, arrays[0], mesh)
     rows = jax.make_array_from_single_device_arrays((L, len(devices) * K, BS, C), NamedSharding(mesh, P(None, "dp")),
-                                                    arrays)
+                                                    arrays, dtype=pool.dtype)
     return _scatter(pool, idx, rows, mesh)
 
 
@@ -226,17 +228,22 @@ def copy_blocks(src_pool: jax.Array, src_mesh, dst_pool: jax.Array, dst_mesh,
     device to device (jax.device_put), never through the host. The pools may be one (migration)."""
     same = src_pool is dst_pool
     while moves:
-        batch, rest, sources, dests = [], [], set(), set()
-        for move in moves:
-            if move[0] in sources or move[2] in dests:
-                rest.append(move)
-                continue
-            batch.append(move)
-            sources.add(move[0])
-            dests.add(move[2])
+        batch, moves = copy_round(moves)
         K = pow2(max(len(m[1]) for m in batch))
         rows = read_rank(src_pool, src_mesh, {m[0]: m[1] for m in batch}, K)
         dst_pool = write_rank(dst_pool, dst_mesh, {m[2]: (m[3], rows[m[0]]) for m in batch}, K)
         src_pool = dst_pool if same else src_pool
-        moves = rest
     return dst_pool
+
+
+def copy_round(moves: list) -> tuple[list, list]:
+    """The moves of one round (at most one per source rank and per destination rank), and the rest."""
+    batch, rest, sources, dests = [], [], set(), set()
+    for move in moves:
+        if move[0] in sources or move[2] in dests:
+            rest.append(move)
+            continue
+        batch.append(move)
+        sources.add(move[0])
+        dests.add(move[2])
+    return batch, rest

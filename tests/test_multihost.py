@@ -16,6 +16,7 @@ from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = ROOT / "configs" / "deploy" / "cpu8.json"  # EP8 over all 8 devices, FP8 dispatch
+DISAGG = ROOT / "configs" / "deploy" / "cpu8-disagg.json"  # prefill on process 0's devices, decode on 1's
 PROMPTS = ["5,17,42,7", "9,3", "60,61,62,63,64,65"]
 
 
@@ -26,8 +27,8 @@ def _launcher():
     return module
 
 
-def _generate_cmd(model, *extra):
-    cmd = [sys.executable, "-m", "serving.generate", "--model", str(model), "--deployment", str(DEPLOYMENT),
+def _generate_cmd(model, *extra, deployment=DEPLOYMENT):
+    cmd = [sys.executable, "-m", "serving.generate", "--model", str(model), "--deployment", str(deployment),
            "--max-tokens", "6", "--json"]
     for p in PROMPTS:
         cmd += ["--prompt-ids", p]
@@ -41,16 +42,20 @@ def model(tmp_path_factory):
     return path
 
 
-def test_two_processes_of_four_devices_match_one_process_of_eight(model):
+@pytest.mark.parametrize("deployment", [DEPLOYMENT, DISAGG], ids=["ep8", "disaggregated"])
+def test_two_processes_of_four_devices_match_one_process_of_eight(model, deployment):
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch_multihost.py"), "--local-processes", "2",
-                          "--cpu-devices-per-process", "4", "--", *_generate_cmd(model)],
+                          "--cpu-devices-per-process", "4", "--", *_generate_cmd(model, deployment=deployment)],
                          cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     multi = [line["token_ids"] for line in lines if "token_ids" in line]
-    single = LLM(model, deployment=DEPLOYMENT).generate([[int(t) for t in p.split(",")] for p in PROMPTS],
-                                                       SamplingParams(max_tokens=6))
+    single = LLM(model, deployment=deployment).generate([[int(t) for t in p.split(",")] for p in PROMPTS],
+                                                        SamplingParams(max_tokens=6))
     assert multi == [o.token_ids for o in single] and len(multi) == 3 and all(multi)
+    if deployment == DISAGG:  # the KV of every prompt crossed from process 0's devices to process 1's
+        stats = next(line["stats"] for line in lines if "stats" in line)
+        assert stats["handover"]["requests"] == 3 and stats["prefill"]["devices"] == stats["decode"]["devices"] == 4
 
 
 def test_a_killed_process_makes_the_other_fail_fast(model):
