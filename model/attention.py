@@ -95,6 +95,18 @@ class MLA(nnx.Module):
         """
         q_nope, q_pe = self.queries(x, cos, sin)
         cache = cache.write(layer, slots, self.latents(x, cos, sin))
-        attend = self.attend_absorbed if absorbed else self.attend_naive
-        out = attend(q_nope, q_pe, cache.read(layer).astype(x.dtype), mask)
+        if absorbed and cache.kernel != "xla":  # decode attention by a kernel over the cache in place
+            out = self.attend_in_cache(q_nope, q_pe, cache, layer, slots)
+        else:
+            attend = self.attend_absorbed if absorbed else self.attend_naive
+            out = attend(q_nope, q_pe, cache.read(layer).astype(x.dtype), mask)
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), cache
+
+    def attend_in_cache(self, q_nope, q_pe, cache, layer, slots):
+        """attend_absorbed for one new token per row (decode), with the cache's own kernel reading its
+        pages in place (model/kernels/mla_decode.py) instead of gathering rows -> [B, 1, H, V]."""
+        w_k, w_v = self._kv_b()
+        q_latent = jnp.einsum("bhk,hkr->bhr", q_nope[:, 0], w_k)
+        lengths = jnp.maximum(slots[:, 0] + 1, 1)  # padding rows (-1) read one row; their output is unused
+        context = cache.absorbed_context(layer, q_latent, q_pe[:, 0], lengths, self.cfg.softmax_scale)
+        return jnp.einsum("bhr,hvr->bhv", context.astype(q_nope.dtype), w_v)[:, None]

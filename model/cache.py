@@ -1,10 +1,13 @@
 """The latent KV cache seen by attention: one row of C = kv_lora_rank + qk_rope_head_dim values per
 token and layer. Attention only calls `write` then `read`, so the serving engine can substitute
-its paged pool (serving/kv_cache.py) for this dense one without touching model math."""
+its paged pool (serving/kv_cache.py) for this dense one without touching model math. A cache whose
+`kernel` is not "xla" also offers `absorbed_context` (decode attention computed in place by a
+kernel over its own layout) and `select_rows` (a view of some batch rows)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 @dataclasses.dataclass
 class DenseCache:
     data: jax.Array  # [L, B, T, C]: slot t of sequence b holds position t
+    kernel: ClassVar[str] = "xla"  # attention reads rows and computes in XLA
 
     def write(self, layer, slots, rows) -> "DenseCache":
         """rows [B, S, C] at positions slots int32[B, S] (-1: padding, not written)."""

@@ -22,6 +22,9 @@ class ServingConfig:
     prefill_rows: tuple[int, ...] = (1, 4)
     decode_batch: tuple[int, ...] = (1, 4, 16, 64)
     placement: str = "balanced"  # requests on dp ranks: balanced (serving/balance.py) | round_robin
+    # decode attention: auto (the Pallas paged MLA kernel on GPU, XLA elsewhere) | xla | pallas |
+    # interpret (the kernel run by the Pallas interpreter: tests of the GPU path on CPU)
+    attention_kernel: str = "auto"
     # Disk tier of the prefix cache (serving/kv_disk.py): one checksummed file per full block.
     disk_cache_dir: str | None = None
     disk_cache_mb: float = 1024.0
@@ -36,6 +39,9 @@ class ServingConfig:
             raise ValueError(f"serving.block_size={self.block_size} and kv_cache_mb={self.kv_cache_mb} must be > 0")
         if self.placement not in POLICIES:
             raise ValueError(f"serving.placement {self.placement!r} is not one of {POLICIES}")
+        if self.attention_kernel not in ("auto", "xla", "pallas", "interpret"):
+            raise ValueError(f"serving.attention_kernel {self.attention_kernel!r} is not one of "
+                             f"auto, xla, pallas, interpret")
         if self.disk_cache_mb <= 0:
             raise ValueError(f"serving.disk_cache_mb={self.disk_cache_mb} must be > 0")
         if self.kv_dtype not in KV_DTYPES:

@@ -25,7 +25,7 @@ from sharding.overlap import balanced_slots
 from serving.scheduler import Batch, Request, Scheduler
 
 
-def _compile_step(net, mesh, cache_mesh):
+def _compile_step(net, mesh, cache_mesh, kernel: str = "xla"):
     """The engine's jitted step for this model (and EP capacity bucket). The weights go in as a flat
     list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
     milliseconds of host time per step."""
@@ -35,7 +35,8 @@ def _compile_step(net, mesh, cache_mesh):
     def step(leaves, pool, expert_load, page_table, tokens, positions, sample_at, temperature, top_k, top_p, seeds,
              counters, absorbed: bool):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
+        paged = PagedCache(pool, page_table, cache_mesh, kernel=kernel)
+        hidden, cache, stats = net.forward_step(tokens, positions, paged, absorbed)
         last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
         next_tokens = sample(net.logits(last), temperature, top_k, top_p, seeds, counters)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
@@ -275,7 +276,10 @@ class Engine:
     def _use_step(self) -> None:
         devices = (None,) if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         key = devices, None if self.net.ep is None else self.net.ep.level
-        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh)
+        kernel = self.cfg.attention_kernel
+        if kernel == "auto":
+            kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
+        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh, kernel)
         self.leaves, self._step = leaves, self._steps.setdefault(key, step)
 
     # ---- disk tier of the prefix cache --------------------------------------------------------------

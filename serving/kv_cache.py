@@ -31,6 +31,9 @@ class PagedCache:
     page_table: jax.Array  # int32[B, MB], local block ids (unused entries: any block, masked by position)
     mesh: Any = dataclasses.field(default=None, metadata={"static": True})
     axis: str = dataclasses.field(default="dp", metadata={"static": True})
+    # decode attention: "xla" (attention gathers the rows) | "pallas" (the paged MLA kernel) |
+    # "interpret" (that kernel run by the Pallas interpreter: CPU tests of the GPU path)
+    kernel: str = dataclasses.field(default="xla", metadata={"static": True})
 
     def _per_rank(self, fn, out_spec, *args):
         if self.mesh is None:
@@ -51,6 +54,21 @@ class PagedCache:
     @property
     def max_len(self) -> int:
         return self.page_table.shape[1] * self.pool.shape[2]
+
+    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float) -> jax.Array:
+        """Decode attention read straight from the pages: q_latent [B, H, R], q_pe [B, H, P], lengths
+        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks."""
+        from model.kernels.mla_decode import mla_decode
+        impl, interpret = ("pallas", True) if self.kernel == "interpret" else (self.kernel, False)
+
+        def local(pool, table, q_latent, q_pe, lengths, layer):
+            return mla_decode(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool[layer], table, lengths,
+                              scale, block_size=pool.shape[2], impl=impl, interpret=interpret)
+        return self._per_rank(local, P(self.axis), self.pool, self.page_table, q_latent, q_pe, lengths, layer)
+
+    def select_rows(self, pick) -> "PagedCache":
+        """A view of some batch rows: pick maps the page table [B, MB] to the rows wanted (reads only)."""
+        return dataclasses.replace(self, page_table=pick(self.page_table))
 
     def read(self, layer) -> jax.Array:
         """-> [B, MB * BS, C]: each row's blocks in position order."""

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from model.quant import ACTIVATION_BLOCK, FP8, dequantize_blocks, quantize_blocks
+from model.kernels.grouped_gemm import grouped_matmul
 
 PAYLOAD_DTYPES = {"fp8": FP8, "bf16": jnp.bfloat16, "fp32": jnp.float32}
 ROW_ALIGN = 8  # capacities are rounded up to this, so nearby batch sizes share one compilation
@@ -150,9 +151,10 @@ def grouped_ffn_ragged(rows, ids, weights, w_gate, w_up, w_down):
     order = jnp.argsort(pair_expert, stable=True)
     counts = jnp.bincount(pair_expert, length=El + 1).astype(jnp.int32)
     x = rows[order // k]  # [M*k, D]; pairs of no expert sort last, outside every group: zeros
-    gate = jax.lax.ragged_dot(x, jnp.swapaxes(w_gate, 1, 2), counts[:El])
-    up = jax.lax.ragged_dot(x, jnp.swapaxes(w_up, 1, 2), counts[:El])
-    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), counts[:El])
+    # the Pallas grouped GEMM on GPU, lax.ragged_dot elsewhere (model/kernels/grouped_gemm.py)
+    gate = grouped_matmul(x, jnp.swapaxes(w_gate, 1, 2), counts[:El])
+    up = grouped_matmul(x, jnp.swapaxes(w_up, 1, 2), counts[:El])
+    y = grouped_matmul(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), counts[:El])
     w = jnp.where(ids >= 0, weights, 0.0).reshape(-1)[order]
     y = y.astype(jnp.float32) * w[:, None]
     return jnp.zeros((M, rows.shape[1]), jnp.float32).at[order // k].add(y), counts[:El], jnp.bool_(False)
@@ -285,9 +287,13 @@ def ep_dispatch(x, ids, weights, valid, ep: EPConfig, experts_local: int) -> Dis
     return Dispatched(*body(x, ids, weights, valid), n_dp=n_dp, n=n, capacity=C)
 
 
-def ep_experts(d: Dispatched, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "padded"):
+def ep_experts(d: Dispatched, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "auto"):
     """Each device's received rows through its local experts -> (rows out [R * R*C, D] float32,
-    tokens per physical expert [P], overflow per device [R])."""
+    tokens per physical expert [P], overflow per device [R]). ffn "auto": the grouped GEMM over
+    rows sorted by expert on GPU (no capacity padding), the padded einsum elsewhere (XLA:CPU
+    computes ragged_dot densely: DESIGN.md)."""
+    if ffn == "auto":
+        ffn = "ragged" if jax.default_backend() == "gpu" else "padded"
     El = w_gate.shape[0] // ep.ranks  # w_gate is the global [P, F, D]
     _, Ce = capacities(d.n, d.ids.shape[1], ep.ranks, El, ep.capacity_factor)
 
@@ -324,7 +330,7 @@ def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
                          check_vma=False)(out, d.recv_counts, d.src_token)
 
 
-def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "padded"):
+def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "auto"):
     """x [N, D] (sharded over the batch axis), ids int32[N, k] physical experts, weights [N, k],
     valid bool[N]; expert weights [P, ...] sharded over ep.axes.
     Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank

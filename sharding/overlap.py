@@ -55,7 +55,8 @@ def overlapped_layer(layer, x, cos, sin, cache, index, slots, mask, absorbed: bo
     h = layer.input_layernorm(x)
     q_nope, q_pe = attn.queries(h, cos, sin)
     cache = cache.write(index, slots, attn.latents(h, cos, sin))
-    rows = cache.read(index).astype(x.dtype)
+    in_cache = absorbed and cache.kernel != "xla"  # a kernel reads each micro-batch's pages in place
+    rows = slots if in_cache else cache.read(index).astype(x.dtype)
     attend = attn.attend_absorbed if absorbed else attn.attend_naive
     parts = [halves(a, dp) for a in (x, q_nope, q_pe, rows, mask, slots >= 0)]
     mb = [tuple(p[i] for p in parts) for i in (0, 1)]  # (x, q_nope, q_pe, rows, mask, valid) per micro-batch
@@ -65,6 +66,9 @@ def overlapped_layer(layer, x, cos, sin, cache, index, slots, mask, absorbed: bo
     def attn_a(i):  # core attention
         _, q_nope, q_pe, rows, mask, _ = mb[i]
         with jax.named_scope(f"mb{i}/attention"):
+            if in_cache:  # (rows holds this micro-batch's slots)
+                half = cache.select_rows(lambda table: halves(table, dp)[i])
+                return attn.attend_in_cache(q_nope, q_pe, half, index, rows)
             return attend(q_nope, q_pe, rows, mask)
 
     def attn_b(i, core):  # output projection, residual, norm, gate, dispatch

@@ -1,0 +1,1 @@
+"""Hand-written Pallas kernels (GPU hot paths), each with an XLA reference implementation."""
