@@ -166,8 +166,19 @@ class DisaggEngine:
                    waiting=prefill["waiting"], devices=self.prefill.devices + self.decode.devices,
                    balance={**{k: v for k, v in prefill["balance"].items() if k.startswith("prefill")},
                             **{k: v for k, v in decode["balance"].items() if k.startswith("decode")}},
-                   handover=dict(self.handover), spare_devices=len(self.spare), prefill=prefill, decode=decode)
+                   handover=dict(self.handover), spare_devices=len(self.spare), prefill=prefill, decode=decode,
+                   # per dp rank, prefill slice's ranks first (the metrics endpoint's dp_rank labels)
+                   kv_blocks_used=prefill["kv_blocks_used"] + decode["kv_blocks_used"],
+                   kv_blocks_cached=prefill["kv_blocks_cached"] + decode["kv_blocks_cached"],
+                   kv_blocks_total_per_rank=max(prefill["kv_blocks_total_per_rank"],
+                                                decode["kv_blocks_total_per_rank"]),
+                   compilations=self.compilations, eplb=decode["eplb"])
         return out
+
+    @property
+    def expert_load(self):
+        """The decode slice's tokens per physical expert (where most tokens are routed): for metrics."""
+        return self.decode.expert_load
 
     def statistics_record(self, gpus_per_node: int = 8) -> dict:
         return statistics_record(self.stats(), gpus_per_node)

@@ -52,6 +52,11 @@ def test_disaggregated_greedy_equals_mixed_with_shared_prefixes(mixed, disagg):
     for name in ("prefill_core_attention", "prefill_input_tokens", "decode_kv_tokens", "decode_requests"):
         assert stats["balance"][name]["samples"] > 0 and stats["balance"][name]["overall"] >= 1.0
     assert stats["prefill"]["decode_steps"] == 0 and stats["decode"]["prefill_steps"] == 0
+    from serving.metrics import EngineCollector, engine_snapshot  # what the HTTP server's /metrics reads
+    collector = EngineCollector()
+    collector.snapshot = engine_snapshot(engine)
+    used = next(f for f in collector.collect() if f.name.endswith("kv_blocks_used"))
+    assert len(used.samples) == 8  # 4 prefill + 4 decode ranks
 
 
 def run(llm, texts, resizes: dict[int, dict]) -> list[list[int]]:
