@@ -129,3 +129,12 @@ def test_engine_follows_the_capacity_plan_over_a_compressed_day(mixed, disagg):
     assert len(reqs) >= 60 and all(r.finish_reason == "length" for r in reqs)
     reference = mixed.generate(texts[:len(reqs)], PARAMS)
     assert [r.output for r in reqs] == [o.token_ids for o in reference]
+
+
+def test_deepseek_production_layout_parses_and_is_refused_here_in_one_sentence():
+    from sharding.deployment import Disaggregated, read
+    dep = read(ROOT / "configs/deploy/deepseek-disagg.json")
+    assert isinstance(dep, Disaggregated) and (dep.prefill.ep_size, dep.decode.ep_size) == (32, 144)
+    assert dep.prefill.n_physical_experts(256) == 288 == dep.decode.n_physical_experts(256)
+    with pytest.raises(ValueError, match=r"needs 176 devices \(32 prefill \+ 144 decode\), only 8 available"):
+        LLM(deployment=ROOT / "configs/deploy/deepseek-disagg.json")
