@@ -62,8 +62,11 @@ class PagedCache:
         impl, interpret = ("pallas", True) if self.kernel == "interpret" else (self.kernel, False)
 
         def local(pool, table, q_latent, q_pe, lengths, layer):
-            return mla_decode(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool[layer], table, lengths,
-                              scale, block_size=pool.shape[2], impl=impl, interpret=interpret)
+            # every layer's blocks as one [L * NB, BS, C] pool (a free reshape) and the table offset to
+            # this layer's: pool[layer] with a traced layer would copy the layer's whole pool
+            L, NB, BS, C = pool.shape
+            return mla_decode(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool.reshape(L * NB, BS, C),
+                              table + layer * NB, lengths, scale, block_size=BS, impl=impl, interpret=interpret)
         return self._per_rank(local, P(self.axis), self.pool, self.page_table, q_latent, q_pe, lengths, layer)
 
     def select_rows(self, pick) -> "PagedCache":
