@@ -165,10 +165,18 @@ class Scheduler:
     # ---- steps -------------------------------------------------------------------------------------
     def schedule(self) -> Batch | None:
         self._admit()
-        chunk = self.cfg.prefill_tokens[-1]
-        prefill = [[(r, r.computed, min(chunk, len(r.prompt) - r.computed)) for r in reqs if r.in_prefill]
-                   [:self.cfg.prefill_rows[-1]] for reqs in self.running]
-        decode = [[(r, r.computed, 1) for r in reqs if not r.in_prefill] for reqs in self.running]
+        chunk, rows = self.cfg.prefill_tokens[-1], self.cfg.prefill_rows[-1]
+        prefill, decode = [], []
+        for reqs in self.running:  # one pass: this runs every step over every running request
+            p, d = [], []
+            for r in reqs:
+                left = len(r.prompt) - r.computed
+                if left > 0:
+                    p.append((r, r.computed, min(chunk, left)))
+                else:
+                    d.append((r, r.computed, 1))
+            prefill.append(p[:rows])
+            decode.append(d)
         has_prefill, has_decode = any(prefill), any(decode)
         # alternate when both wait, so neither new requests nor running ones starve
         if has_prefill and (not has_decode or self._last == "decode"):
