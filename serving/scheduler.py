@@ -114,12 +114,13 @@ class Scheduler:
             req = self.waiting[0]
             hashes = block_hashes(req.prompt, bs)
             reusable = hashes[:(len(req.prompt) - 1) // bs]  # the last prompt token is always recomputed
-            hits, costs = [], np.zeros((self.ranks, 2))
+            hits, costs, on_disk = [], np.zeros((self.ranks, 2)), {}  # on_disk: by device-hit length
             allowed = np.zeros(self.ranks, bool)
             for rank, pool in enumerate(self.pools):
                 hit = pool.match(reusable)
-                on_disk = self.disk[0](reusable[len(hit):]) if self.disk else 0
-                cached = (len(hit) + on_disk) * bs
+                if len(hit) not in on_disk:  # (file lookups: once per distinct device hit, not per rank)
+                    on_disk[len(hit)] = self.disk[0](reusable[len(hit):]) if self.disk else 0
+                cached = (len(hit) + on_disk[len(hit)]) * bs
                 fresh = self.blocks_needed(req) - len(hit)
                 allowed[rank] = self._open(rank) and fresh <= pool.available - sum(b in pool.evictable for b in hit)
                 hits.append(hit)
