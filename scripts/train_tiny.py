@@ -322,9 +322,11 @@ def train(args, tok: Tokenizer):
 
 # ---- evaluation: greedy decoding through the serving path ------------------------------------------
 
-def greedy(net: DeepseekV3, tok: Tokenizer, prompts: list[str], max_new: int) -> list[str]:
-    """Batched greedy completion: one prefill of the right-padded prompts, then absorbed decode steps."""
-    encoded = [tok.encode(p).ids for p in prompts]
+def greedy(net: DeepseekV3, tok: Tokenizer, prompts: list[str], max_new: int,
+           add_special_tokens: bool = True) -> list[str | None]:
+    """Batched greedy completion: one prefill of the right-padded prompts, then absorbed decode steps.
+    add_special_tokens=False: the prompts spell out their own special tokens (a released tokenizer)."""
+    encoded = [tok.encode(p, add_special_tokens=add_special_tokens).ids for p in prompts]
     lengths = np.array([len(e) for e in encoded], np.int32)
     tokens = np.full((len(prompts), lengths.max()), SPECIALS.index(PAD), np.int32)
     for i, e in enumerate(encoded):

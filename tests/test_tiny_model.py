@@ -17,6 +17,8 @@ from sharding.ep import grouped_ffn_ragged
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "jaxseek-tiny"
+sys.path.insert(0, str(ROOT / "scripts"))
+from train_tiny import greedy, tiled_grouped_ffn  # noqa: E402  (the trainer's own evaluation decoder)
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 DIGITS = {"reverse": 8, "sort": 8, "add": 2}  # the training range of each task (docs/TINY_MODEL.md)
 N_PROBLEMS = 48  # per task, plain form
@@ -50,26 +52,6 @@ def tok():
     return Tokenizer.from_file(str(MODEL / "tokenizer.json"))
 
 
-def greedy(net, tok, prompts: list[str], max_new: int = 10) -> list[str | None]:
-    """Batched greedy decoding through the serving path: prefill, then absorbed-MLA decode steps.
-    Prompts are text with their special tokens spelled out; None: no eos within max_new tokens."""
-    ids = [tok.encode(p, add_special_tokens=False).ids for p in prompts]
-    lengths = np.array([len(i) for i in ids], np.int32)
-    tokens = np.zeros((len(ids), lengths.max()), np.int32)
-    for row, i in enumerate(ids):
-        tokens[row, :len(i)] = i
-    cache = net.init_cache(len(ids), int(lengths.max()) + max_new)
-    logits, cache = net.prefill(tokens, lengths, cache)
-    nxt = np.asarray(logits)[np.arange(len(ids)), lengths - 1].argmax(-1)
-    out = [nxt]
-    for t in range(max_new - 1):
-        logits, cache = net.decode(nxt, lengths + t, cache)
-        nxt = np.asarray(logits).argmax(-1)
-        out.append(nxt)
-    eos = net.config.eos_token_id
-    return [tok.decode(row[:row.index(eos)]) if eos in row else None for row in np.stack(out, 1).tolist()]
-
-
 @pytest.fixture(scope="module")
 def answers(net, tok):
     """One batched greedy run over fresh problems: per task, N_PROBLEMS plain and N_CHAT chat prompts.
@@ -85,7 +67,7 @@ def answers(net, tok):
                 prompts.append(text)
                 expected.append(answer)
     result = {}
-    for key, want, got in zip(keys, expected, greedy(net, tok, prompts)):
+    for key, want, got in zip(keys, expected, greedy(net, tok, prompts, 10, add_special_tokens=False)):
         result.setdefault(key, []).append((want, got))
     return result
 
@@ -192,8 +174,6 @@ def test_training_kernel_matches_the_models_moe():
     """train_tiny.py trains with a tiled grouped FFN in place of lax.ragged_dot (slow on XLA:CPU);
     it must compute the model's numbers, and gradients, for any routing, padding rows included."""
     import jax
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_tiny import tiled_grouped_ffn
 
     rng = np.random.default_rng(0)
     M, D, F, E, k = 50, 16, 8, 6, 3
