@@ -662,8 +662,9 @@ def print_text(r: dict) -> None:
 
 def check_lowering(setup: Setup, platform: str) -> int:
     """Traces and lowers the step for `platform` from abstract shapes; prints what kernels it calls."""
+    from model.kernels import lower_for_gpu
     fn, args, nbytes = build(setup, abstract=True)
-    text = fn.trace(*args.values()).lower(lowering_platforms=(platform,)).as_text()
+    text = lower_for_gpu(fn, *args.values(), platform=platform).as_text()
     triton = text.count("xla.gpu.triton")
     print(f"lowered {setup.phase} ({setup.scale}) for {platform}: {len(text):,} chars of StableHLO, "
           f"{triton} Triton (Pallas) kernel call sites, attention={kernels(setup)['attention']}, "

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.kernels import lower_for_gpu
 from model.kernels.grouped_gemm import group_metadata, grouped_matmul
 from model.quant import dequantize_blocks, quantize_blocks
 
@@ -133,7 +134,7 @@ def test_pallas_lowers_to_triton_for_cuda(x_dtype, w_dtype):
     scale = jnp.ones((g, k // 128, n // 128), jnp.float32) if w_dtype == jnp.float8_e4m3fn else None
     f = jax.jit(functools.partial(grouped_matmul, impl="pallas"))
     args = (jnp.zeros((m, k), x_dtype), jnp.zeros((g, k, n), w_dtype), jnp.zeros((g,), jnp.int32), scale)
-    hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_gpu(f, *args).as_text()
     assert "__gpu$xla.gpu.triton" in hlo
 
 
