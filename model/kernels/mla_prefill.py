@@ -43,12 +43,18 @@ def mla_prefill(q_nope, q_pe, rows, w_k, w_v, q_positions, scale: float, *, impl
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], H, k_pe.shape[-1]))], -1)
     q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [B, S, H, K + P]
     k_end = jnp.maximum(q_positions.astype(jnp.int32) + 1, 1)  # a padding query sees key 0 (finite, unused)
+    return attention(q, k, v, k_end, scale, impl=impl).astype(q_nope.dtype)
+
+
+def attention(q, k, v, k_end, scale: float, *, impl: str = "xla"):
+    """The core: q [B, S, H, D], k [B, T, H, D], v [B, T, H, V], k_end int32[B, S] (query s sees keys
+    [0, k_end[b, s]), >= 1) -> [B, S, H, V] in q's dtype."""
     if impl == "xla":
         return _xla(q, k, v, k_end, float(scale))
     from tokamax._src.ops.attention import api, base  # the optional gpu extra
-    attention = api.IMPLEMENTATIONS[_TOKAMAX[impl]]
-    out = attention(q, k, v, mask=base.Mask(k_end=k_end[:, None, :]), logits_scale=float(scale))
-    return out.astype(q_nope.dtype)
+    out = api.IMPLEMENTATIONS[_TOKAMAX[impl]](q, k, v, mask=base.Mask(k_end=k_end[:, None, :]),
+                                              logits_scale=float(scale))
+    return out.astype(q.dtype)
 
 
 def _xla(q, k, v, k_end, scale):
