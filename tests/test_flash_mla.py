@@ -157,3 +157,23 @@ def test_compiled_kernel_on_gpu(B, kv):
     want = np.asarray(mla_decode(*args, 192 ** -0.5, block_size=64, impl="xla"), np.float32)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(pool=jnp.zeros((20, 64, 576), jnp.float32)), "bfloat16 or float16 cache"),
+    (dict(q_latent=jnp.zeros((2, 128, 448), jnp.bfloat16), pool=jnp.zeros((20, 64, 512), jnp.bfloat16)),
+     "kv_lora_rank a multiple of 128"),
+    (dict(pool=jnp.zeros((20, 48, 576), jnp.bfloat16), lengths=jnp.asarray([1, 100], jnp.int32)),
+     "pages of 16, 32 or a multiple of 64 tokens, got 48"),
+    (dict(plan=plan_decode(jnp.ones(3, jnp.int32), 4)), "plan was made for 3 rows, not 2"),
+    (dict(lengths=jnp.asarray([1, 5000], jnp.int32)), "lengths must lie in \\[1, 256\\]"),
+])
+def test_bad_input_raises_one_sentence(change, match):
+    args = dict(q_latent=jnp.zeros((2, 128, 512), jnp.bfloat16), q_pe=jnp.zeros((2, 128, 64), jnp.bfloat16),
+                pool=jnp.zeros((20, 64, 576), jnp.bfloat16), page_table=jnp.zeros((2, 4), jnp.int32),
+                lengths=jnp.asarray([1, 200], jnp.int32), scale=0.1)
+    args["plan"] = plan_decode(args["lengths"], 4)
+    args.update(change)
+    with pytest.raises(ValueError, match=match) as err:
+        flash_mla_decode(**args)
+    assert "\n" not in str(err.value) and str(err.value).endswith(".")

@@ -246,12 +246,29 @@ def flash_mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, pl
     engine's zero-initialised pool does), plus the step's plan (plan_decode(lengths, num_parts)).
     interpret: run the kernel in Mosaic GPU interpret mode (CPU).
     """
+    _check(q_latent, q_pe, pool, page_table, lengths, plan)
     (B, H, R), C = q_latent.shape, pool.shape[2]
     Hp = -(-H // HEADS) * HEADS  # padded heads: zero queries, sliced off below
     q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(pool.dtype)
     q = jnp.pad(q, ((0, 0), (0, Hp - H), (0, 0)))
     o, m, l = _partials(q, pool, page_table, lengths, plan, float(scale), R, interpret)
     return combine(o, m, l, plan, q_latent.dtype)[:, :H]
+
+
+def _check(q_latent, q_pe, pool, page_table, lengths, plan):
+    """The shared decode checks (one sentence each), then this kernel's own tile constraints."""
+    from model.kernels.mla_decode import _check as check_decode
+    check_decode(q_latent, q_pe, pool, page_table, lengths, pool.shape[1], "xla")
+    (B, _, R), (_, BS, C) = q_latent.shape, pool.shape
+    if pool.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the flash MLA kernel reads a bfloat16 or float16 cache (wgmma operands), got {pool.dtype}.")
+    if R % 128 or R > 512 or (C - R) % 64:
+        raise ValueError(f"the flash MLA kernel needs kv_lora_rank a multiple of 128 up to 512 and a rope width that "
+                         f"is a multiple of 64, got {R} and {C - R}.")
+    if BS % 16 or (BS < CHUNK and CHUNK % BS) or (BS > CHUNK and BS % CHUNK):
+        raise ValueError(f"the flash MLA kernel needs pages of 16, 32 or a multiple of 64 tokens, got {BS}.")
+    if plan.row_chunk.shape != (B + 1,):
+        raise ValueError(f"the decode plan was made for {plan.row_chunk.shape[0] - 1} rows, not {B}.")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "rank", "interpret"))
