@@ -120,8 +120,8 @@ def decode_case(B, kv, scale_name, sweep):
 
     impls = {"xla": (paged("xla"), {})}
     if small:
+        # (the Triton kernel's interpret-mode checks are tests/test_mla_decode.py's; here it would only add time)
         impls["flash_mla_interpret"] = (flash(parts, 2, interpret=True), {"num_parts": parts, "row_overhead": 2})
-        impls["triton_interpret"] = (paged("pallas", interpret=True), {"block_h": 16})
     else:
         impls["flash_mla"] = (flash(parts, 2), {"num_parts": parts, "row_overhead": 2})
         if sweep:
@@ -296,7 +296,7 @@ def cases(scale: str, only: set, sweep: bool) -> list:
                     gemm_case("contiguous", 9, 131072, 4096, 7168, "gate_up", scale, sweep),
                     gemm_case("contiguous", 9, 131072, 7168, 2048, "down", scale, sweep)]
     if "prefill" in only:
-        shapes = [(2, 64, 0), (2, 64, 80)] if small else [(4, 4096, 0), (4, 4096, 5216)]
+        shapes = [(2, 64, 80)] if small else [(4, 4096, 0), (4, 4096, 5216)]
         out += [prefill_case(B, S, prefix, scale) for B, S, prefix in shapes]
     if "decode" in only and not small:  # correct and not slower than XLA at B = 1..16 and at KV 32K
         out += [decode_case(B, kv, scale, sweep) for B, kv in ((16, 4989), (4, 4989), (1, 4989), (16, 32768),
@@ -332,15 +332,16 @@ def time_fn(fn, inputs, iters: int, meaningful: bool):
 
 
 def compare(out, ref) -> dict:
-    import numpy as np
+    """|out - ref| / |ref| (Frobenius), the largest difference and finiteness, computed on the device in f32."""
+    import jax.numpy as jnp
 
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     if out.shape != ref.shape:
-        return {"err_rel": None, "err_max": None, "finite": bool(np.isfinite(out).all()),
+        return {"err_rel": None, "err_max": None, "finite": bool(jnp.isfinite(out).all()),
                 "note": f"shape {out.shape} != reference {ref.shape}"}
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
     diff = out - ref
-    return {"err_rel": float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
-            "err_max": float(np.abs(diff).max()), "finite": bool(np.isfinite(out).all())}
+    return {"err_rel": float(jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)),
+            "err_max": float(jnp.abs(diff).max()), "finite": bool(jnp.isfinite(out).all())}
 
 
 def git_commit(override: str | None) -> str | None:

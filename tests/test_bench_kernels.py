@@ -37,7 +37,7 @@ def test_small_run_measures_every_kernel_against_its_reference(small_run):
     assert head["git_commit"] == "abc123" and head["timing_meaningful"] is False
     assert summary == {**summary, "kind": "summary", "rows": len(rows), "errors": 0, "skipped": 0}
     impls = {(r["group"], r["impl"]) for r in rows}
-    assert {("decode", "flash_mla_interpret"), ("decode", "triton_interpret"), ("decode", "xla"),
+    assert {("decode", "flash_mla_interpret"), ("decode", "tokamax_xla_contiguous"), ("decode", "xla"),
             ("gemm", "mosaic_fp8_interpret"), ("gemm", "xla_f32"), ("gemm", "ragged_dot_bf16"),
             ("prefill", "tokamax_xla"), ("prefill", "xla")} <= impls
     for r in rows:
