@@ -4,8 +4,6 @@ mode against the XLA reference (64-token and 16-token pages in random order, two
 over parts and parts spanning rows); its CUDA lowering at DeepSeek's shapes; on a GPU, the compiled
 kernel at B = 1..128 and KV up to 32K."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

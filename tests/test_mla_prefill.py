@@ -5,8 +5,6 @@ The XLA path equals the model's own attend_naive under chunked prefill's mask (q
 prefix; padding queries); tokamax's implementation objects with our per-query key bounds equal it (its XLA
 path on CPU, its Mosaic GPU kernel on a GPU)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -247,7 +247,7 @@ def flash_mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, pl
     interpret: run the kernel in Mosaic GPU interpret mode (CPU).
     """
     _check(q_latent, q_pe, pool, page_table, lengths, plan)
-    (B, H, R), C = q_latent.shape, pool.shape[2]
+    _, H, R = q_latent.shape
     Hp = -(-H // HEADS) * HEADS  # padded heads: zero queries, sliced off below
     q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(pool.dtype)
     q = jnp.pad(q, ((0, 0), (0, Hp - H), (0, 0)))
@@ -274,7 +274,7 @@ def _check(q_latent, q_pe, pool, page_table, lengths, plan):
 @functools.partial(jax.jit, static_argnames=("scale", "rank", "interpret"))
 def _partials(q, pool, page_table, lengths, plan: DecodePlan, scale: float, rank: int, interpret: bool):
     """q [B, Hp, C] (Hp a multiple of 64) -> o f32[S, Hp, R], m f32[S, Hp], l f32[S, Hp]."""
-    (B, Hp, C), BS, R = q.shape, pool.shape[1], rank
+    (_, Hp, C), BS, R = q.shape, pool.shape[1], rank
     S, N = plan.num_slots, plan.num_parts
     kernel = plgpu.kernel(
         functools.partial(_kernel, scale_log2=scale * LOG2E, rank=R, block_size=BS, interpret=interpret),

@@ -166,7 +166,7 @@ def _kernel(group_ref, row0_ref, lo_ref, hi_ref, valid_ref, x_ref, xs_ref, w_ref
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "stages", "interpret"))
 def _call(x_q, x_scale_t, w_q, w_scale, meta, out_dtype, block_m, stages, interpret):
     """x_q [Mp, K] fp8, x_scale_t f32 [K/128, Mp], meta (group, row0, lo, hi, valid) int32[V] -> [Mp, N]."""
-    (Mp, K), (G, N, _) = x_q.shape, w_q.shape
+    (Mp, K), N = x_q.shape, w_q.shape[1]
     stages = max(1, min(stages, K // BLOCK))
     kernel = plgpu.kernel(
         functools.partial(_kernel, stages=stages),

@@ -34,7 +34,7 @@ def mla_prefill(q_nope, q_pe, rows, w_k, w_v, q_positions, scale: float, *, impl
     in q_nope's dtype. Scores and softmax in float32."""
     if impl not in IMPLS:
         raise ValueError(f"prefill attention impl {impl!r} is not one of {IMPLS}.")
-    (B, S, H, K), R = q_nope.shape, w_k.shape[-1]
+    B, H, R = q_nope.shape[0], q_nope.shape[2], w_k.shape[-1]
     if rows.shape[0] != B or rows.shape[-1] != R + q_pe.shape[-1]:
         raise ValueError(f"rows {rows.shape} must be [B={B}, T, kv_lora_rank {R} + rope {q_pe.shape[-1]}].")
     latent, k_pe = rows[..., :R].astype(q_nope.dtype), rows[..., R:].astype(q_nope.dtype)
