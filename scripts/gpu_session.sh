@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder the results go to}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-T_TESTS="${T_TESTS:-120}" T_KERNELS="${T_KERNELS:-210}" BUDGET_KERNELS="${BUDGET_KERNELS:-150}" T_SHARD="${T_SHARD:-75}"
+T_TESTS="${T_TESTS:-120}" T_KERNELS="${T_KERNELS:-190}" BUDGET_KERNELS="${BUDGET_KERNELS:-140}" T_SHARD="${T_SHARD:-75}"
 COMMIT="${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 log() { echo "[gpu_session $(date +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
 
