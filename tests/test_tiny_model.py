@@ -13,12 +13,12 @@ from tokenizers import Tokenizer
 
 from model import DeepseekV3, ModelConfig
 from model.checkpoint import SafetensorsDir
-from sharding.ep import grouped_ffn_ragged
+from model.experts import ExpertWeights, grouped_ffn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "jaxseek-tiny"
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_tiny import greedy, tiled_grouped_ffn  # noqa: E402  (the trainer's own evaluation decoder)
+from train_tiny import greedy  # noqa: E402  (the trainer's own evaluation decoder)
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 DIGITS = {"reverse": 8, "sort": 8, "add": 2}  # the training range of each task (docs/TINY_MODEL.md)
 N_PROBLEMS = 48  # per task, plain form
@@ -171,8 +171,9 @@ def test_chat_form_answers(answers):
 
 
 def test_training_kernel_matches_the_models_moe():
-    """train_tiny.py trains with a tiled grouped FFN in place of lax.ragged_dot (slow on XLA:CPU);
-    it must compute the model's numbers, and gradients, for any routing, padding rows included."""
+    """train_tiny.py trains through the model's tiled expert layout in place of lax.ragged_dot (slow on
+    XLA:CPU); it must compute the contiguous layout's numbers, and gradients, for any routing,
+    padding rows included."""
     import jax
 
     rng = np.random.default_rng(0)
@@ -184,12 +185,18 @@ def test_training_kernel_matches_the_models_moe():
     ids = jnp.asarray(ids, jnp.int32)
     weights = jnp.asarray(rng.random((M, k)), jnp.float32)
     w = [jnp.asarray(rng.normal(size=s), jnp.float32) * 0.3 for s in ((E, F, D), (E, F, D), (E, D, F))]
-    for ffn_out, ref_out in zip(tiled_grouped_ffn(rows, ids, weights, *w), grouped_ffn_ragged(rows, ids, weights, *w)):
+
+    def tiled(x, ids, weights, *w):
+        return grouped_ffn(x, ids, weights, ExpertWeights(*w), "tiles", tile=8)  # several tiles per expert
+
+    def ragged(x, ids, weights, *w):
+        return grouped_ffn(x, ids, weights, ExpertWeights(*w), "contiguous")
+    for ffn_out, ref_out in zip(tiled(rows, ids, weights, *w), ragged(rows, ids, weights, *w)):
         np.testing.assert_allclose(ffn_out, ref_out, atol=1e-5)
 
     def loss(ffn, x, *ws):
         return (ffn(x, ids, weights, *ws)[0] ** 2).sum()
-    got = jax.grad(lambda *a: loss(tiled_grouped_ffn, *a), argnums=(0, 1, 2, 3))(rows, *w)
-    want = jax.grad(lambda *a: loss(grouped_ffn_ragged, *a), argnums=(0, 1, 2, 3))(rows, *w)
+    got = jax.grad(lambda *a: loss(tiled, *a), argnums=(0, 1, 2, 3))(rows, *w)
+    want = jax.grad(lambda *a: loss(ragged, *a), argnums=(0, 1, 2, 3))(rows, *w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
