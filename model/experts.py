@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.kernels.grouped_gemm import grouped_matmul
 from model.layers import fp8_param, param
 from model.quant import (dequantize_activations, fp8_grouped_matmul, fp8_masked_matmul, quantize_activations)
 
@@ -122,7 +123,7 @@ def _take(x, index):
     return tuple(a[index] for a in x) if isinstance(x, tuple) else x[index]
 
 
-def _masked_gemm(x, w, scale, counts, dtype, impl):
+def masked_gemm(x, w, scale, counts, dtype, impl):
     """x [G, Mmax, K] (or its FP8 pair), w [G, N, K] -> [G, Mmax, N] (rows past counts[g] are 0 for FP8;
     float rows there are zeros already, so their products are too)."""
     if scale is None:
@@ -130,13 +131,20 @@ def _masked_gemm(x, w, scale, counts, dtype, impl):
     return fp8_masked_matmul(*x, w, scale, counts, dtype, impl=impl)
 
 
-def _grouped_gemm(x, w, scale, sizes, dtype, impl):
-    """x [M, K] sorted by group (or its FP8 pair), w [G, N, K] -> [M, N]."""
-    if scale is None:
-        from model.kernels.grouped_gemm import grouped_matmul
-        kernel = "pallas" if impl == "interpret" else impl
-        return grouped_matmul(x, jnp.swapaxes(w, 1, 2).astype(dtype), sizes, impl=kernel, interpret=impl == "interpret")
-    return fp8_grouped_matmul(*x, w, scale, sizes, dtype, impl=impl)
+def contiguous_gemm(x, w, scale, sizes, dtype, impl):
+    """x [M, K] sorted by group (or its FP8 pair), w [G, N, K] -> [M, N]. On GPU (impl auto or pallas)
+    the Pallas grouped GEMM of model/kernels/grouped_gemm.py: it keeps FP8 weights FP8 and
+    dequantises them per tile, and takes the activations dequantised to the compute dtype and its
+    weights as [G, K, N] (until an FP8 x FP8 kernel of fp8_grouped_matmul's signature replaces it)."""
+    kernel = "pallas" if impl in ("pallas", "interpret") or (impl == "auto" and jax.default_backend() == "gpu") \
+        else "xla"
+    if scale is not None and kernel == "xla":
+        return fp8_grouped_matmul(*x, w, scale, sizes, dtype, impl=impl if impl == "xla" else "auto")
+    if scale is not None:
+        x = dequantize_activations(*x, dtype)
+        scale = jnp.swapaxes(scale, 1, 2)
+    return grouped_matmul(x.astype(dtype), jnp.swapaxes(w, 1, 2), sizes, scale, impl=kernel,
+                          interpret=impl == "interpret").astype(dtype)
 
 
 def _swiglu(x, w: ExpertWeights, gemm, dtype):
@@ -164,7 +172,7 @@ def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capa
 
     if layout == "contiguous":
         order = jnp.argsort(pair_expert, stable=True)  # pairs of no expert sort last, outside every group
-        y = _swiglu(_take(x, order // k), experts, lambda a, w, s: _grouped_gemm(a, w, s, counts, dtype, impl), dtype)
+        y = _swiglu(_take(x, order // k), experts, lambda a, w, s: contiguous_gemm(a, w, s, counts, dtype, impl), dtype)
         y = y.astype(jnp.float32) * pair_w[order][:, None]
         return jnp.zeros((M, y.shape[-1]), jnp.float32).at[order // k].add(y), counts, jnp.bool_(False)
 
@@ -188,7 +196,7 @@ def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capa
     slot_w = jnp.zeros((n_groups, group_rows), jnp.float32).at[group, slot].set(pair_w, mode="drop")
     used = jnp.bincount(jnp.where(group < n_groups, group, n_groups), length=n_groups + 1)[:n_groups]
     padded = tuple(map(_zero_row, x)) if isinstance(x, tuple) else _zero_row(x)  # row M: the empty slots' input
-    y = _swiglu(_take(padded, src), w, lambda a, w_, s: _masked_gemm(a, w_, s, used, dtype, impl), dtype)
+    y = _swiglu(_take(padded, src), w, lambda a, w_, s: masked_gemm(a, w_, s, used, dtype, impl), dtype)
     y = y.astype(jnp.float32) * slot_w[..., None]
     out = jnp.zeros((M + 1, y.shape[-1]), jnp.float32).at[src].add(y)[:M]
     return out, counts, overflow

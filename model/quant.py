@@ -13,9 +13,10 @@ implement the same signatures):
     fp8_grouped_matmul  x [M, K] rows sorted by group x w [G, N, K]   contiguous layout (prefill)
     fp8_masked_matmul   x [G, Mmax, K] x w [G, N, K], counts [G]     masked layout (decode)
 Block scaling is linear, so the sum above equals dequantise-then-multiply in float32: the XLA
-implementations here do exactly that (the reference; every backend). impl "auto" picks, on a GPU,
-the fastest path XLA offers today: operands dequantised to bfloat16 for one BF16 GEMM (the grouped
-GEMM: the Pallas kernel of model/kernels/grouped_gemm.py over the FP8 weights); elsewhere "xla".
+implementations here do exactly that (impl "xla": the reference, every backend). impl "auto" is
+"xla" except on a GPU, where it is the fastest path XLA offers today, "bf16": operands
+dequantised to bfloat16 for one BF16 GEMM. (The routed experts' grouped GEMM on GPU is a Pallas
+kernel: model/experts.py chooses it.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
 BLOCK = 128  # DeepSeek's block edge: weights 128x128, activations 1x128
 WEIGHT_BLOCK = (BLOCK, BLOCK)
 ACTIVATION_BLOCK = (1, BLOCK)
-IMPLS = ("auto", "xla", "bf16", "pallas", "interpret")
 QUANTIZATIONS = ("fp8", "none")
 HIGHEST = jax.lax.Precision.HIGHEST  # the reference must not run its float32 dots in TF32 on a GPU
 
@@ -118,9 +118,9 @@ def dequantize_weight(w_q, w_scale, dtype=jnp.float32):
     return (w_q.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _impl(impl: str, allowed=("auto", "xla", "bf16")) -> str:
-    if impl not in allowed:
-        raise ValueError(f"impl {impl!r} must be one of {allowed}.")
+def _impl(impl: str) -> str:
+    if impl not in ("auto", "xla", "bf16"):
+        raise ValueError(f"impl {impl!r} must be one of 'auto', 'xla', 'bf16'.")
     if impl == "auto":
         return "bf16" if jax.default_backend() == "gpu" else "xla"
     return impl
@@ -157,19 +157,9 @@ def fp8_grouped_matmul(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, *, im
     x_scale f32 [M, K/128], w_q e4m3 [G, N, K], w_scale f32 [G, N/128, K/128] -> [M, N]; rows past
     sum(group_sizes) are 0."""
     _check(x_q, x_scale, w_q, w_scale, 2, 3)
-    impl = "pallas" if impl == "auto" and jax.default_backend() == "gpu" else _impl(impl, IMPLS)
-    sizes = jnp.asarray(group_sizes, jnp.int32)
-    if impl in ("pallas", "interpret"):
-        # the Pallas grouped GEMM keeps the weights FP8 and dequantises them per tile; it takes the
-        # activations in BF16 (float32 for a float32 model) and its weights as [G, K, N] (until the
-        # FP8 x FP8 kernel replaces it)
-        from model.kernels.grouped_gemm import grouped_matmul
-        x = dequantize_activations(x_q, x_scale, jnp.float32 if jnp.dtype(out_dtype) == jnp.float32 else jnp.bfloat16)
-        out = grouped_matmul(x, jnp.swapaxes(w_q, 1, 2), sizes, jnp.swapaxes(w_scale, 1, 2), impl="pallas",
-                             interpret=impl == "interpret")
-        return out.astype(out_dtype)
-    x, w = _operands(x_q, x_scale, w_q, w_scale, impl)
-    out = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes, preferred_element_type=jnp.float32, precision=HIGHEST)
+    x, w = _operands(x_q, x_scale, w_q, w_scale, _impl(impl))
+    out = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), jnp.asarray(group_sizes, jnp.int32),
+                             preferred_element_type=jnp.float32, precision=HIGHEST)
     return out.astype(out_dtype)
 
 
