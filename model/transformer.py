@@ -19,6 +19,7 @@ from flax import nnx
 
 from model.attention import MLA
 from model.cache import DenseCache
+from model.checkpoint import load, save_orbax  # checkpoint takes the model class as an argument: no cycle
 from model.config import ModelConfig
 from model.layers import MLP, Linear, RMSNorm, param, rope_cos_sin
 from model.moe import MoE
@@ -289,13 +290,11 @@ class DeepseekV3(nnx.Module):
         the routed experts run expert-parallel. quantization: "fp8" | "none" (default: the deployment's,
         else fp8 on a GPU for an FP8 checkpoint, none otherwise); a BF16/FP32 checkpoint is quantised
         at load for fp8, an FP8 one dequantised to dtype for none."""
-        from model import checkpoint
-        return checkpoint.load(cls, path, dtype=dtype, mesh=mesh, deployment=deployment, quantization=quantization)
+        return load(cls, path, dtype=dtype, mesh=mesh, deployment=deployment, quantization=quantization)
 
     def save(self, path) -> None:
         """Orbax checkpoint + config.json; reload with `from_pretrained(path)`."""
-        from model import checkpoint
-        checkpoint.save_orbax(self, path)
+        save_orbax(self, path)
 
 
 def _scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):
