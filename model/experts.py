@@ -153,6 +153,24 @@ def _swiglu(x, w: ExpertWeights, gemm, dtype):
     return gemm(_rows(h, w.fp8, dtype), w.down, w.down_scale)
 
 
+def _pack(pair_expert, counts, layout: str, capacity: int | None, tile: int | None):
+    """(row, expert) pairs -> their group and slot in a [G, Mmax] layout, Mmax, and (tiles) each
+    tile's expert [G]. masked: group = expert, Mmax = capacity (pairs past it are left out and the
+    caller reports the overflow); tiles: each expert's pairs fill whole tiles of its own, and G
+    covers every expert's last tile part-empty, so nothing is left out."""
+    El = counts.shape[0]
+    rank = slots_by_key(pair_expert, El)[0]  # position of each pair within its expert
+    if layout == "masked":
+        return pair_expert, rank, capacity, None
+    rows = tile or tile_rows(pair_expert.shape[0], El)
+    n_tiles = -(-(pair_expert.shape[0] + El * (rows - 1)) // rows)
+    tiles_of = (counts + rows - 1) // rows  # [El]
+    first_tile = jnp.cumsum(tiles_of) - tiles_of
+    group = jnp.where(pair_expert < El, first_tile[jnp.minimum(pair_expert, El - 1)] + rank // rows, n_tiles)
+    tile_expert = jnp.searchsorted(jnp.cumsum(tiles_of), jnp.arange(n_tiles), side="right")  # El: unused tile
+    return group, rank % rows, rows, jnp.minimum(tile_expert, El - 1)
+
+
 def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capacity: int | None = None,
                 tile: int | None = None, dtype=None, impl: str = "auto"):
     """rows [M, D] (float, or an (e4m3 [M, D], float32 [M, D/128]) pair quantised by the dispatch),
@@ -176,21 +194,10 @@ def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capa
         y = y.astype(jnp.float32) * pair_w[order][:, None]
         return jnp.zeros((M, y.shape[-1]), jnp.float32).at[order // k].add(y), counts, jnp.bool_(False)
 
-    if layout == "masked":  # group g = expert g, `capacity` slots each
-        group, slot = pair_expert, slots_by_key(pair_expert, El)[0]
-        n_groups, group_rows, w = El, capacity, experts
-        overflow = jnp.any(counts > capacity)
-    else:  # tiles: each expert's pairs fill whole tiles of its own; the count covers every expert's last tile part-empty
-        group_rows = tile or tile_rows(M * k, El)
-        n_groups = -(-(M * k + El * (group_rows - 1)) // group_rows)
-        tiles_of = (counts + group_rows - 1) // group_rows  # [El]
-        first_tile = jnp.cumsum(tiles_of) - tiles_of
-        rank = slots_by_key(pair_expert, El)[0]  # position within its expert
-        group = jnp.where(pair_expert < El, first_tile[jnp.minimum(pair_expert, El - 1)] + rank // group_rows, n_groups)
-        slot = rank % group_rows
-        tile_expert = jnp.searchsorted(jnp.cumsum(tiles_of), jnp.arange(n_groups), side="right")
-        w = experts.take(jnp.minimum(tile_expert, El - 1))
-        overflow = jnp.bool_(False)
+    group, slot, group_rows, tile_expert = _pack(pair_expert, counts, layout, capacity, tile)
+    n_groups = El if tile_expert is None else tile_expert.shape[0]
+    w = experts if tile_expert is None else experts.take(tile_expert)
+    overflow = jnp.any(counts > capacity) if layout == "masked" else jnp.bool_(False)
     # [G, Mmax]: which row each slot holds (M: none, a zero row in, a discarded row out) and its weight
     src = jnp.full((n_groups, group_rows), M, jnp.int32).at[group, slot].set(jnp.arange(M * k) // k, mode="drop")
     slot_w = jnp.zeros((n_groups, group_rows), jnp.float32).at[group, slot].set(pair_w, mode="drop")
