@@ -57,7 +57,7 @@ class MLA(nnx.Module):
         kv, k_pe = jnp.split(self.kv_a_proj_with_mqa(x), [self.cfg.kv_lora_rank], axis=-1)
         return jnp.concatenate([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], axis=-1)
 
-    def _kv_b(self, dtype):
+    def _kv_b(self, dtype=None):
         cfg = self.cfg
         w = self.kv_b_proj.dense_weight(dtype).reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
                                                        cfg.kv_lora_rank)

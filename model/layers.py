@@ -67,11 +67,14 @@ class Linear(nnx.Module):
         out = fp8_matmul(x_q, x_scale, self.weight[...], self.weight_scale_inv[...], x.dtype)
         return out.reshape(*x.shape[:-1], -1)
 
-    def dense_weight(self, dtype) -> jax.Array:
-        """The weight [out, in] in `dtype`: dequantised when FP8 (the absorbed MLA folds kv_b_proj into
-        other products, so it needs real values, as DeepSeek's inference dequantises it per call)."""
+    def dense_weight(self, dtype=None) -> jax.Array:
+        """The weight [out, in] in `dtype` (default: its own; float32 for FP8): dequantised when FP8 (the
+        absorbed MLA folds kv_b_proj into other products, so it needs real values, as DeepSeek's
+        inference dequantises it per call)."""
         w = self.weight[...]
-        return w.astype(dtype) if self.weight_scale_inv is None else dequantize_weight(w, self.weight_scale_inv[...], dtype)
+        if self.weight_scale_inv is None:
+            return w if dtype is None else w.astype(dtype)
+        return dequantize_weight(w, self.weight_scale_inv[...], dtype or jnp.float32)
 
 
 class RMSNorm(nnx.Module):
