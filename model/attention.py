@@ -10,7 +10,9 @@ shared key (P = 64): 576 values instead of 2 x 128 heads x 128. Two ways to atte
 - absorbed (decode): fold kv_b_proj's key half into the query and its value half into the
   output, so attention runs directly in the 512-wide latent space and the cache is never
   expanded; cheapest for one query per sequence.
-Both give the same numbers up to float rounding.
+Both give the same numbers up to float rounding. With FP8 weights every projection is an FP8 GEMM
+(its input quantised 1x128), kv_b_proj included in the naive form; the absorbed form folds
+kv_b_proj into other products and so uses it dequantised, as DeepSeek's inference does.
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ MASKED = -1e30  # finite, so a padding query whose every key is masked gives zer
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, fp8: bool = False):
         self.cfg = cfg
         D, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(D, cfg.q_lora_rank, ("q_lora", "embed"), dtype, rngs)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, ("q_lora", "embed"), dtype, rngs, fp8)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype, "q_lora")
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, ("heads", "q_lora"), dtype, rngs)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, ("heads", "q_lora"), dtype, rngs, fp8)
         else:
-            self.q_proj = Linear(D, H * cfg.qk_head_dim, ("heads", "embed"), dtype, rngs)
-        self.kv_a_proj_with_mqa = Linear(D, R + P, ("kv_latent", "embed"), dtype, rngs)
+            self.q_proj = Linear(D, H * cfg.qk_head_dim, ("heads", "embed"), dtype, rngs, fp8)
+        self.kv_a_proj_with_mqa = Linear(D, R + P, ("kv_latent", "embed"), dtype, rngs, fp8)
         self.kv_a_layernorm = RMSNorm(R, LATENT_NORM_EPS, dtype, "kv_latent")
-        self.kv_b_proj = Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("heads", "kv_latent"), dtype, rngs)
-        self.o_proj = Linear(H * cfg.v_head_dim, D, ("embed", "heads"), dtype, rngs)
+        self.kv_b_proj = Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("heads", "kv_latent"), dtype, rngs,
+                                fp8)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, ("embed", "heads"), dtype, rngs, fp8)
 
     def queries(self, x, cos, sin):
         """x [B, S, D] -> q_nope [B, S, H, K], q_pe [B, S, H, P] (roped)."""
@@ -54,10 +57,10 @@ class MLA(nnx.Module):
         kv, k_pe = jnp.split(self.kv_a_proj_with_mqa(x), [self.cfg.kv_lora_rank], axis=-1)
         return jnp.concatenate([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], axis=-1)
 
-    def _kv_b(self):
+    def _kv_b(self, dtype=None):
         cfg = self.cfg
-        w = self.kv_b_proj.weight[...].reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
-                                              cfg.kv_lora_rank)
+        w = self.kv_b_proj.dense_weight(dtype).reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
+                                                       cfg.kv_lora_rank)
         return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, K, R], [H, V, R]
 
     def _softmax(self, scores, mask):
@@ -66,10 +69,10 @@ class MLA(nnx.Module):
 
     def attend_naive(self, q_nope, q_pe, rows, mask):
         """rows [B, T, C] of the cache, mask bool[B, S, T] -> [B, S, H, V]."""
-        w_k, w_v = self._kv_b()
-        latent, k_pe = jnp.split(rows, [self.cfg.kv_lora_rank], axis=-1)
-        k_nope = jnp.einsum("btr,hkr->bthk", latent, w_k)
-        v = jnp.einsum("btr,hvr->bthv", latent, w_v)
+        cfg = self.cfg
+        latent, k_pe = jnp.split(rows, [cfg.kv_lora_rank], axis=-1)
+        kv = self.kv_b_proj(latent).reshape(*latent.shape[:2], cfg.num_attention_heads, -1)  # [B, T, H, K + V]
+        k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
         scores = (jnp.einsum("bshk,bthk->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
         probs = self._softmax(scores, mask).astype(v.dtype)
@@ -77,7 +80,7 @@ class MLA(nnx.Module):
 
     def attend_absorbed(self, q_nope, q_pe, rows, mask):
         """Same contract as attend_naive, computed in latent space."""
-        w_k, w_v = self._kv_b()
+        w_k, w_v = self._kv_b(q_nope.dtype)
         latent, k_pe = jnp.split(rows, [self.cfg.kv_lora_rank], axis=-1)
         q_latent = jnp.einsum("bshk,hkr->bshr", q_nope, w_k)
         scores = (jnp.einsum("bshr,btr->bhst", q_latent, latent, preferred_element_type=jnp.float32)
@@ -105,7 +108,7 @@ class MLA(nnx.Module):
     def attend_in_cache(self, q_nope, q_pe, cache, layer, slots):
         """attend_absorbed for one new token per row (decode), with the cache's own kernel reading its
         pages in place (model/kernels/mla_decode.py) instead of gathering rows -> [B, 1, H, V]."""
-        w_k, w_v = self._kv_b()
+        w_k, w_v = self._kv_b(q_nope.dtype)
         q_latent = jnp.einsum("bhk,hkr->bhr", q_nope[:, 0], w_k)
         lengths = jnp.maximum(slots[:, 0] + 1, 1)  # padding rows (-1) read one row; their output is unused
         context = cache.absorbed_context(layer, q_latent, q_pe[:, 0], lengths, self.cfg.softmax_scale)

@@ -1,122 +1,35 @@
 """Checkpoints: Hugging Face safetensors (BF16/FP32, or DeepSeek's FP8 + weight_scale_inv) and Orbax.
 
-The safetensors reader parses each file's header and memory-maps it, so tensors are read one
-slice at a time straight into the device shard that needs them: a 671B checkpoint never sits
-whole in host memory (and numpy's safetensors loader cannot read F8_E4M3 anyway).
+Loading builds each parameter with `jax.make_array_from_callback`, reading every device's shard
+from the memory-mapped safetensors files (model/safetensors.py) one checkpoint tensor at a time.
+A model in quantization "fp8" takes FP8 tensors and their scales as stored (re-blocked to 128x128
+if the checkpoint used other blocks) and quantises BF16/FP32 ones at load; in "none" FP8 tensors
+are dequantised to the model dtype.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import struct
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from model.config import ConfigError, ModelConfig
 from model.moe import default_placement
-from model.quant import FP8, WEIGHT_BLOCK, dequantize_blocks, quantize_blocks, scale_shape
-from model.transformer import DeepseekV3
+from model.quant import FP8, WEIGHT_BLOCK, default_quantization, dequantize_blocks, dequantize_weight, \
+    quantize_blocks, scale_shape
+from model.safetensors import FLOAT_DTYPES, CheckpointError, SafetensorsDir, write_safetensors
 
 log = logging.getLogger(__name__)
 
 ORBAX_DIR = "orbax"  # inside a directory written by DeepseekV3.save, beside config.json
-LAYOUT_FILE = "jaxseek.json"  # beside them: the physical expert count the state was saved with
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": FP8, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing a tensor, holds one of the wrong shape or dtype, or is unreadable."""
-
-
-# ---- safetensors ---------------------------------------------------------------------------------
-
-class SafetensorsDir:
-    """Every tensor of a HF checkpoint directory, by name, read lazily through memory maps."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json")
-        self.entries: dict[str, tuple[Path, dict]] = {}
-        for name in files:
-            file = path / name
-            if not file.is_file():
-                raise CheckpointError(f"{file}: listed in {index.name} but missing")
-            for tensor, info in _read_header(file).items():
-                self.entries[tensor] = (file, info)
-        self._maps: dict[Path, np.memmap] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def info(self, name: str) -> tuple[Path, str, tuple[int, ...]]:
-        file, info = self.entries[name]
-        return file, info["dtype"], tuple(info["shape"])
-
-    def raw(self, name: str) -> np.ndarray:
-        """The stored tensor as a read-only view of the memory-mapped file (no copy)."""
-        file, info = self.entries[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        begin, end = info["data_offsets"]
-        start = info["_data_start"]
-        return self._maps[file][start + begin:start + end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(
-            info["shape"])
-
-
-def _read_header(file: Path) -> dict:
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e!r})") from None
-    size = file.stat().st_size
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {info.get('dtype')!r}")
-        info["_data_start"] = 8 + n
-        if 8 + n + info["data_offsets"][1] > size:
-            raise CheckpointError(f"{file}: tensor '{name}' extends past the end of the file (truncated?)")
-    return header
-
-
-def write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Writes numpy arrays (FP8 and BF16 included) in the safetensors format."""
-    names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for name, arr in tensors.items():
-        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
-
+LAYOUT_FILE = "jaxseek.json"  # beside them: the physical expert count and quantization of the saved state
+SCALE = "_scale_inv"  # DeepSeek's name for a weight's block scales: `<weight name>_scale_inv`
 
 # ---- one name map: our parameter paths <-> DeepSeek's tensor names -------------------------------
 
@@ -151,9 +64,9 @@ def _leaves(pure: dict) -> list[tuple[tuple[str, ...], object]]:
     return [(_key_path(kp), leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(pure)]
 
 
-def hf_tensors(net: DeepseekV3):
-    """Yields (DeepSeek tensor name, host array) for every parameter, one checkpoint tensor at a time;
-    a routed expert is written once, from its first replica."""
+def hf_tensors(net):
+    """Yields (DeepSeek tensor name, host array) for every parameter of a DeepseekV3, one checkpoint
+    tensor at a time; a routed expert is written once, from its first replica."""
     for path, value in _leaves(nnx.to_pure_dict(nnx.state(net, nnx.Param))):
         if "experts" in path:
             log2phy = np.asarray(getattr(net, path[0]).mlp.log2phy[...])  # [L, E, max replicas]
@@ -165,18 +78,23 @@ def hf_tensors(net: DeepseekV3):
             yield tensor_name(net.config, path, index), np.asarray(value[index])
 
 
-def save_safetensors(net: DeepseekV3, path, fp8: bool = False, shard_bytes: int = 2 ** 30) -> None:
-    """Writes DeepSeek's release format: config.json, safetensors shards and their index. With fp8,
-    every projection matrix is stored as e4m3 + weight_scale_inv per block, as DeepSeek ships V3
-    (embeddings, heads, norms, the gate and its bias stay in their own dtype)."""
+def save_safetensors(net, path, fp8: bool = False, shard_bytes: int = 2 ** 30) -> None:
+    """Writes DeepSeek's release format: config.json, safetensors shards and their index. With fp8 (or
+    from a model in quantization "fp8", whose weights are FP8 already), every projection matrix is
+    stored as e4m3 + weight_scale_inv per block, as DeepSeek ships V3 (embeddings, heads, norms, the
+    gate and its bias stay in their own dtype)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = net.config.replace(fp8_block_size=net.config.fp8_block_size or WEIGHT_BLOCK) if fp8 else net.config
+    cfg = net.config
+    if net.quantization == "fp8":  # the device format's blocks, whatever the source checkpoint used
+        cfg = cfg.replace(fp8_block_size=WEIGHT_BLOCK)
+    elif fp8:
+        cfg = cfg.replace(fp8_block_size=cfg.fp8_block_size or WEIGHT_BLOCK)
     shards: list[dict[str, np.ndarray]] = [{}]
     for name, arr in hf_tensors(net):
-        if fp8 and _is_fp8_weight(name, arr):
+        if fp8 and arr.dtype != FP8 and _is_fp8_weight(name, arr):
             q, scale_inv = quantize_blocks(arr, cfg.fp8_block_size)
-            pieces = {name: q, name + "_scale_inv": scale_inv}
+            pieces = {name: q, name + SCALE: scale_inv}
         else:
             pieces = {name: arr}
         if sum(a.nbytes for a in shards[-1].values()) + sum(a.nbytes for a in pieces.values()) > shard_bytes:
@@ -200,6 +118,10 @@ def _is_fp8_weight(name: str, arr: np.ndarray) -> bool:
 class _TensorReader:
     def __init__(self, files: SafetensorsDir, cfg: ModelConfig):
         self.files, self.cfg = files, cfg
+        self.block = tuple(cfg.fp8_block_size or WEIGHT_BLOCK)
+        # tensors quantised (or re-blocked) at load, recently used: each is read for its weight and
+        # again for its scale, and once per device shard
+        self._quantized: collections.OrderedDict[str, tuple] = collections.OrderedDict()
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self.files:
@@ -208,24 +130,42 @@ class _TensorReader:
         if got != shape:
             raise CheckpointError(f"{file}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
         if dtype == "F8_E4M3":
-            scale = name + "_scale_inv"
-            block = self.cfg.fp8_block_size or (128, 128)
+            scale = name + SCALE
             if scale not in self.files:
                 raise CheckpointError(f"{file}: FP8 tensor '{name}' has no '{scale}' beside it")
             sfile, sdtype, sshape = self.files.info(scale)
-            if sshape != scale_shape(shape, block) or sdtype not in FLOAT_DTYPES:
+            if sshape != scale_shape(shape, self.block) or sdtype not in FLOAT_DTYPES:
                 raise CheckpointError(f"{sfile}: tensor '{scale}' is {sdtype}{list(sshape)}, expected a float tensor "
-                                      f"of shape {list(scale_shape(shape, block))} (blocks of {list(block)})")
+                                      f"of shape {list(scale_shape(shape, self.block))} (blocks of {list(self.block)})")
         elif dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{file}: tensor '{name}' has dtype {dtype}, expected a floating-point tensor "
                                   f"({', '.join(FLOAT_DTYPES)} or F8_E4M3 with weight_scale_inv)")
 
-    def read(self, name: str, dtype, index: tuple[slice, ...]) -> np.ndarray:
+    def _real(self, name: str) -> np.ndarray:
+        """The tensor's values: FP8 dequantised with the checkpoint's blocks."""
         raw = self.files.raw(name)
         if raw.dtype == FP8:
-            scale = self.files.raw(name + "_scale_inv")
-            raw = dequantize_blocks(raw, scale, self.cfg.fp8_block_size or (128, 128), np.float32)
-        return np.asarray(raw[index], dtype=dtype)
+            return dequantize_blocks(raw, self.files.raw(name + SCALE), self.block, np.float32)
+        return raw
+
+    def read(self, name: str, dtype, index: tuple[slice, ...], part: str | None = None) -> np.ndarray:
+        """part None: the tensor's values in dtype; "q" / "scale": its 128x128 FP8 form (as stored when
+        the checkpoint has it, else quantised here)."""
+        if part is None:
+            return np.asarray(self._real(name)[index], dtype=dtype)
+        raw = self.files.raw(name)
+        if raw.dtype == FP8 and self.block == WEIGHT_BLOCK:
+            stored = raw if part == "q" else self.files.raw(name + SCALE)
+            return np.asarray(stored[index], dtype=dtype)
+        if name not in self._quantized:
+            self._quantized[name] = quantize_blocks(np.asarray(self._real(name), np.float32))
+            if len(self._quantized) > 8:
+                self._quantized.popitem(last=False)
+        return np.asarray(self._quantized[name][part == "scale"][index], dtype=dtype)
+
+    @property
+    def fp8(self) -> bool:
+        return any(info["dtype"] == "F8_E4M3" for _, info in self.files.entries.values())
 
 
 def _load_leaf(reader: _TensorReader, cfg, placement, path, abstract, sharding) -> jax.Array:
@@ -233,28 +173,33 @@ def _load_leaf(reader: _TensorReader, cfg, placement, path, abstract, sharding) 
         return jax.device_put(np.broadcast_to(placement[path[-1]], abstract.shape).astype(abstract.dtype), sharding)
     n_stacked = stacked_dims(path)
     stack_shape, tensor_shape = abstract.shape[:n_stacked], tuple(abstract.shape[n_stacked:])
+    # an FP8 parameter reads its weight's tensor: the e4m3 values, or (weight_scale_inv) their scales
+    part = "scale" if path[-1] == "weight_scale_inv" else "q" if abstract.dtype == FP8 else None
+    tensor_path = path[:-1] + ("weight",) if part == "scale" else path
 
     def name(stack_index):  # a physical expert slot reads its logical expert's tensor
         if "experts" in path:
             stack_index = (stack_index[0], int(placement["phy2log"][stack_index[1]]))
-        return tensor_name(cfg, path, stack_index)
+        return tensor_name(cfg, tensor_path, stack_index)
 
-    for index in np.ndindex(*stack_shape):
-        reader.check(name(index), tensor_shape)
+    if part != "scale":  # (the weight's own check covers its scales)
+        for index in np.ndindex(*stack_shape):
+            reader.check(name(index), tensor_shape)
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         ranges = [range(*s.indices(n)) for s, n in zip(index[:n_stacked], stack_shape)]
         out = np.empty([len(r) for r in ranges] + [len(range(*s.indices(n))) for s, n in
                                                     zip(index[n_stacked:], tensor_shape)], abstract.dtype)
         for pos in np.ndindex(*out.shape[:n_stacked]):
-            out[pos] = reader.read(name(tuple(r[i] for r, i in zip(ranges, pos))), abstract.dtype, index[n_stacked:])
+            out[pos] = reader.read(name(tuple(r[i] for r, i in zip(ranges, pos))), abstract.dtype, index[n_stacked:],
+                                   part)
         return out
 
     return jax.make_array_from_callback(abstract.shape, sharding, shard, dtype=abstract.dtype)
 
 
-def _abstract(cfg: ModelConfig, dtype, n_physical):
-    return nnx.split(nnx.eval_shape(lambda: DeepseekV3(cfg, dtype, nnx.Rngs(0), n_physical)))
+def _abstract(cls, cfg: ModelConfig, dtype, n_physical, quantization):
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype, nnx.Rngs(0), n_physical, quantization)))
 
 
 def _shardings(abstract_state, mesh):
@@ -265,7 +210,8 @@ def _shardings(abstract_state, mesh):
     return nnx.to_pure_dict(param_shardings(abstract_state, mesh))
 
 
-def load(path, dtype=jnp.float32, mesh=None, deployment=None) -> DeepseekV3:
+def load(cls, path, dtype=jnp.float32, mesh=None, deployment=None, quantization=None):
+    """A `cls` (DeepseekV3) loaded from a HF or Orbax directory; see DeepseekV3.from_pretrained."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -276,23 +222,24 @@ def load(path, dtype=jnp.float32, mesh=None, deployment=None) -> DeepseekV3:
         deployment, mesh = resolve(deployment, mesh)
         ep = deployment.ep_config(mesh)
         n_physical = deployment.n_physical_experts(cfg.n_routed_experts) if cfg.n_routed_experts else None
+        quantization = quantization or deployment.quantization
     if (path / ORBAX_DIR).is_dir():
-        net = _load_orbax(path, cfg, dtype, mesh, n_physical)
+        net = _load_orbax(cls, path, cfg, dtype, mesh, n_physical, quantization)
     else:
-        net = _load_hf(path, cfg, dtype, mesh, n_physical)
+        net = _load_hf(cls, path, cfg, dtype, mesh, n_physical, quantization)
     net.set_expert_parallel(ep)
     return net
 
 
-def _load_hf(path: Path, cfg: ModelConfig, dtype, mesh, n_physical) -> DeepseekV3:
+def _load_hf(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantization):
     files = SafetensorsDir(path)
     if cfg.n_mtp_layers and not any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in files.entries):
         # transformers' save_pretrained drops DeepSeek's MTP layer; serve without it.
         log.warning("%s: config has %d MTP layer(s) but the checkpoint holds none; loading without MTP",
                     path, cfg.n_mtp_layers)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    graphdef, abstract = _abstract(cfg, dtype, n_physical)
     reader = _TensorReader(files, cfg)
+    graphdef, abstract = _abstract(cls, cfg, dtype, n_physical, default_quantization(quantization, reader.fp8))
     placement = default_placement(cfg.n_routed_experts, n_physical or cfg.n_routed_experts) if cfg.n_moe_layers else {}
     shardings = _shardings(abstract, mesh)
     state = jax.tree_util.tree_map_with_path(
@@ -304,25 +251,28 @@ def _load_hf(path: Path, cfg: ModelConfig, dtype, mesh, n_physical) -> DeepseekV
 
 # ---- Orbax ---------------------------------------------------------------------------------------
 
-def save_orbax(net: DeepseekV3, path) -> None:
+def save_orbax(net, path) -> None:
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(net.config.to_dict(), indent=2))
-    (path / LAYOUT_FILE).write_text(json.dumps({"n_physical_experts": net.n_physical_experts}))
+    (path / LAYOUT_FILE).write_text(json.dumps({"n_physical_experts": net.n_physical_experts,
+                                                "quantization": net.quantization}))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / ORBAX_DIR, nnx.to_pure_dict(nnx.state(net)), force=True)
         ckptr.wait_until_finished()
 
 
-def _load_orbax(path: Path, cfg: ModelConfig, dtype, mesh, n_physical) -> DeepseekV3:
-    """Restores the exact state saved, physical expert slots and their placement included."""
+def _load_orbax(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantization):
+    """Restores the exact state saved, physical expert slots and their placement included; then
+    (de)quantises it if another quantization is asked for."""
     import orbax.checkpoint as ocp
-    saved = json.loads((path / LAYOUT_FILE).read_text())["n_physical_experts"] or None
+    layout = json.loads((path / LAYOUT_FILE).read_text())
+    saved, saved_quantization = layout["n_physical_experts"] or None, layout.get("quantization", "none")
     if n_physical is not None and saved != n_physical:
         raise CheckpointError(f"{path}: saved with {saved} physical experts per layer, but the deployment asks "
                               f"for {n_physical}; load it without a deployment, or re-export it with save_safetensors")
-    graphdef, abstract = _abstract(cfg, dtype, saved)
+    graphdef, abstract = _abstract(cls, cfg, dtype, saved, saved_quantization)
     shardings = _shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract), shardings)
@@ -331,8 +281,36 @@ def _load_orbax(path: Path, cfg: ModelConfig, dtype, mesh, n_physical) -> Deepse
             restored = ckptr.restore(path.absolute() / ORBAX_DIR, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path / ORBAX_DIR}: cannot restore onto {path / 'config.json'}'s model ({e})") from None
+    quantization = default_quantization(quantization, saved_quantization == "fp8")
+    if quantization != saved_quantization:
+        graphdef, abstract = _abstract(cls, cfg, dtype, saved, quantization)
+        restored = _requantized(restored, nnx.to_pure_dict(abstract), _shardings(abstract, mesh))
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract)
+
+
+def _requantized(saved: dict, target: dict, shardings: dict) -> dict:
+    """A restored state in the other quantization (target: its abstract pure dict): FP8 weights
+    dequantised, or float weights quantised into weight + weight_scale_inv, on device."""
+    quantize = jax.jit(lambda w: quantize_blocks(w, xp=jnp))
+
+    def leaf(key_path, abstract, sharding):
+        path = _key_path(key_path)
+        parent = saved
+        for key in path[:-1]:
+            parent = parent[key]
+        if path[-1] == "weight_scale_inv":
+            value = quantize(parent["weight"])[1]
+        elif path[-1] == "weight" and abstract.dtype == FP8 and parent["weight"].dtype != FP8:
+            value = quantize(parent["weight"])[0]
+        elif path[-1] == "weight" and parent["weight"].dtype == FP8 and abstract.dtype != FP8:
+            value = jax.jit(dequantize_weight, static_argnums=2)(parent["weight"], parent["weight_scale_inv"],
+                                                                 abstract.dtype)
+        else:
+            value = parent[path[-1]]
+        return jax.device_put(value, sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, target, shardings)
 
 
 __all__ = ["CheckpointError", "ConfigError", "SafetensorsDir", "hf_tensors", "load", "save_orbax",

@@ -2,7 +2,9 @@
 
 Axis legend: B batch, S query positions, T key positions, D hidden, H heads, F intermediate.
 Weights keep DeepSeek's [out, in] layout, so checkpoint tensors load without transposes and
-FP8 128x128 scale blocks keep their meaning.
+FP8 128x128 scale blocks keep their meaning. An FP8 Linear (quantization "fp8") holds its weight
+as e4m3 with `weight_scale_inv` beside it, as DeepSeek's checkpoint stores it, and quantises its
+input 1x128 right before the FP8 GEMM (model/quant.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
+from model.quant import dequantize_weight, fp8_matmul, quantize_activations, quantize_blocks
 
 INIT_STD = 0.02  # HF initializer_range; only random-init models (tests, training) see it
 
@@ -35,16 +38,43 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", rows=
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def fp8_param(rngs: nnx.Rngs | None, shape, axes, rows=None) -> tuple[nnx.Param, nnx.Param]:
+    """An FP8 weight [..., out, in] (e4m3) and its float32 scale_inv [..., out/128, in/128], from the
+    same random init as `param`. Scales are tiny (1 per 16K weights): replicated, except along the
+    expert axis, so a device holds the scales of exactly its own experts."""
+    value = param(rngs, shape, axes, jnp.float32, rows=rows)[...]
+    q, scale = quantize_blocks(value, xp=jnp)
+    scale_axes = tuple(a if a == "expert" else None for a in axes)
+    return (nnx.Param(q, out_sharding=tuple(axes), eager_sharding=False),
+            nnx.Param(scale, out_sharding=scale_axes, eager_sharding=False))
+
+
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w)
 
 
 class Linear(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs):
-        self.weight = param(rngs, (d_out, d_in), axes, dtype)  # [out, in]
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs, fp8: bool = False):
+        if fp8:
+            self.weight, self.weight_scale_inv = fp8_param(rngs, (d_out, d_in), axes)  # [out, in], [out/128, in/128]
+        else:
+            self.weight, self.weight_scale_inv = param(rngs, (d_out, d_in), axes, dtype), None
 
     def __call__(self, x):
-        return linear(x, self.weight[...])
+        if self.weight_scale_inv is None:
+            return linear(x, self.weight[...])
+        x_q, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]))
+        out = fp8_matmul(x_q, x_scale, self.weight[...], self.weight_scale_inv[...], x.dtype)
+        return out.reshape(*x.shape[:-1], -1)
+
+    def dense_weight(self, dtype=None) -> jax.Array:
+        """The weight [out, in] in `dtype` (default: its own; float32 for FP8): dequantised when FP8 (the
+        absorbed MLA folds kv_b_proj into other products, so it needs real values, as DeepSeek's
+        inference dequantises it per call)."""
+        w = self.weight[...]
+        if self.weight_scale_inv is None:
+            return w if dtype is None else w.astype(dtype)
+        return dequantize_weight(w, self.weight_scale_inv[...], dtype or jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -62,10 +92,10 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward: the dense layers and the shared expert."""
 
-    def __init__(self, dim: int, hidden: int, dtype, rngs):
-        self.gate_proj = Linear(dim, hidden, ("mlp", "embed"), dtype, rngs)
-        self.up_proj = Linear(dim, hidden, ("mlp", "embed"), dtype, rngs)
-        self.down_proj = Linear(hidden, dim, ("embed", "mlp"), dtype, rngs)
+    def __init__(self, dim: int, hidden: int, dtype, rngs, fp8: bool = False):
+        self.gate_proj = Linear(dim, hidden, ("mlp", "embed"), dtype, rngs, fp8)
+        self.up_proj = Linear(dim, hidden, ("mlp", "embed"), dtype, rngs, fp8)
+        self.down_proj = Linear(hidden, dim, ("embed", "mlp"), dtype, rngs, fp8)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

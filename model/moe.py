@@ -12,8 +12,9 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
+from model.experts import Experts, expert_layout, grouped_ffn
 from model.layers import MLP, param
-from sharding import ep as expert_parallel  # a module handle: sharding.ep imports model.quant
+from sharding import ep as expert_parallel  # a module handle: sharding.ep imports model.experts
 
 
 class Gate(nnx.Module):
@@ -61,31 +62,14 @@ def default_placement(n_logical: int, n_physical: int) -> dict[str, np.ndarray]:
     return {"phy2log": phy2log.astype(np.int32), "log2phy": log2phy, "logcnt": logcnt}
 
 
-class ExpertLinear(nnx.Module):
-    def __init__(self, phy2log, d_in: int, d_out: int, axes, dtype, rngs):
-        n_logical = int(phy2log.max()) + 1
-        self.weight = param(rngs, (n_logical, d_out, d_in), axes, dtype, rows=phy2log)  # [P, out, in]
-
-
-class Experts(nnx.Module):
-    """All routed experts of one layer, physical slots stacked so one grouped GEMM serves them."""
-
-    def __init__(self, cfg: ModelConfig, phy2log, dtype, rngs):
-        D, F = cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = ExpertLinear(phy2log, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs)
-        self.up_proj = ExpertLinear(phy2log, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs)
-        self.down_proj = ExpertLinear(phy2log, F, D, ("expert", "embed", "expert_mlp"), dtype, rngs)
-
-    def weights(self):
-        return self.gate_proj.weight[...], self.up_proj.weight[...], self.down_proj.weight[...]
-
-
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, n_physical: int | None = None):
-        placement = default_placement(cfg.n_routed_experts, n_physical or cfg.n_routed_experts)
+    def __init__(self, cfg: ModelConfig, dtype, rngs, n_physical: int | None = None, fp8: bool = False,
+                 placement: dict | None = None):
+        """placement: the expert maps to start from (default_placement's form); default: default_placement."""
+        placement = placement or default_placement(cfg.n_routed_experts, n_physical or cfg.n_routed_experts)
         self.gate = Gate(cfg, dtype, rngs)
-        self.experts = Experts(cfg, placement["phy2log"], dtype, rngs)
-        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, rngs)
+        self.experts = Experts(cfg, placement["phy2log"], dtype, rngs, fp8)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, rngs, fp8)
         for name, value in placement.items():
             setattr(self, name, ExpertMap(jnp.asarray(value), out_sharding=(None,) * value.ndim,
                                           eager_sharding=False))
@@ -105,9 +89,11 @@ class MoE(nnx.Module):
         phys = self.to_physical(ids)
         valid = valid.reshape(-1)
         if self.ep is None:
-            routed, load, _ = expert_parallel.grouped_ffn_ragged(flat, jnp.where(valid[:, None], phys, -1), weights,
-                                                 *self.experts.weights())
+            layout, impl = expert_layout(self.experts.impl, expert_parallel=False)
+            routed, load, _ = grouped_ffn(flat, jnp.where(valid[:, None], phys, -1), weights, self.experts.weights(),
+                                          layout, impl=impl)
             stats = {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": jnp.bool_(False)}
         else:
-            routed, stats = expert_parallel.ep_routed_experts(flat, phys, weights, valid, *self.experts.weights(), self.ep)
+            routed, stats = expert_parallel.ep_routed_experts(flat, phys, weights, valid, self.experts.weights(),
+                                                              self.ep, self.experts.impl)
         return routed.astype(x.dtype).reshape(x.shape) + self.shared_experts(x), stats

@@ -1,21 +1,40 @@
-"""FP8 e4m3 with one scale per block: DeepSeek's format for weights (128x128) and activations (1x128).
+"""FP8 e4m3 as DeepSeek serves it: the block format and the GEMMs that consume it.
 
-One quantiser serves both: `xp` is numpy on the host (checkpoint I/O) or jax.numpy inside jit.
-A block's scale is its max |value| / 448 (e4m3's largest finite value); `scale_inv`, in
-DeepSeek's naming, is the factor that turns stored FP8 back into real values.
+Format: weights [N, K] (the checkpoint's [out, in]) carry one float32 `scale_inv` per 128x128
+block; activations [..., K] one per token per 128 channels (1x128), computed right before the GEMM
+that consumes them. A block's scale is its max |value| / 448 (e4m3's largest finite value).
+`quantize_blocks` serves both (numpy on the host for checkpoint I/O, jax.numpy inside jit).
+
+GEMMs (DeepSeek-V3 inference/kernel.py semantics): per 128-wide K block b,
+    out[m, n] = sum_b (x_q[m, b] . w_q[n, b]) * x_scale[m, b] * w_scale[n // 128, b]
+accumulated in float32. Three layouts, one contract each (the Pallas kernels in model/kernels/
+implement the same signatures):
+    fp8_matmul          x [M, K] x w [N, K]                      dense projections
+    fp8_grouped_matmul  x [M, K] rows sorted by group x w [G, N, K]   contiguous layout (prefill)
+    fp8_masked_matmul   x [G, Mmax, K] x w [G, N, K], counts [G]     masked layout (decode)
+Block scaling is linear, so the sum above equals dequantise-then-multiply in float32: the XLA
+implementations here do exactly that (impl "xla": the reference, every backend). impl "auto" is
+"xla" except on a GPU, where it is the fastest path XLA offers today, "bf16": operands
+dequantised to bfloat16 for one BF16 GEMM. (The routed experts' grouped GEMM on GPU is a Pallas
+kernel: model/experts.py chooses it.)
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
-WEIGHT_BLOCK = (128, 128)
-ACTIVATION_BLOCK = (1, 128)
+BLOCK = 128  # DeepSeek's block edge: weights 128x128, activations 1x128
+WEIGHT_BLOCK = (BLOCK, BLOCK)
+ACTIVATION_BLOCK = (1, BLOCK)
+QUANTIZATIONS = ("fp8", "none")
+HIGHEST = jax.lax.Precision.HIGHEST  # the reference must not run its float32 dots in TF32 on a GPU
 
 
 def _blocked(x, block, xp):
@@ -50,3 +69,107 @@ def dequantize_blocks(q, scale_inv, block=WEIGHT_BLOCK, dtype=np.float32, xp=np)
 def scale_shape(shape, block=WEIGHT_BLOCK) -> tuple[int, ...]:
     *lead, M, N = shape
     return (*lead, math.ceil(M / block[0]), math.ceil(N / block[1]))
+
+
+def check_quantization(quantization) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of 'fp8', 'none' (leave it unset for the "
+                         f"default: fp8 on a GPU for an FP8 checkpoint, none otherwise)")
+
+
+def default_quantization(requested: str | None, fp8_checkpoint: bool) -> str:
+    """The rule: what was asked for; unasked, "fp8" on a GPU when the checkpoint is FP8 (FP8 GEMMs pay
+    there), "none" otherwise (elsewhere an FP8 GEMM is emulated and only adds rounding)."""
+    if requested is None:
+        return "fp8" if fp8_checkpoint and jax.default_backend() == "gpu" else "none"
+    check_quantization(requested)
+    return requested
+
+
+# ---- inside jit ------------------------------------------------------------------------------------
+
+def quantize_activations(x):
+    """x float[..., K] -> (x_q e4m3 [..., K], x_scale float32 [..., ceil(K/128)]): per token per 128 channels."""
+    K = x.shape[-1]
+    nb = -(-K // BLOCK)
+    xb = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - K)])
+    xb = xb.reshape(*x.shape[:-1], nb, BLOCK)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
+    q = jnp.clip(xb / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8)
+    return q.reshape(*x.shape[:-1], nb * BLOCK)[..., :K], scale
+
+
+def _expand(scale, n: int, axis: int):
+    """Repeats each block's scale over its (up to) 128 positions along `axis`, cut to n."""
+    return jax.lax.slice_in_dim(jnp.repeat(scale, BLOCK, axis=axis), 0, n, axis=axis)
+
+
+def dequantize_activations(x_q, x_scale, dtype=jnp.float32):
+    """Inverse of quantize_activations (the product rounded once, in float32, then cast)."""
+    return (x_q.astype(jnp.float32) * _expand(x_scale, x_q.shape[-1], -1)).astype(dtype)
+
+
+def dequantize_weight(w_q, w_scale, dtype=jnp.float32):
+    """e4m3 [..., N, K] with float32 [..., N/128, K/128] -> dtype [..., N, K]. Elementwise against
+    broadcast scales (no reshape into blocks), so a weight sharded along N or K stays sharded."""
+    N, K = w_q.shape[-2:]
+    scale = _expand(_expand(w_scale.astype(jnp.float32), N, -2), K, -1)
+    return (w_q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def _impl(impl: str) -> str:
+    if impl not in ("auto", "xla", "bf16"):
+        raise ValueError(f"impl {impl!r} must be one of 'auto', 'xla', 'bf16'.")
+    if impl == "auto":
+        return "bf16" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def _operands(x_q, x_scale, w_q, w_scale, impl: str):
+    """Dequantised operands: float32 for the reference, bfloat16 for the GPU's BF16 GEMM."""
+    dtype = jnp.float32 if impl == "xla" else jnp.bfloat16
+    return dequantize_activations(x_q, x_scale, dtype), dequantize_weight(w_q, w_scale, dtype)
+
+
+def _check(x_q, x_scale, w_q, w_scale, x_rank: int, w_rank: int):
+    if x_q.dtype != FP8 or w_q.dtype != FP8:
+        raise ValueError(f"x_q and w_q must be float8_e4m3fn, got {x_q.dtype} and {w_q.dtype}.")
+    if x_q.ndim != x_rank or w_q.ndim != w_rank or x_q.shape[-1] != w_q.shape[-1]:
+        raise ValueError(f"x_q {x_q.shape} and w_q {w_q.shape} must be {x_rank}-D and {w_rank}-D with one K.")
+    if tuple(x_scale.shape) != (*x_q.shape[:-1], -(-x_q.shape[-1] // BLOCK)):
+        raise ValueError(f"x_scale {x_scale.shape} must hold one scale per 128 values of x_q {x_q.shape}.")
+    if tuple(w_scale.shape) != scale_shape(w_q.shape):
+        raise ValueError(f"w_scale {w_scale.shape} must hold one scale per 128x128 block of w_q {w_q.shape}.")
+
+
+def fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, *, impl: str = "auto"):
+    """x_q e4m3 [M, K], x_scale f32 [M, K/128], w_q e4m3 [N, K], w_scale f32 [N/128, K/128] -> [M, N]."""
+    _check(x_q, x_scale, w_q, w_scale, 2, 2)
+    impl = _impl(impl)
+    x, w = _operands(x_q, x_scale, w_q, w_scale, impl)
+    out = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
+    return out.astype(out_dtype)
+
+
+def fp8_grouped_matmul(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, *, impl: str = "auto"):
+    """Contiguous layout: x_q e4m3 [M, K] (rows sorted by group, group_sizes int32[G] of each, sum <= M),
+    x_scale f32 [M, K/128], w_q e4m3 [G, N, K], w_scale f32 [G, N/128, K/128] -> [M, N]; rows past
+    sum(group_sizes) are 0."""
+    _check(x_q, x_scale, w_q, w_scale, 2, 3)
+    x, w = _operands(x_q, x_scale, w_q, w_scale, _impl(impl))
+    out = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), jnp.asarray(group_sizes, jnp.int32),
+                             preferred_element_type=jnp.float32, precision=HIGHEST)
+    return out.astype(out_dtype)
+
+
+def fp8_masked_matmul(x_q, x_scale, w_q, w_scale, counts, out_dtype, *, impl: str = "auto"):
+    """Masked layout: x_q e4m3 [G, Mmax, K] of which group g uses its first counts[g] rows, x_scale f32
+    [G, Mmax, K/128], w_q e4m3 [G, N, K], w_scale f32 [G, N/128, K/128] -> [G, Mmax, N]; rows at or
+    past counts[g] are 0."""
+    _check(x_q, x_scale, w_q, w_scale, 3, 3)
+    impl = _impl(impl)
+    x, w = _operands(x_q, x_scale, w_q, w_scale, impl)
+    out = jnp.einsum("gmk,gnk->gmn", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
+    used = jnp.arange(x_q.shape[1])[None, :] < jnp.asarray(counts)[:, None]  # [G, Mmax]
+    return jnp.where(used[..., None], out, 0).astype(out_dtype)

@@ -19,18 +19,22 @@ from flax import nnx
 
 from model.attention import MLA
 from model.cache import DenseCache
+from model.checkpoint import load, save_orbax  # checkpoint takes the model class as an argument: no cycle
 from model.config import ModelConfig
 from model.layers import MLP, Linear, RMSNorm, param, rope_cos_sin
 from model.moe import MoE
+from model.quant import check_quantization
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs, n_physical: int | None = None):
+    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs, n_physical: int | None = None, fp8: bool = False,
+                 placement: dict | None = None):
         D = cfg.hidden_size
         self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-        self.self_attn = MLA(cfg, dtype, rngs)
+        self.self_attn = MLA(cfg, dtype, rngs, fp8)
         self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-        self.mlp = MoE(cfg, dtype, rngs, n_physical) if moe else MLP(D, cfg.intermediate_size, dtype, rngs)
+        self.mlp = (MoE(cfg, dtype, rngs, n_physical, fp8, placement) if moe
+                    else MLP(D, cfg.intermediate_size, dtype, rngs, fp8))
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed):
         """-> (x, cache, routed-expert stats or None for a dense layer)."""
@@ -73,13 +77,14 @@ class MTPLayer(DecoderLayer):
     i+1 and predicts token i+2 (used for speculative decoding).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs, n_physical: int | None = None):
-        super().__init__(cfg, True, dtype, rngs, n_physical)
+    def __init__(self, cfg: ModelConfig, dtype, rngs, n_physical: int | None = None, fp8: bool = False,
+                 placement: dict | None = None):
+        super().__init__(cfg, True, dtype, rngs, n_physical, fp8, placement)
         D = cfg.hidden_size
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
         self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-        self.eh_proj = Linear(2 * D, D, ("embed", None), dtype, rngs)
+        self.eh_proj = Linear(2 * D, D, ("embed", None), dtype, rngs, fp8)
         self.shared_head = SharedHead(cfg, dtype, rngs)
 
 
@@ -102,19 +107,25 @@ def causal_mask(positions, T: int):
 
 class DeepseekV3(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-                 n_physical_experts: int | None = None):
-        """n_physical_experts: routed-expert slots per MoE layer (logical + redundant replicas)."""
+                 n_physical_experts: int | None = None, quantization: str = "none", placement: dict | None = None):
+        """n_physical_experts: routed-expert slots per MoE layer (logical + redundant replicas).
+        quantization "fp8": every matrix DeepSeek's release stores in FP8 (attention projections, dense
+        MLP, shared and routed experts, MTP's eh_proj) is held as e4m3 + float32 128x128 scales and run
+        as FP8 GEMMs; dtype is then the activations' (and the other weights'). placement: the experts'
+        starting maps (model.moe.default_placement's form)."""
+        check_quantization(quantization)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.dtype = dtype
+        self.quantization = quantization
         self.ep = None  # sharding.ep.EPConfig once the experts are spread over a mesh
-        D, P = cfg.hidden_size, n_physical_experts
+        D, P, fp8 = cfg.hidden_size, n_physical_experts, quantization == "fp8"
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
-        self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r), cfg.n_dense_layers, rngs)
-        self.moe_layers = _stack(lambda r: DecoderLayer(cfg, True, dtype, r, P), cfg.n_moe_layers, rngs)
+        self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r, fp8=fp8), cfg.n_dense_layers, rngs)
+        self.moe_layers = _stack(lambda r: DecoderLayer(cfg, True, dtype, r, P, fp8, placement), cfg.n_moe_layers, rngs)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
         self.lm_head = None if cfg.tie_word_embeddings else Linear(D, cfg.vocab_size, ("vocab", "embed"), dtype, rngs)
-        self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r, P), cfg.n_mtp_layers, rngs)
+        self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r, P, fp8, placement), cfg.n_mtp_layers, rngs)
 
     def set_expert_parallel(self, ep) -> None:
         """Routes every MoE layer through sharding.ep with this EPConfig (None: single device)."""
@@ -122,6 +133,19 @@ class DeepseekV3(nnx.Module):
         for stack in (self.moe_layers, self.mtp):
             if stack is not None:
                 stack.mlp.ep = ep
+
+    def set_expert_impl(self, impl: str) -> None:
+        """The routed experts' GEMMs: auto (the grouped GEMM kernel on GPU, XLA elsewhere) | xla | pallas |
+        interpret (the Pallas kernel run by its interpreter: CPU tests of the GPU path)."""
+        for stack in (self.moe_layers, self.mtp):
+            if stack is not None:
+                stack.mlp.experts.impl = impl
+
+    @property
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters as held: one copy of each array (replicated ones once; every
+        physical expert slot, redundant replicas included)."""
+        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(self, nnx.Param))))
 
     @property
     def n_physical_experts(self) -> int:
@@ -259,18 +283,18 @@ class DeepseekV3(nnx.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, deployment=None) -> "DeepseekV3":
+    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, deployment=None, quantization=None) -> "DeepseekV3":
         """A HF directory (config.json + safetensors, BF16/FP32 or FP8 with weight_scale_inv) or a
         directory written by `save` (Orbax). With a mesh (or a deployment file, which names the mesh,
         redundant experts and dispatch precision), each device's shard is loaded straight onto it and
-        the routed experts run expert-parallel."""
-        from model import checkpoint
-        return checkpoint.load(path, dtype=dtype, mesh=mesh, deployment=deployment)
+        the routed experts run expert-parallel. quantization: "fp8" | "none" (default: the deployment's,
+        else fp8 on a GPU for an FP8 checkpoint, none otherwise); a BF16/FP32 checkpoint is quantised
+        at load for fp8, an FP8 one dequantised to dtype for none."""
+        return load(cls, path, dtype=dtype, mesh=mesh, deployment=deployment, quantization=quantization)
 
     def save(self, path) -> None:
         """Orbax checkpoint + config.json; reload with `from_pretrained(path)`."""
-        from model import checkpoint
-        checkpoint.save_orbax(self, path)
+        save_orbax(self, path)
 
 
 def _scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):

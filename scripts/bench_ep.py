@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deployment", default=str(ROOT / "configs/deploy/cpu8.json"))
     ap.add_argument("--model-config", default=str(ROOT / "configs/tiny/config.json"))
     ap.add_argument("--tokens-per-rank", type=int, default=256)
+    ap.add_argument("--quantization", choices=("fp8", "none"), default="none",
+                    help="the experts' weights: none (bf16) or fp8 (e4m3 + 128x128 scales; FP8 dispatch by default)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--cpu-devices", type=int, default=8, help="emulated CPU devices when no GPU is present")
     ap.add_argument("--json", action="store_true")
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     from model import ModelConfig
     from model.moe import MoE
     from sharding.deployment import Deployment
-    from sharding.ep import PAYLOAD_DTYPES, capacities, ep_routed_experts, grouped_ffn_padded
+    from model.experts import grouped_ffn
+    from sharding.ep import PAYLOAD_DTYPES, capacities, ep_routed_experts, payload
     from sharding.mesh import param_shardings
 
     cfg = ModelConfig.from_json(args.model_config)
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     mesh = dep.make_mesh()
     ep = dep.ep_config(mesh)
     P = dep.n_physical_experts(cfg.n_routed_experts)
-    moe = MoE(cfg, jnp.bfloat16, nnx.Rngs(0), n_physical=P)
+    moe = MoE(cfg, jnp.bfloat16, nnx.Rngs(0), n_physical=P, fp8=args.quantization == "fp8")
     graphdef, state = nnx.split(moe)
     state = jax.device_put(state, param_shardings(state, mesh))
     moe = nnx.merge(graphdef, state)
@@ -70,26 +73,28 @@ def main(argv=None) -> int:
     valid = jnp.ones((N,), bool)
     w = moe.experts.weights()
 
-    layer = jax.jit(lambda x, phys, weights, *w: ep_routed_experts(x, phys, weights, valid, *w, ep))
-    t_layer = _time(layer, x, phys, weights, *w, iters=args.iters)
-    _, stats = layer(x, phys, weights, *w)
+    layer = jax.jit(lambda x, phys, weights, w: ep_routed_experts(x, phys, weights, valid, w, ep))
+    t_layer = _time(layer, x, phys, weights, w, iters=args.iters)
+    _, stats = layer(x, phys, weights, w)
 
     n = args.tokens_per_rank // max(1, dep.tp)
     C, Ce = capacities(n, k, R, El, ep.capacity_factor)
-    local = [jax.device_put(a[:El], jax.devices()[0]) for a in w]
+    local = jax.tree.map(lambda a: jax.device_put(a[:El], jax.devices()[0]), w)
     rows = jax.random.normal(jax.random.key(2), (R * C, D), jnp.bfloat16)
     row_ids = jax.random.randint(jax.random.key(3), (R * C, k), -1, El)
     row_w = jnp.ones((R * C, k), jnp.float32)
-    experts = jax.jit(lambda r, i, rw, *w: grouped_ffn_padded(r, i, rw, *w, Ce))
-    t_experts = _time(experts, rows, row_ids, row_w, *local, iters=args.iters)
+    experts = jax.jit(lambda r, i, rw, w: grouped_ffn(r, i, rw, w, "masked", capacity=Ce))
+    t_experts = _time(experts, rows, row_ids, row_w, local, iters=args.iters)
 
-    payload = np.dtype(PAYLOAD_DTYPES[ep.dispatch_dtype]).itemsize
-    row_dispatch = D * payload + (4 * -(-D // 128) if ep.dispatch_dtype == "fp8" else 0) + 8 * k  # + ids, weights
-    row_combine = D * np.dtype(PAYLOAD_DTYPES[ep.combine_dtype]).itemsize
+    def itemsize(dtype):  # "auto": the activations as they are (bf16 here)
+        return np.dtype(jnp.bfloat16 if dtype == "auto" else PAYLOAD_DTYPES[dtype]).itemsize
+    wire = payload(ep, w.fp8)
+    row_dispatch = D * itemsize(wire) + (4 * -(-D // 128) if wire == "fp8" else 0) + 8 * k  # + ids, weights
+    row_combine = D * itemsize(ep.combine_dtype)
     sent = np.asarray(stats["rows_sent"])
     result = {
         "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(), "deployment": dep.name,
-        "transport": ep.wire, "ranks": R, "experts_per_rank": El, "tokens_per_rank": args.tokens_per_rank,
+        "transport": ep.wire, "dispatch": wire, "quantization": args.quantization, "ranks": R, "experts_per_rank": El, "tokens_per_rank": args.tokens_per_rank,
         "hidden": D, "top_k": k, "capacity_rows_per_peer": C, "capacity_rows_per_expert": Ce,
         "layer_ms": 1e3 * t_layer, "experts_ms": 1e3 * t_experts,
         "dispatch_combine_ms": 1e3 * max(t_layer - t_experts, 0.0),

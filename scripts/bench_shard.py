@@ -1,4 +1,6 @@
-"""One GPU's share of DeepSeek's deployment, timed: random weights at DeepSeek-V3's real shapes.
+"""One GPU's share of DeepSeek's deployment, timed: random weights at DeepSeek-V3's real shapes,
+run by the engine's own model code (DeepseekV3.forward_step over the paged KV cache, the MoE
+block's expert path: model/experts.py) in quantization fp8 (default) or none.
 
     python scripts/bench_shard.py --phase decode  [--scale full|small] [--json] [--steps N]
     python scripts/bench_shard.py --phase prefill [--scale full|small] [--json] [--steps N]
@@ -6,16 +8,20 @@
 decode  = one rank of EP144 / DP144: all 61 layers (3 dense + 58 MoE). Attention (MLA, absorbed
           decode form over a paged BF16 latent cache) and the dense MLP / shared expert are replicated
           on every rank; each MoE layer holds 2 routed experts (256 + 32 redundant = 288 slots over
-          144 ranks), FP8 e4m3 with 128x128 scales. B requests (default 128), each at KV length 4,989.
+          144 ranks). In fp8 every projection DeepSeek stores in FP8 is e4m3 with 128x128 scales and
+          runs as an FP8 GEMM on 1x128-quantised activations. B requests (default 128), each at KV
+          length 4,989.
 prefill = one rank of EP32 / DP32: 9 routed + 1 shared expert per MoE layer; 16K tokens per step
-          made of 4K-token prompts (4 prompts), naive MLA (prefill form).
+          made of 4K-token prompts (4 prompts), each prefilled as the engine prefills a long prompt:
+          chunks of --attn-chunk tokens, naive MLA over the prompt's pages so far.
 
 The all-to-all is replaced by the local expert work it would deliver. With n tokens on each of R
 ranks choosing k = 8 of 288 slots, a rank holding El slots receives on average
 n * R * k * El / 288 = n * k (token, expert) rows (decode: 8 * B over 2 experts; prefill:
 8 * 16K over 9). The rank's own n tokens, each with its 8 choices, stand in for them: the real
-gate picks the experts and pair (t, j) goes to local expert (logical id mod El). No dispatch or
-combine communication is timed.
+gate picks the experts and pair (t, j) goes to local expert (logical id mod El: the model's expert
+maps say so, and the MoE block runs its one-device expert path, the same grouped FFN a rank runs on
+its received rows under EP). No dispatch or combine communication is timed.
 
 One jitted step: the layers of each kind are stacked and run with lax.scan (never a Python loop
 over layers); the median of --steps timed calls (after warm-up, each ended by block_until_ready).
@@ -28,9 +34,10 @@ Figures (all per GPU, per step):
                        56.3% of them cache hits); targets: decode >= 3,700 with every request
                        >= 20 tok/s, prefill >= 8,000 computed tok/s.
     decode roofline    bytes / t / HBM bandwidth (H100 SXM / H800 3.35 TB/s, H200 4.8 TB/s), with
-                       bytes = replicated weights in their dtype (BF16 MLA, norms, dense MLP, shared
-                               expert, gate; FP32 gate bias)
-                             + routed expert weights (FP8, 1 byte each, + FP32 128x128 scales)
+                       bytes = replicated weights as held (fp8: MLA projections, dense MLP and shared
+                               expert 1 byte each + FP32 128x128 scales; BF16 norms and gate; FP32
+                               gate bias)
+                             + routed expert weights (fp8: 1 byte each + FP32 128x128 scales)
                              + KV cache read  B * kv_len * (kv_lora_rank + qk_rope_head_dim) * 2 bytes * 61 layers
                        (every weight and every cached row read once; the new rows' writes ignored).
     prefill roofline   FLOPs / t / dense BF16 tensor-core peak (H100 SXM, H800, H200: 989 TFLOP/s),
@@ -40,8 +47,8 @@ Figures (all per GPU, per step):
                              + dense: 2 * tokens * 3 * D * intermediate
                              + MoE:   2 * tokens * (3 * D * F_shared + D * E_gate)
                                       + 2 * (8 * tokens) * 3 * D * F   [routed pairs]
-                       (causal model FLOPs; "executed" FLOPs add the masked half of each chunk and the
-                       repeated kv_b up-projection of the chunked naive attention).
+                       (causal model FLOPs; "executed" FLOPs add the masked scores of each chunk
+                       against the prompt's whole page table and the repeated kv_b up-projection).
     CPU: roofline n/a.
 
 --scale small shrinks every dimension (hidden 256, 4 layers incl. 1 dense, ...) to run this same
@@ -73,6 +80,7 @@ PUBLISHED = {"decode": 1_850.0, "prefill": 9_200.0}  # tok/s per H800 (14.8k and
 TARGET = {"decode": 3_700.0, "prefill": 8_000.0}  # 2x, prefill in computed (cache-miss) tokens
 PER_USER_MIN = 20.0  # tok/s per user, the low end of DeepSeek's 20-22
 CACHE_HIT = 0.563  # share of DeepSeek's input tokens served from the on-disk KV cache
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 MARGIN_BYTES = 4 * 2**30  # activations, per-layer slices and compiler scratch on top of weights + KV
 
 # name fragment -> (HBM bytes/s, dense BF16 tensor-core FLOP/s); first match wins
@@ -107,8 +115,9 @@ class Setup:
     prompt_len: int  # prefill
     attn_chunk: int  # prefill: query rows per naive-attention call
     attn_kernel: str  # decode attention: pallas | xla | interpret (PagedCache.kernel)
-    gemm_impl: str  # routed-expert grouped GEMM: pallas | xla | interpret
-    expert_dtype: str  # fp8 | bf16
+    gemm_impl: str  # routed-expert GEMMs (DeepseekV3.set_expert_impl): pallas | xla | interpret
+    quantization: str  # fp8 | none
+    dtype: str = "bf16"  # activations, KV pool and non-FP8 weights: bf16 | fp32
 
     @property
     def tokens(self) -> int:
@@ -136,262 +145,148 @@ SCALES = {  # decode: batch, kv_len, block_size; prefill: prompts, prompt_len, a
 }
 
 
-# ---- the rank's layers -----------------------------------------------------------------------------
+# ---- the rank's model ------------------------------------------------------------------------------
 
-def layer_class():
-    from flax import nnx
+def rank_placement(n_logical: int, experts_local: int) -> dict:
+    """Expert maps for one rank's view: its El slots stand in for every expert, logical id e routed to
+    slot e mod El (model.moe.default_placement's form)."""
+    import numpy as np
 
-    from model.attention import MLA
-    from model.layers import MLP, RMSNorm
-    from model.moe import Gate
-
-    class ShardLayer(nnx.Module):
-        """What one rank holds of a decoder layer besides its routed experts: the replicated part."""
-
-        def __init__(self, cfg, moe: bool, dtype, rngs):
-            D = cfg.hidden_size
-            self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-            self.self_attn = MLA(cfg, dtype, rngs)
-            self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-            if moe:
-                self.gate = Gate(cfg, dtype, rngs)
-                self.shared_experts = MLP(D, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, rngs)
-            else:
-                self.mlp = MLP(D, cfg.intermediate_size, dtype, rngs)
-
-    return ShardLayer
+    return {"phy2log": np.arange(experts_local, dtype=np.int32),
+            "log2phy": (np.arange(n_logical, dtype=np.int32) % experts_local)[:, None],
+            "logcnt": np.ones(n_logical, np.int32)}
 
 
-def stacked_layers(cfg, moe: bool, n: int, seed: int, abstract: bool):
-    """(graphdef, state with a leading [n] axis). One layer's random values repeated n times: the same
-    shapes and bytes as n distinct layers, without an n-layer float32 temporary at init."""
+def rank_model(setup: Setup, seed: int, abstract: bool):
+    """(graphdef, state) of the engine's DeepseekV3 (no MTP) holding one rank's share: every replicated
+    weight, and El routed expert slots per MoE layer, in setup.quantization. One layer's random values
+    repeated over each stack: the same shapes and bytes as distinct layers, without building (and
+    initialising in float32) 61 of them."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    make = functools.partial(layer_class(), cfg, moe, jnp.bfloat16)
-    if abstract:
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
-        return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), state)
-    graphdef, state = nnx.split(make(nnx.Rngs(seed)))
-    stack = jax.jit(lambda a: jnp.broadcast_to(a, (n, *a.shape)))
-    return graphdef, jax.tree.map(stack, state)
+    from model import DeepseekV3
 
+    cfg = setup.cfg.replace(num_nextn_predict_layers=0)
+    one = cfg.replace(num_hidden_layers=1 + min(cfg.n_dense_layers, 1), first_k_dense_replace=min(cfg.n_dense_layers, 1))
+    placement = rank_placement(cfg.n_routed_experts, setup.experts_local)
 
-def expert_weights(setup: Setup, n_moe: int, seed: int, abstract: bool) -> dict:
-    """fp8: {gate, up, down} float8_e4m3fn [n_moe * El, K, N] in grouped_matmul's [G, K, N] layout, with
-    {gate,up,down}_scale float32 [n_moe * El, K/128, N/128] (model/quant.py's 128x128 blocks); all
-    layers in one array so the Pallas kernel reads a layer's experts in place (no per-layer slice copy).
-    bf16: [n_moe, El, F, D] / [n_moe, El, D, F], sharding.ep.grouped_ffn_ragged's [out, in] layout."""
-    import jax
-    import jax.numpy as jnp
+    def make():
+        return DeepseekV3(one, DTYPES[setup.dtype], nnx.Rngs(seed), setup.experts_local, setup.quantization, placement)
 
-    from model.quant import FP8, quantize_blocks, scale_shape
-
-    cfg, El = setup.cfg, setup.experts_local
-    D, F = cfg.hidden_size, cfg.moe_intermediate_size
-    if setup.expert_dtype == "bf16":
-        shapes, dtype = {"gate": (El, F, D), "up": (El, F, D), "down": (El, D, F)}, jnp.bfloat16
-    else:
-        shapes, dtype = {"gate": (El, D, F), "up": (El, D, F), "down": (El, F, D)}, FP8
-    out = {}
-    for i, (name, shape) in enumerate(shapes.items()):
-        full = (n_moe, *shape) if dtype != FP8 else (n_moe * El, *shape[1:])
-        if abstract:
-            out[name] = jax.ShapeDtypeStruct(full, dtype)
-            if dtype == FP8:
-                out[name + "_scale"] = jax.ShapeDtypeStruct(scale_shape(full), jnp.float32)
+    net = nnx.eval_shape(make) if abstract else make()
+    sizes = {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers}
+    for name, n in sizes.items():
+        stack = getattr(net, name)
+        if stack is None:
             continue
-        w = 0.02 * jax.random.normal(jax.random.key(seed + i), shape, jnp.float32)
-        if dtype == FP8:
-            q, s = jax.jit(lambda w: quantize_blocks(w, xp=jnp))(w)
-            tile = jax.jit(lambda a: jnp.broadcast_to(a, (n_moe, *a.shape)).reshape(n_moe * El, *a.shape[1:]))
-            out[name], out[name + "_scale"] = tile(q), tile(s)
+        if abstract:
+            tiled = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), nnx.state(stack))
         else:
-            out[name] = jax.jit(lambda a: jnp.broadcast_to(a.astype(dtype), (n_moe, *a.shape)))(w)
-    return out
+            tiled = jax.tree.map(jax.jit(lambda a: jnp.broadcast_to(a, (n, *a.shape[1:]))),
+                                 nnx.state(stack))
+        nnx.update(stack, tiled)
+    net.config = cfg  # the whole model's layer counts (the stacks' offsets, the cache's layers)
+    net.set_expert_impl(setup.gemm_impl)
+    return nnx.split(net)
 
 
-def routed_experts_fp8(rows, ids, weights, experts: dict, m, setup: Setup):
-    """sharding.ep.grouped_ffn_ragged with FP8 weights (it passes no w_scale): rows [M, D], ids int32[M, k]
-    local experts, weights [M, k] -> float32 [M, D]. Pairs sorted by expert, three grouped GEMMs, each
-    pair's output weighted and summed back onto its row (the combine's sum)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    from model.kernels.grouped_gemm import grouped_matmul
-
-    M, k = ids.shape
-    El = setup.experts_local
-    pair_expert = ids.reshape(-1)
-    order = jnp.argsort(pair_expert, stable=True)
-    counts = jnp.bincount(pair_expert, length=El).astype(jnp.int32)
-    x = rows[order // k]  # [M*k, D]
-    if setup.gemm_impl == "xla":  # dequantises the weights it is given: hand it this layer's only
-        w = {name: lax.dynamic_slice_in_dim(a, m * El, El) for name, a in experts.items()}
-        sizes = counts
-    else:  # the kernel reads the layer's experts where they lie; other layers' groups are empty
-        w = experts
-        sizes = lax.dynamic_update_slice(jnp.zeros(experts["gate"].shape[0], jnp.int32), counts, (m * El,))
-    impl, interpret = ("pallas", True) if setup.gemm_impl == "interpret" else (setup.gemm_impl, False)
-
-    def gemm(x, name):
-        return grouped_matmul(x, w[name], sizes, w[name + "_scale"], impl=impl, interpret=interpret)
-
-    h = jax.nn.silu(gemm(x, "gate")) * gemm(x, "up")
-    y = gemm(h, "down").astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((M, rows.shape[1]), jnp.float32).at[order // k].add(y)
-
-
-def moe_ffn(layer, h, experts, experts_xs, m, setup: Setup):
-    """Gate + this rank's routed experts (fed the rank's own tokens, see the module docstring) + shared."""
-    from sharding.ep import grouped_ffn_ragged
-
-    flat = h.reshape(-1, h.shape[-1])
-    weights, ids = layer.gate(flat)
-    local = ids % setup.experts_local
-    if setup.expert_dtype == "bf16":
-        routed, _, _ = grouped_ffn_ragged(flat, local, weights, experts_xs["gate"], experts_xs["up"],
-                                          experts_xs["down"])
-    else:
-        routed = routed_experts_fp8(flat, local, weights, experts, m, setup)
-    return routed.astype(h.dtype).reshape(h.shape) + layer.shared_experts(h)
-
-
-def ffn(layer, x, experts, experts_xs, m, setup):
+def weight_bytes(state) -> dict:
+    """Bytes of the weights each step reads: the replicated ones of the dense and MoE stacks, and the
+    routed experts (FP8: one byte per weight plus float32 scales)."""
     import jax
 
-    with jax.named_scope("ffn"):
-        h = layer.post_attention_layernorm(x)
-        h = moe_ffn(layer, h, experts, experts_xs, m, setup) if m is not None else layer.mlp(h)
-    return x + h
+    def total(tree):
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+    experts = total(state["moe_layers"]["mlp"]["experts"]) if "moe_layers" in state else 0
+    moe = total(state["moe_layers"]) - experts if "moe_layers" in state else 0
+    maps = sum(total(state["moe_layers"]["mlp"][k]) for k in ("phy2log", "log2phy", "logcnt")) if moe else 0
+    dense = total(state["dense_layers"]) if "dense_layers" in state else 0
+    return {"dense": dense, "moe": moe - maps, "experts": experts}
 
 
 # ---- decode ------------------------------------------------------------------------------------------
 
-def decode_step(dense, moe, experts, pool, x, page_table, positions, *, graphdefs, setup: Setup):
-    """x [B, 1, D] this rank's requests' hidden states, pool [1, L * NB, BS, C] every layer's pages
-    (layer l's table = page_table + l * NB, so attention reads its pages in place), positions int32[B, 1]
-    -> (x after all layers, pool with the new rows written)."""
-    import jax
-    import jax.numpy as jnp
+def decode_step(state, pool, tokens, page_table, positions, *, graphdef, setup: Setup):
+    """One engine decode step's forward (DeepseekV3.forward_step, absorbed MLA) over a paged cache:
+    tokens int32[B, 1] at positions [B, 1], pool [L, NB, BS, C] (NB = the batch's pages per layer),
+    page_table int32[B, MB] -> (hidden [B, 1, D], the pool with the new rows written)."""
     from flax import nnx
 
-    from model.layers import rope_cos_sin
-    from model.transformer import causal_mask
     from serving.kv_cache import PagedCache
 
-    cfg, NB = setup.cfg, setup.pages_per_layer
-    cos, sin = rope_cos_sin(positions, cfg)
-    mask = causal_mask(positions, page_table.shape[1] * setup.block_size)  # read by the xla path only
-
-    def body(graphdef, moe_layers: bool):
-        def layer_step(carry, xs):
-            x, pool = carry
-            state, layer, m, experts_xs = xs
-            block = nnx.merge(graphdef, state)
-            with jax.named_scope("attention"):
-                cache = PagedCache(pool, page_table + layer * NB, kernel=setup.attn_kernel)
-                h, cache = block.self_attn(block.input_layernorm(x), cos, sin, cache, 0, positions, mask,
-                                           absorbed=True)
-            x = ffn(block, x + h, experts, experts_xs, m if moe_layers else None, setup)
-            return (x, cache.pool), None
-        return layer_step
-
-    n_dense = cfg.n_dense_layers
-    carry = (x, pool)
-    for graphdef, state, first, moe_layers in ((graphdefs[0], dense, 0, False), (graphdefs[1], moe, n_dense, True)):
-        n = jax.tree.leaves(state)[0].shape[0]
-        xs_experts = experts if (moe_layers and setup.expert_dtype == "bf16") else None
-        xs = (state, first + jnp.arange(n, dtype=jnp.int32), jnp.arange(n, dtype=jnp.int32), xs_experts)
-        carry, _ = jax.lax.scan(body(graphdef, moe_layers), carry, xs)
-    return carry
+    net = nnx.merge(graphdef, state)
+    hidden, cache, _ = net.forward_step(tokens, positions, PagedCache(pool, page_table, kernel=setup.attn_kernel),
+                                        absorbed=True)
+    return hidden, cache.pool
 
 
 def decode_inputs(setup: Setup, abstract: bool):
-    """pool [1, L * NB, BS, C] (random rows: one layer's repeated), x [B, 1, D], page_table int32[B, MB]
-    (a random permutation of the layer's pages), positions int32[B, 1] = kv_len - 1 for every request."""
+    """pool [L, NB, BS, C] (random rows: one layer's repeated), tokens int32[B, 1], page_table
+    int32[B, MB] (a random permutation of the layer's pages), positions int32[B, 1] = kv_len - 1."""
     import jax
     import jax.numpy as jnp
 
     cfg = setup.cfg
     L, NB, BS, MB = cfg.num_hidden_layers, setup.pages_per_layer, setup.block_size, setup.pages_per_request
     C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    shapes = dict(pool=((1, L * NB, BS, C), jnp.bfloat16), x=((setup.batch, 1, cfg.hidden_size), jnp.bfloat16),
+    shapes = dict(pool=((L, NB, BS, C), DTYPES[setup.dtype]), tokens=((setup.batch, 1), jnp.int32),
                   page_table=((setup.batch, MB), jnp.int32), positions=((setup.batch, 1), jnp.int32))
     if abstract:
         return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
     keys = jax.random.split(jax.random.key(7), 3)
-    fill = jax.jit(lambda k: jnp.broadcast_to(jax.random.normal(k, (NB, BS, C), jnp.bfloat16),
-                                              (L, NB, BS, C)).reshape(shapes["pool"][0]))
-    return dict(pool=fill(keys[0]), x=jax.random.normal(keys[1], shapes["x"][0], jnp.bfloat16),
+    fill = jax.jit(lambda k: jnp.broadcast_to(jax.random.normal(k, (NB, BS, C), DTYPES[setup.dtype]), (L, NB, BS, C)))
+    return dict(pool=fill(keys[0]),
+                tokens=jax.random.randint(keys[1], shapes["tokens"][0], 0, cfg.vocab_size, jnp.int32),
                 page_table=jax.random.permutation(keys[2], NB).astype(jnp.int32).reshape(setup.batch, MB),
                 positions=jnp.full(shapes["positions"][0], setup.kv_len - 1, jnp.int32))
 
 
 # ---- prefill -----------------------------------------------------------------------------------------
 
-def causal_naive_attention(mla, q_nope, q_pe, rows, chunk: int):
-    """MLA.attend_naive over each prompt's causal prefix: prompts one at a time (lax.map), queries in
-    chunks of `chunk` rows against keys [0, chunk end), so the f32 scores stay [H, chunk, S] per call."""
-    import jax
-    import jax.numpy as jnp
-
-    S = q_nope.shape[1]
-
-    def one_prompt(args):
-        q_nope, q_pe, rows = (a[None] for a in args)
-        outs = []
-        for start in range(0, S, chunk):  # static chunks: each sees a longer, static key prefix
-            end = start + chunk
-            mask = jnp.arange(end)[None, None, :] <= jnp.arange(start, end)[None, :, None]
-            outs.append(mla.attend_naive(q_nope[:, start:end], q_pe[:, start:end], rows[:, :end], mask))
-        return jnp.concatenate(outs, axis=1)[0]
-
-    return jax.lax.map(one_prompt, (q_nope, q_pe, rows))
-
-
-def prefill_step(dense, moe, experts, x, positions, *, graphdefs, setup: Setup):
-    """x [prompts, S, D] fresh prompts (no cached prefix), positions int32[prompts, S] -> x after all layers."""
+def prefill_step(state, pool, tokens, page_table, *, graphdef, setup: Setup):
+    """Fresh prompts tokens int32[prompts, S] prefilled as the engine does a long prompt: chunks of
+    attn_chunk tokens, each one forward_step (naive MLA) writing its rows into the paged cache and
+    attending over the prompt's pages so far (the rest masked) -> (last chunk's hidden, pool)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from model.layers import rope_cos_sin
+    from serving.kv_cache import PagedCache
 
-    cos, sin = rope_cos_sin(positions, setup.cfg)
+    net = nnx.merge(graphdef, state)
+    n, S = tokens.shape
+    chunk = setup.attn_chunk
+    chunks = tokens.reshape(n, S // chunk, chunk).swapaxes(0, 1)  # [S / chunk, prompts, chunk]
 
-    def body(graphdef, moe_layers: bool):
-        def layer_step(x, xs):
-            state, m, experts_xs = xs
-            block = nnx.merge(graphdef, state)
-            mla = block.self_attn
-            with jax.named_scope("attention"):
-                h = block.input_layernorm(x)
-                q_nope, q_pe = mla.queries(h, cos, sin)
-                out = causal_naive_attention(mla, q_nope, q_pe, mla.latents(h, cos, sin), setup.attn_chunk)
-                h = mla.o_proj(out.reshape(*x.shape[:2], -1))
-            return ffn(block, x + h, experts, experts_xs, m if moe_layers else None, setup), None
-        return layer_step
+    def one_chunk(pool, xs):
+        toks, c = xs
+        positions = jnp.broadcast_to(c * chunk + jnp.arange(chunk, dtype=jnp.int32), (n, chunk))
+        hidden, cache, _ = net.forward_step(toks, positions, PagedCache(pool, page_table), absorbed=False)
+        return cache.pool, hidden[:, -1]
 
-    for graphdef, state, moe_layers in ((graphdefs[0], dense, False), (graphdefs[1], moe, True)):
-        n = jax.tree.leaves(state)[0].shape[0]
-        xs_experts = experts if (moe_layers and setup.expert_dtype == "bf16") else None
-        x, _ = jax.lax.scan(body(graphdef, moe_layers), x, (state, jnp.arange(n, dtype=jnp.int32), xs_experts))
-    return x
+    pool, last = jax.lax.scan(one_chunk, pool, (chunks, jnp.arange(S // chunk, dtype=jnp.int32)))
+    return last[-1], pool
 
 
 def prefill_inputs(setup: Setup, abstract: bool):
+    """pool [L, prompts * S / BS, BS, C] (zeros: fresh prompts), tokens int32[prompts, S], page_table
+    int32[prompts, S / BS] (each prompt's own pages)."""
     import jax
     import jax.numpy as jnp
 
-    shape = (setup.prompts, setup.prompt_len)
+    cfg = setup.cfg
+    pages = setup.prompt_len // setup.block_size
+    C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    shapes = dict(pool=((cfg.num_hidden_layers, setup.prompts * pages, setup.block_size, C), DTYPES[setup.dtype]),
+                  tokens=((setup.prompts, setup.prompt_len), jnp.int32), page_table=((setup.prompts, pages), jnp.int32))
     if abstract:
-        return dict(x=jax.ShapeDtypeStruct((*shape, setup.cfg.hidden_size), jnp.bfloat16),
-                    positions=jax.ShapeDtypeStruct(shape, jnp.int32))
-    return dict(x=jax.random.normal(jax.random.key(7), (*shape, setup.cfg.hidden_size), jnp.bfloat16),
-                positions=jnp.broadcast_to(jnp.arange(setup.prompt_len, dtype=jnp.int32), shape))
+        return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
+    return dict(pool=jnp.zeros(*shapes["pool"]),
+                tokens=jax.random.randint(jax.random.key(7), shapes["tokens"][0], 0, cfg.vocab_size, jnp.int32),
+                page_table=jnp.arange(setup.prompts * pages, dtype=jnp.int32).reshape(setup.prompts, pages))
 
 
 # ---- building, accounting, timing --------------------------------------------------------------------
@@ -400,34 +295,29 @@ def build(setup: Setup, abstract: bool = False):
     """-> (jitted step, its arguments as a dict in call order, bytes of each weight group)."""
     import jax
 
-    cfg = setup.cfg
-    g_dense, dense = stacked_layers(cfg, False, cfg.n_dense_layers, 1, abstract)
-    g_moe, moe = stacked_layers(cfg, True, cfg.n_moe_layers, 2, abstract)
-    experts = expert_weights(setup, cfg.n_moe_layers, 3, abstract)
-    args = dict(dense=dense, moe=moe, experts=experts)
+    graphdef, state = rank_model(setup, 1, abstract)
+    args = dict(state=state)
     if setup.phase == "decode":
         args.update(decode_inputs(setup, abstract))
-        fn = jax.jit(functools.partial(decode_step, graphdefs=(g_dense, g_moe), setup=setup), donate_argnums=(3,))
+        fn = jax.jit(functools.partial(decode_step, graphdef=graphdef, setup=setup), donate_argnums=(1,))
     else:
         args.update(prefill_inputs(setup, abstract))
-        fn = jax.jit(functools.partial(prefill_step, graphdefs=(g_dense, g_moe), setup=setup))
-    nbytes = {k: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(args[k])) for k in ("dense", "moe", "experts")}
-    return fn, args, nbytes
+        fn = jax.jit(functools.partial(prefill_step, graphdef=graphdef, setup=setup), donate_argnums=(1,))
+    return fn, args, weight_bytes(state)
 
 
 def estimate_bytes(setup: Setup) -> int:
     """Device memory for weights + KV pool (+ margin), from abstract shapes: nothing allocated."""
     import jax
 
-    _, args, nbytes = build(setup, abstract=True)
-    extra = sum(a.size * a.dtype.itemsize for k, v in args.items() if k not in nbytes for a in jax.tree.leaves(v))
-    return sum(nbytes.values()) + extra + MARGIN_BYTES
+    _, args, _ = build(setup, abstract=True)
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(args)) + MARGIN_BYTES
 
 
 def decode_bytes(setup: Setup, nbytes: dict) -> dict:
     cfg = setup.cfg
     C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    kv = setup.batch * setup.kv_len * C * 2 * cfg.num_hidden_layers
+    kv = setup.batch * setup.kv_len * C * (2 if setup.dtype == "bf16" else 4) * cfg.num_hidden_layers
     return {"replicated_weights": nbytes["dense"] + nbytes["moe"], "expert_weights": nbytes["experts"],
             "kv_cache": kv, "total": nbytes["dense"] + nbytes["moe"] + nbytes["experts"] + kv}
 
@@ -441,9 +331,9 @@ def prefill_flops(setup: Setup) -> dict:
     kv_b = R * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # per key row up-projected
     per_pair = H * (cfg.qk_head_dim + cfg.v_head_dim)
     causal_pairs = n * S * (S + 1) // 2
-    c = setup.attn_chunk
-    exec_pairs = n * sum(c * (i + 1) * c for i in range(S // c))  # each chunk: c queries x its key prefix
-    exec_kv_rows = n * sum((i + 1) * c for i in range(S // c))
+    chunks = S // setup.attn_chunk
+    exec_pairs = n * S * S  # each chunk's queries against all S slots of the prompt's pages (masked past it)
+    exec_kv_rows = n * chunks * S  # each chunk up-projects every slot it reads
     dense_ffn = 3 * D * cfg.intermediate_size
     moe_ffn_tok = 3 * D * cfg.moe_intermediate_size * cfg.n_shared_experts + D * cfg.n_routed_experts
     routed = cfg.num_experts_per_tok * T * 3 * D * cfg.moe_intermediate_size  # 8 * tokens pairs delivered
@@ -490,7 +380,7 @@ def make_setup(args, platform: str):
         raise SystemExit(f"--attn-chunk {sizes['attn_chunk']} must divide the prompt length {sizes['prompt_len']}.")
     return Setup(phase=args.phase, scale=args.scale, cfg=cfg, **DEPLOYMENT[args.phase], **sizes,
                  attn_kernel=resolve(args.attn_kernel, platform), gemm_impl=resolve(args.gemm_impl, platform),
-                 expert_dtype=args.expert_dtype)
+                 quantization=args.quantization, dtype=args.dtype)
 
 
 def fit_batch(setup: Setup, limit: int | None, explicit: bool) -> tuple[Setup, str | None]:
@@ -518,40 +408,38 @@ def notes_for(setup: Setup) -> list[str]:
         f"this rank's own {n} tokens x {k} gate choices stand in for them, split over its {El} experts "
         f"(logical id mod {El}); no dispatch/combine communication is timed",
     ]
-    if setup.expert_dtype == "fp8":
-        how = ("dequantised tile by tile inside the Pallas grouped GEMM (BF16 MMA, not FP8 MMA)"
-               if setup.gemm_impl != "xla" else "dequantised per layer inside the step, then lax.ragged_dot")
-        out.append(f"routed experts stay FP8 e4m3 in memory with float32 128x128 scales; {how}")
+    if setup.quantization == "fp8":
+        how = ("the Pallas grouped GEMM, FP8 weights dequantised tile by tile, activations dequantised to BF16 "
+               "(BF16 MMA, not FP8 MMA)" if setup.gemm_impl != "xla" else "XLA, dequantised to float32")
+        out.append(f"quantization fp8: MLA projections, dense MLP, shared and routed experts stay FP8 e4m3 with "
+                   f"float32 128x128 scales, activations quantised 1x128 before each GEMM; routed experts: {how}; "
+                   f"dense FP8 GEMMs: both operands dequantised for one XLA GEMM (BF16 on GPU)")
     else:
-        out.append("routed experts in BF16 (--expert-dtype bf16), through sharding.ep.grouped_ffn_ragged")
+        out.append("quantization none: every weight BF16")
     out += [
-        "replicated weights (MLA, dense MLP, shared expert, gate) are BF16 as the repo's modules hold them; "
-        "DeepSeek keeps these in FP8 too",
+        "the engine's own model: DeepseekV3.forward_step with this rank's expert maps (model code, not a copy)",
         "random weights: one layer's values repeated over the stack (same shapes and bytes as distinct layers)",
-        "not timed: embedding lookup, final norm + LM head, sampling, MTP, host scheduling, communication",
+        "not timed: final LM head, sampling, MTP, host scheduling, communication",
     ]
     if setup.phase == "decode":
-        out.append(f"attention: MLA absorbed form over a paged BF16 latent pool ({setup.block_size}-token pages, "
+        out.append(f"attention: MLA absorbed form over a paged {setup.dtype} latent pool ({setup.block_size}-token pages, "
                    f"random page order), kernel={setup.attn_kernel}; each request writes its new row at position "
                    f"{setup.kv_len - 1} and attends over {setup.kv_len}")
         out.append("DeepSeek's 20-22 tok/s per user decodes with MTP (more than one token per step); "
                    "here every request gets one token per step")
     else:
-        out.append(f"attention: naive MLA (MLA.attend_naive) over fresh prompts, queries in chunks of "
-                   f"{setup.attn_chunk} against their causal key prefix; roofline counts causal model FLOPs")
+        out.append(f"attention: naive MLA over fresh prompts prefilled in chunks of {setup.attn_chunk} tokens, "
+                   f"each chunk one forward_step over the prompt's pages (later slots masked); roofline counts "
+                   f"causal model FLOPs")
         out.append(f"DeepSeek's 9.2k input tok/s per GPU includes {CACHE_HIT:.1%} on-disk cache hits "
                    f"(~{PUBLISHED['prefill'] * (1 - CACHE_HIT):,.0f} computed tok/s); every token here is computed")
     return out
 
 
 def kernels(setup: Setup) -> dict:
-    """Prefill's naive attention is XLA einsums whatever --attn-kernel says (the kernel is decode's);
-    BF16 experts go through grouped_ffn_ragged, which picks its GEMM by backend."""
-    import jax
-
-    gemm = setup.gemm_impl if setup.expert_dtype == "fp8" else resolve("auto", jax.default_backend())
-    return {"attention": setup.attn_kernel if setup.phase == "decode" else "xla", "grouped_gemm": gemm,
-            "expert_dtype": setup.expert_dtype}
+    """Prefill's naive attention is XLA einsums whatever --attn-kernel says (the kernel is decode's)."""
+    return {"attention": setup.attn_kernel if setup.phase == "decode" else "xla", "grouped_gemm": setup.gemm_impl,
+            "expert_dtype": "fp8" if setup.quantization == "fp8" else "bf16"}
 
 
 def report(setup: Setup, times, nbytes, device, memory, extra_notes) -> dict:
@@ -694,8 +582,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attn-kernel", choices=("auto", "pallas", "xla", "interpret"), default="auto",
                     help="decode attention: auto = the Pallas paged kernel on GPU, XLA elsewhere")
     ap.add_argument("--gemm-impl", choices=("auto", "pallas", "xla", "interpret"), default="auto",
-                    help="routed-expert grouped GEMM: auto = Pallas on GPU, lax.ragged_dot elsewhere")
-    ap.add_argument("--expert-dtype", choices=("fp8", "bf16"), default="fp8")
+                    help="routed-expert GEMMs: auto = the Pallas grouped GEMM on GPU, XLA elsewhere")
+    ap.add_argument("--quantization", choices=("fp8", "none"), default="fp8",
+                    help="fp8: DeepSeek's FP8 weights and GEMMs (the GPU default for FP8 checkpoints); none: BF16")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="activations, KV cache and non-FP8 weights (fp32: for comparing code paths on a CPU)")
     ap.add_argument("--force", action="store_true", help="run --scale full on a CPU anyway")
     ap.add_argument("--check-lowering", metavar="PLATFORM", choices=("cuda", "rocm"),
                     help="lower the step for this platform from abstract shapes, then exit (no allocation)")
@@ -730,8 +621,8 @@ def main(argv=None) -> int:
     analysis = compiled.memory_analysis()
     if args.dump_hlo:
         Path(args.dump_hlo).write_text(compiled.as_text())
-    times, out = time_steps(compiled, inputs, args.steps, "pool" if setup.phase == "decode" else None)
-    x = out[0] if setup.phase == "decode" else out
+    times, out = time_steps(compiled, inputs, args.steps, "pool")
+    x = out[0]
     finite = bool(jax.numpy.isfinite(x).all())
     memory = {"compiled_temp_bytes": getattr(analysis, "temp_size_in_bytes", None),
               "weights_bytes": sum(nbytes.values()),

@@ -1,7 +1,9 @@
-"""Demo: the serving engine on a deployment's mesh (default: 8 devices, DP attention + EP experts,
-FP8 dispatch) answering checkable questions with the embedded model, models/jaxseek-tiny (a small
-DeepSeek-V3-architecture model trained to reverse, sort and add digit strings). Every answer is
-checked; the engine's statistics follow.
+"""Demo: the serving engine on a deployment's mesh (default: 8 devices, DP attention + EP experts)
+answering checkable questions with the embedded model, models/jaxseek-tiny (a small
+DeepSeek-V3-architecture model trained to reverse, sort and add digit strings; it ships in
+DeepSeek's FP8 format). --quantization fp8 serves it as DeepSeek does: FP8 weights, FP8 GEMMs, FP8
+dispatch; none (the default on a CPU) dequantises it. Every answer is checked; the engine's
+statistics follow.
 
 Without the embedded model (or with --model pointing at a checkpoint without a tokenizer) it runs
 token-id prompts and checks greedy decoding against a teacher-forced full forward instead."""
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
     ap.add_argument("--deployment", default=str(ROOT / "configs/deploy/cpu8.json"),
                     help="deployment file (mesh, EP, dispatch precision, serving buckets)")
+    ap.add_argument("--quantization", choices=("fp8", "none"),
+                    help="fp8 or none (default: fp8 on a GPU for an FP8 checkpoint, none otherwise)")
     ap.add_argument("--prompt", action="append", help="a question such as 'sort 3141=' (repeatable)")
     ap.add_argument("--questions", type=int, default=12, help="random questions when no --prompt is given")
     ap.add_argument("--max-tokens", type=int, default=12)
@@ -99,24 +103,32 @@ def main(argv=None) -> int:
     path = args.model or default_model()
     print(f"[demo] loading {path} onto {args.deployment} and compiling...", file=sys.stderr)
     t0 = time.perf_counter()
-    llm = LLM(path, deployment=args.deployment)
+    llm = LLM(path, deployment=args.deployment, quantization=args.quantization)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows, ok = (text_demo if llm.tokenizer else token_demo)(llm, args)
     elapsed = time.perf_counter() - t0
     stats = llm.stats()
-    summary = {"model": str(path), "deployment": llm.deployment.name, "load_s": round(t_load, 2),
+    summary = {"model": str(path), "deployment": llm.deployment.name, "quantization": stats["quantization"],
+               "parameter_bytes": stats["parameter_bytes"], "load_s": round(t_load, 2),
                "generate_s": round(elapsed, 2), "results": rows, "all_correct": ok,
                "generated_tokens": stats["generated_tokens"], "compilations": stats["compilations"],
                "ttft_s": stats["ttft_s"], "eplb_balancedness": stats["eplb"].get("balancedness")}
     if args.json:
         print(json.dumps(summary))
         return 0 if ok else 1
-    ep = llm.engine.net.ep
+    net = llm.engine.net
+    ep = net.ep
+    if ep is not None:  # what travels: "auto" resolved
+        from sharding.ep import payload
+        wire = {"auto": np.dtype(net.dtype).name}
+        dispatch = payload(ep, net.quantization == "fp8")
+        dispatch, combine = wire.get(dispatch, dispatch), wire.get(ep.combine_dtype, ep.combine_dtype)
     where = "one device" if ep is None else (f"mesh {dict(ep.mesh.shape)}: EP{ep.ranks}, "
-                                             f"{llm.engine.net.n_physical_experts} physical experts, "
-                                             f"{ep.dispatch_dtype} dispatch, {ep.combine_dtype} combine")
-    print(f"{path.name} on {where} (loaded in {t_load:.1f}s)")
+                                             f"{net.n_physical_experts} physical experts, "
+                                             f"{dispatch} dispatch, {combine} combine")
+    print(f"{path.name} on {where}, quantization {stats['quantization']} ({stats['parameter_bytes'] / 1e6:.1f} MB "
+          f"of parameters; loaded in {t_load:.1f}s)")
     for r in rows:
         print(f"  {'ok ' if r['correct'] else 'BAD'} {str(r['prompt']):<24} -> {r['answer']!s:<14}"
               f"{'' if r['correct'] else '  expected ' + str(r['expected'])}")

@@ -16,7 +16,6 @@ and scored by greedy decoding (prefill + absorbed decode) on fresh problems.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -36,7 +35,6 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from model import DeepseekV3, ModelConfig  # noqa: E402
 from model.checkpoint import save_safetensors  # noqa: E402
 from model.transformer import param_count  # noqa: E402
-from sharding import ep as expert_parallel  # noqa: E402
 
 BOS, EOS, USER, ASSISTANT, PAD, UNK = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
                                        "<｜Assistant｜>", "<｜▁pad▁｜>", "<｜unk｜>")
@@ -158,48 +156,6 @@ BIAS = nnx.PathContains("e_score_correction_bias")
 # The MTP module's embedding and output head: DeepSeek-V3 shares them with the main model (its
 # checkpoint stores copies), so in training they are views of the main weights, not parameters.
 MTP_SHARED = nnx.All(nnx.PathContains("mtp"), nnx.Any(nnx.PathContains("embed_tokens"), nnx.PathContains("head")))
-TILE = 64  # rows per expert tile in the training kernel
-
-
-def tiled_grouped_ffn(rows, ids, weights, w_gate, w_up, w_down):
-    """Same contract and numbers as sharding.ep.grouped_ffn_ragged, for training on CPU: XLA:CPU
-    lowers lax.ragged_dot to a dense GEMM over every expert, masked (16x the work here, 10x slower
-    with its gradient). Instead each expert's (row, expert) pairs are packed into whole tiles of
-    TILE rows, and every tile is one small GEMM against its expert's weights. No pair is dropped:
-    the tile count covers the worst case of every expert's last tile being nearly empty."""
-    M, k = ids.shape
-    El = w_gate.shape[0]
-    n_slots = -(-(M * k + El * (TILE - 1)) // TILE) * TILE
-    pair_expert = jnp.where(ids >= 0, ids, El).reshape(-1)  # El: no expert (padding token)
-    counts = jnp.bincount(pair_expert, length=El + 1).astype(jnp.int32)
-    order = jnp.argsort(pair_expert, stable=True)
-    sorted_expert = pair_expert[order]
-    padded = ((counts + TILE - 1) // TILE * TILE).at[El].set(0)
-    slot_end = jnp.cumsum(padded)
-    rank = jnp.arange(M * k) - (jnp.cumsum(counts) - counts)[sorted_expert]  # position within its expert
-    slot = jnp.where(sorted_expert < El, slot_end[sorted_expert] - padded[sorted_expert] + rank, n_slots)
-    src = jnp.full((n_slots,), M, jnp.int32).at[slot].set(order // k, mode="drop")  # row M: zeros
-    w = jnp.zeros((n_slots,), jnp.float32).at[slot].set(weights.reshape(-1)[order], mode="drop")
-    tile_expert = jnp.minimum(jnp.searchsorted(slot_end[:El], jnp.arange(0, n_slots, TILE), side="right"), El - 1)
-    x = jnp.concatenate([rows, jnp.zeros_like(rows[:1])])[src].reshape(n_slots // TILE, TILE, -1)
-    h = (jax.nn.silu(jnp.einsum("tcd,tfd->tcf", x, w_gate[tile_expert]))
-         * jnp.einsum("tcd,tfd->tcf", x, w_up[tile_expert]))
-    y = jnp.einsum("tcf,tdf->tcd", h, w_down[tile_expert]).reshape(n_slots, -1) * w[:, None]
-    out = jnp.zeros((M + 1, rows.shape[1]), jnp.float32).at[src].add(y.astype(jnp.float32))[:M]
-    return out, counts[:El], jnp.bool_(False)
-
-
-@contextlib.contextmanager
-def tiled_experts():
-    """Traces the model's MoE with tiled_grouped_ffn (training only; evaluation runs the model as is)."""
-    saved = expert_parallel.grouped_ffn_ragged
-    expert_parallel.grouped_ffn_ragged = tiled_grouped_ffn
-    try:
-        yield
-    finally:
-        expert_parallel.grouped_ffn_ragged = saved
-
-
 def masked_ce(logits, targets, weight):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
@@ -296,6 +252,9 @@ def log_entry(step: int, sums: dict, n: int, lr: float) -> dict:
 def train(args, tok: Tokenizer):
     cfg = ModelConfig.from_dict(hf_config(tok.get_vocab_size()))
     net = DeepseekV3(cfg, jnp.float32, nnx.Rngs(args.seed))
+    # The XLA expert GEMMs, which have gradients (the Pallas kernels do not); on CPU that is the
+    # tiled layout of model/experts.py (XLA:CPU computes lax.ragged_dot densely, 10x slower here).
+    net.set_expert_impl("xla")
     graphdef, bias, shared, params, rest = nnx.split(net, BIAS, MTP_SHARED, nnx.Param, ...)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.lr * 0.02)
     adamw = optax.adamw(schedule, b2=0.98, weight_decay=args.weight_decay)
@@ -304,19 +263,19 @@ def train(args, tok: Tokenizer):
     step = make_step(graphdef, optimizer, args.bias_gamma)
     rng = np.random.default_rng(args.seed)
     progress, log, sums, since = Progress(args.steps), [], None, 0
-    with tiled_experts():
-        for i in range(1, args.steps + 1):
-            batch = {**encode_batch(tok, rng, args.batch), "mtp_lambda": np.float32(args.mtp_lambda)}
-            params, opt_state, bias, metrics = step(params, opt_state, bias, shared, rest, batch)
-            # Summed on device; the host syncs only at log steps.
-            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            since += 1
-            if i % args.log_every == 0 or i == args.steps:
-                log.append(log_entry(i, sums, since, float(schedule(i))))
-                progress.update(i, log[-1])
-                sums, since = None, 0
+    for i in range(1, args.steps + 1):
+        batch = {**encode_batch(tok, rng, args.batch), "mtp_lambda": np.float32(args.mtp_lambda)}
+        params, opt_state, bias, metrics = step(params, opt_state, bias, shared, rest, batch)
+        # Summed on device; the host syncs only at log steps.
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        since += 1
+        if i % args.log_every == 0 or i == args.steps:
+            log.append(log_entry(i, sums, since, float(schedule(i))))
+            progress.update(i, log[-1])
+            sums, since = None, 0
     progress.close()
     nnx.update(net, bias, shared_with_mtp(params, shared), params)
+    net.set_expert_impl("auto")
     return net, log
 
 

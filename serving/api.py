@@ -78,25 +78,30 @@ class Tokenizer:
                                                 eos_token=self.config.get("eos_token", ""))
 
 
-def build_engine(path, deployment, dtype, devices=None, role: str = "mixed") -> Engine:
+def build_engine(path, deployment, dtype, devices=None, role: str = "mixed", quantization=None) -> Engine:
     """One engine: the checkpoint loaded onto the deployment's mesh (over `devices`, default all)."""
     from model import DeepseekV3
     from sharding.deployment import resolve
     deployment, mesh = resolve(deployment, deployment.make_mesh(devices))
     serving = ServingConfig.from_dict(deployment.serving, deployment.source)
-    net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment)
+    net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment, quantization=quantization)
     rebalancing = Rebalancing(deployment.rebalance_interval, deployment.rebalance_window,
                               deployment.rebalance_threshold, deployment.gpus_per_node)
     return Engine(net, serving, mesh, rebalancing, role)
 
 
 class LLM:
-    def __init__(self, model_path=None, deployment=None, dtype=None):
+    def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None):
         """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
         tiny model). deployment: a deployment file or sharding.deployment.Deployment (default: every
-        device present). dtype: weights and compute (default float32 on CPU, bfloat16 elsewhere)."""
+        device present). dtype: activations and non-FP8 weights (default float32 on CPU, bfloat16
+        elsewhere). quantization: "fp8" | "none" (default: the deployment's, else fp8 on a GPU for an
+        FP8 checkpoint, none otherwise)."""
         from model import ModelConfig
+        from model.quant import check_quantization
         from sharding.deployment import Deployment, Disaggregated, read
+        if quantization is not None:
+            check_quantization(quantization)
         path = Path(model_path) if model_path is not None else DEFAULT_MODEL
         cfg = ModelConfig.from_json(path / "config.json")
         if deployment is None:
@@ -107,10 +112,10 @@ class LLM:
         self.deployment = deployment
         if isinstance(deployment, Disaggregated):
             from serving.disagg import build
-            self.engine = build(path, deployment, dtype)
+            self.engine = build(path, deployment, dtype, quantization=quantization)
             self.spare = self.engine.spare
         else:
-            self.engine = build_engine(path, deployment, dtype)
+            self.engine = build_engine(path, deployment, dtype, quantization=quantization)
             self.spare = [d for d in jax.devices() if d not in set(self.engine.mesh.devices.flat)]
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
 

@@ -30,7 +30,7 @@ from serving.scheduler import Request
 ARRIVAL_COUNTERS = ("requests", "rejected", "prompt_tokens", "cached_prompt_tokens", "disk_cached_prompt_tokens")
 
 
-def build(path, deployment, dtype, devices=None) -> "DisaggEngine":
+def build(path, deployment, dtype, devices=None, quantization=None) -> "DisaggEngine":
     """Loads the checkpoint once per slice, each onto its own devices with its own deployment."""
     from serving.api import build_engine
     devices = list(jax.devices() if devices is None else devices)
@@ -38,8 +38,8 @@ def build(path, deployment, dtype, devices=None) -> "DisaggEngine":
     if need > len(devices):
         raise ValueError(f"{deployment.source}: needs {need} devices ({n_prefill} prefill + "
                          f"{need - n_prefill} decode), only {len(devices)} available")
-    return DisaggEngine(build_engine(path, deployment.prefill, dtype, devices[:n_prefill], "prefill"),
-                        build_engine(path, deployment.decode, dtype, devices[n_prefill:need], "decode"),
+    return DisaggEngine(build_engine(path, deployment.prefill, dtype, devices[:n_prefill], "prefill", quantization),
+                        build_engine(path, deployment.decode, dtype, devices[n_prefill:need], "decode", quantization),
                         spare_devices=devices[need:])
 
 
@@ -172,7 +172,10 @@ class DisaggEngine:
                    kv_blocks_cached=prefill["kv_blocks_cached"] + decode["kv_blocks_cached"],
                    kv_blocks_total_per_rank=max(prefill["kv_blocks_total_per_rank"],
                                                 decode["kv_blocks_total_per_rank"]),
-                   compilations=self.compilations, eplb=decode["eplb"])
+                   compilations=self.compilations, eplb=decode["eplb"],
+                   parameter_bytes=prefill["parameter_bytes"] + decode["parameter_bytes"],  # each slice holds a copy
+                   parameter_bytes_per_device=max(prefill["parameter_bytes_per_device"],
+                                                  decode["parameter_bytes_per_device"]))
         return out
 
     @property

@@ -533,9 +533,19 @@ class Engine:
             balance={k: v.summary() for k, v in self.scheduler.balance.items()},
             disk=self.disk.stats if self.disk else None, resizes=self.resizes,
             compilations=self.compilations, ep_capacity_level=None if self.net.ep is None else self.net.ep.level,
-            eplb=self.eplb_stats(),
+            eplb=self.eplb_stats(), quantization=self.net.quantization, **parameter_bytes(self.net),
         )
         return c
+
+
+def parameter_bytes(net) -> dict:
+    """The weights on device: `parameter_bytes` counts each array once (one copy of a replicated
+    weight; every physical expert slot), `parameter_bytes_per_device` the most any device holds."""
+    per_device: collections.Counter = collections.Counter()
+    for a in jax.tree.leaves(nnx.state(net, nnx.Param)):
+        for shard in a.addressable_shards:
+            per_device[shard.device.id] += shard.data.nbytes
+    return {"parameter_bytes": net.parameter_bytes, "parameter_bytes_per_device": max(per_device.values(), default=0)}
 
 
 def summarize(counters: dict, finished, gpu_seconds: float) -> dict:
@@ -584,7 +594,8 @@ def model_identity(net) -> bytes:
     import hashlib
     import json
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(net.config.to_dict(), sort_keys=True).encode() + jnp.dtype(net.dtype).name.encode())
+    h.update(json.dumps(net.config.to_dict(), sort_keys=True).encode() + jnp.dtype(net.dtype).name.encode()
+             + net.quantization.encode())  # FP8 GEMMs compute other KV rows than the dequantised model
     head = net.lm_head.weight if net.lm_head is not None else net.embed_tokens.weight
     for weight in (net.embed_tokens.weight, head, net.norm.weight):
         h.update(np.asarray(weight[...].addressable_data(0)[:64]).tobytes())

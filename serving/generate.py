@@ -1,4 +1,4 @@
-"""python -m serving.generate --model DIR [--deployment F] (--prompt TEXT | --prompt-ids 1,2,3)...
+"""python -m serving.generate --model DIR [--deployment F] [--quantization fp8|none] (--prompt TEXT | --prompt-ids 1,2,3)...
 [--max-tokens N --temperature T --top-k K --top-p P --seed S] [--json]
 [--coordinator HOST:PORT --num-processes N --process-id I]
 
@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serving.generate", description="Generate with the jaxseek engine.")
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
+    ap.add_argument("--quantization", choices=("fp8", "none"),
+                    help="weights: fp8 (FP8 GEMMs, DeepSeek's serving form) or none (default: the deployment's, "
+                         "else fp8 on a GPU for an FP8 checkpoint, none otherwise)")
     ap.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     ap.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     ap.add_argument("--chat", action="store_true", help="wrap each text prompt in the model's chat template")
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
         print("[generate] loading the model and compiling (first run takes a while)...", file=sys.stderr)
-        llm = LLM(args.model, deployment=args.deployment)
+        llm = LLM(args.model, deployment=args.deployment, quantization=args.quantization)
         prompts = ([llm.chat_prompt([{"role": "user", "content": p}]) for p in args.prompt] if args.chat
                    else list(args.prompt)) + prompt_ids
     except ValueError as e:

@@ -98,6 +98,10 @@ class EngineCollector:
         yield used
         yield cached
         yield total
+        yield gauge("parameter_bytes", "Bytes of the model's parameters on device, each array counted once "
+                    "(FP8 weights: 1 byte each plus their scales).", s["parameter_bytes"])
+        yield gauge("parameter_bytes_per_device", "Bytes of parameters on the device holding the most.",
+                    s["parameter_bytes_per_device"])
         yield counter("compilations", "XLA compilations of the engine step (shape buckets, EP capacity levels).",
                       s["compilations"])
         yield counter("ep_overflow_retries",

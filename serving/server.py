@@ -825,6 +825,8 @@ def main(argv=None) -> int:
                                  description="OpenAI-compatible HTTP server over the jaxseek engine.")
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
+    ap.add_argument("--quantization", choices=("fp8", "none"),
+                    help="weights: fp8 or none (default: the deployment's, else fp8 on a GPU for an FP8 checkpoint)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--served-model-name", help="the `model` clients send (default: the model directory's name)")
@@ -842,7 +844,7 @@ def main(argv=None) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     try:
         print(f"[server] loading {model_dir}...", file=sys.stderr)
-        llm = LLM(model_dir, deployment=args.deployment)
+        llm = LLM(model_dir, deployment=args.deployment, quantization=args.quantization)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,15 @@
-"""Deployment files (configs/deploy/*.json): the mesh, expert parallelism and dispatch precision.
+"""Deployment files (configs/deploy/*.json): the mesh, expert parallelism, dispatch precision and
+the weights' quantization.
 
-    {"name": "cpu8", "mesh": {"dp": 8, "tp": 1}, "experts": {"redundant": 8},
-     "dispatch": {"dtype": "fp8", "combine_dtype": "bf16", "capacity_factors": [2.0, 4.0, null]}}
+    {"name": "cpu8", "mesh": {"dp": 8, "tp": 1}, "experts": {"redundant": 8}, "quantization": "fp8",
+     "dispatch": {"dtype": "auto", "combine_dtype": "auto", "capacity_factors": [2.0, 4.0, null]}}
+
+quantization: "fp8" | "none"; left out, the default rule (fp8 on a GPU for an FP8 checkpoint, none
+otherwise; a `quantization` argument or flag overrides the file). dispatch.dtype "auto" (default)
+sends what the expert GEMMs consume: FP8 rows + scales for FP8 experts, the activations' own dtype
+otherwise; "fp8" before non-FP8 experts quantises for the wire alone, which loses accuracy (an
+explicit choice: half the bytes of BF16). combine_dtype "auto" (default) returns the activations'
+dtype; "bf16" is DeepSeek's (their activations are BF16).
 
 EP spans every device of the mesh (dp x tp); routed experts + redundant replicas must divide
 evenly over it (DeepSeek: 256 + 32 = 288 = 32 x 9 for prefill, 144 x 2 for decode).
@@ -16,10 +24,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+from model.quant import check_quantization
 from sharding.ep import EPConfig
 from sharding.mesh import make_mesh
 
-SECTIONS = {"name": None, "description": None, "mesh": {"dp", "tp", "gpus_per_node"},
+SECTIONS = {"name": None, "description": None, "quantization": None, "mesh": {"dp", "tp", "gpus_per_node"},
             "experts": {"redundant", "rebalance_interval", "rebalance_window", "rebalance_threshold"},
             "dispatch": {"dtype", "combine_dtype", "capacity_factors", "overlap"},
             "serving": None}  # read by serving.config.ServingConfig
@@ -31,8 +40,8 @@ class Deployment:
     dp: int
     tp: int = 1
     redundant_experts: int = 0
-    dispatch_dtype: str = "fp8"
-    combine_dtype: str = "bf16"
+    dispatch_dtype: str = "auto"
+    combine_dtype: str = "auto"
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     overlap: str = "none"  # none | auto (two_batch prefill, five_stage decode) | two_batch | five_stage
     gpus_per_node: int = 8  # EPLB's hierarchical policy packs expert groups onto nodes
@@ -41,6 +50,7 @@ class Deployment:
     rebalance_interval: int = 0
     rebalance_window: int = 4
     rebalance_threshold: float = 1.1
+    quantization: str | None = None  # fp8 | none | None (the default rule, model.quant.default_quantization)
     serving: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
     source: str = "<deployment>"  # the file, for error messages
 
@@ -48,6 +58,8 @@ class Deployment:
         if self.dp < 1 or self.tp < 1 or self.redundant_experts < 0:
             raise ValueError(f"{self.source}: mesh dp={self.dp}, tp={self.tp} must be >= 1 and "
                              f"experts.redundant={self.redundant_experts} >= 0")
+        if self.quantization is not None:
+            check_quantization(self.quantization)
 
     @property
     def ep_size(self) -> int:
@@ -78,8 +90,8 @@ class Deployment:
         try:
             dep = cls(name=raw.get("name", name), dp=int(mesh.get("dp", 1)), tp=int(mesh.get("tp", 1)),
                       redundant_experts=int(experts.get("redundant", 0)),
-                      dispatch_dtype=dispatch.get("dtype", "fp8"),
-                      combine_dtype=dispatch.get("combine_dtype", "bf16"),
+                      dispatch_dtype=dispatch.get("dtype", "auto"),
+                      combine_dtype=dispatch.get("combine_dtype", "auto"), quantization=raw.get("quantization"),
                       capacity_factors=tuple(factors), overlap=dispatch.get("overlap", "none"),
                       gpus_per_node=int(mesh.get("gpus_per_node", 8)),
                       rebalance_interval=int(experts.get("rebalance_interval", 0)),
@@ -139,13 +151,15 @@ def read(path) -> "Deployment | Disaggregated":
         raise ValueError(f"{path}: must hold a JSON object")
     if "prefill" not in raw and "decode" not in raw:
         return Deployment.from_dict(raw, str(path), path.stem)
-    extra = set(raw) - {"name", "description", "prefill", "decode"}
+    extra = set(raw) - {"name", "description", "quantization", "prefill", "decode"}
     if extra or not isinstance(raw.get("prefill"), dict) or not isinstance(raw.get("decode"), dict):
         raise ValueError(f"{path}: a disaggregated deployment holds 'prefill' and 'decode' sections (each a "
-                         f"deployment: mesh, experts, dispatch, serving) and nothing else{f', not {sorted(extra)}' if extra else ''}")
+                         f"deployment: mesh, experts, dispatch, serving), and may name a 'quantization' for "
+                         f"both, but nothing else{f', not {sorted(extra)}' if extra else ''}")
     name = raw.get("name", path.stem)
-    return Disaggregated(name, Deployment.from_dict(raw["prefill"], f"{path} [prefill]", f"{name}-prefill"),
-                         Deployment.from_dict(raw["decode"], f"{path} [decode]", f"{name}-decode"), str(path))
+    both = {"quantization": raw["quantization"]} if "quantization" in raw else {}  # a slice may set its own
+    return Disaggregated(name, Deployment.from_dict({**both, **raw["prefill"]}, f"{path} [prefill]", f"{name}-prefill"),
+                         Deployment.from_dict({**both, **raw["decode"]}, f"{path} [decode]", f"{name}-decode"), str(path))
 
 
 def resolve(deployment, mesh=None) -> tuple[Deployment, object]:

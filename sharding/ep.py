@@ -7,10 +7,15 @@ C rows one rank sends another (capacity), El physical experts per rank, Ce rows 
 Per MoE layer, inside `shard_map` over the EP axes (all devices):
 1. plan: each token goes once to every rank that holds at least one of its experts (deduplicated),
    carrying the ids of its experts there (local numbering) and their gate weights;
-2. dispatch: one all-to-all of [R, C, D] rows (FP8 e4m3 + 1x128 scales, or bf16/fp32);
-3. experts: received (row, expert) pairs grouped by local expert into [El, Ce, D], SwiGLU as one
-   batched GEMM, weighted and summed per row, so one vector per row goes back;
-4. combine: the reverse all-to-all of [R, C, D] in BF16; the sender sums each token's returns.
+2. dispatch: one all-to-all of [R, C, D] rows in the dispatch dtype. "auto" sends what the expert
+   GEMMs consume: with FP8 experts the rows quantised 1x128 (e4m3 bytes + float32 scales), which
+   the experts use as they arrive (DeepSeek's one quantisation point); otherwise the activations
+   as they are. An explicit "fp8" before non-FP8 experts is lossy (the rows are dequantised on
+   arrival); "bf16" / "fp32" send floats, quantised at the experts if those are FP8;
+3. experts: model.experts.grouped_ffn over the received (row, expert) pairs, weighted and summed
+   per row, so one vector per row goes back;
+4. combine: the reverse all-to-all of [R, C, D] in the combine dtype ("auto": the activations');
+   the sender sums each token's returns.
 Capacities are shape buckets: an overflow is detected (never silently dropped) and reported,
 and the host re-runs the step at the next bucket, ending with one that cannot overflow.
 """
@@ -26,10 +31,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from model.quant import ACTIVATION_BLOCK, FP8, dequantize_blocks, quantize_blocks
-from model.kernels.grouped_gemm import grouped_matmul
+from model.experts import ExpertWeights, expert_layout, grouped_ffn, slots_by_key
+from model.quant import FP8, dequantize_activations, quantize_activations
 
-PAYLOAD_DTYPES = {"fp8": FP8, "bf16": jnp.bfloat16, "fp32": jnp.float32}
+PAYLOAD_DTYPES = {"auto": None, "fp8": FP8, "bf16": jnp.bfloat16, "fp32": jnp.float32}  # auto: see the docstring
 ROW_ALIGN = 8  # capacities are rounded up to this, so nearby batch sizes share one compilation
 
 
@@ -38,8 +43,8 @@ class EPConfig:
     mesh: Mesh
     axes: tuple[str, ...] = ("dp", "tp")  # experts sharded over all of these (DeepSeek: every device)
     batch_axis: str = "dp"  # tokens arrive sharded over this axis (DP attention)
-    dispatch_dtype: str = "fp8"
-    combine_dtype: str = "bf16"
+    dispatch_dtype: str = "auto"
+    combine_dtype: str = "auto"
     # Capacity buckets as multiples of the expected load; None = the worst case, which cannot
     # overflow, so the last bucket always completes the step.
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
@@ -54,8 +59,8 @@ class EPConfig:
             raise ValueError(f"transport {self.transport!r} must be 'auto', 'padded' or 'ragged'")
         if self.dispatch_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"dispatch_dtype {self.dispatch_dtype!r} is not one of {sorted(PAYLOAD_DTYPES)}")
-        if self.combine_dtype not in ("bf16", "fp32"):
-            raise ValueError(f"combine_dtype {self.combine_dtype!r} must be 'bf16' or 'fp32'")
+        if self.combine_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"combine_dtype {self.combine_dtype!r} must be 'auto', 'bf16' or 'fp32'")
         if not self.capacity_factors or self.capacity_factors[-1] is not None:
             raise ValueError("capacity_factors must end with null (the bucket that cannot overflow)")
         if any(f is not None and f <= 0 for f in self.capacity_factors):
@@ -99,16 +104,6 @@ def capacities(n: int, k: int, ranks: int, experts_local: int, factor: float | N
 
 # ---- per-shard pieces (pure, testable on their own) -------------------------------------------------
 
-def slots_by_key(keys, n_keys: int):
-    """keys int[m] in [0, n_keys] (n_keys = not placed) -> slot of each within its key, count per key [n_keys]."""
-    order = jnp.argsort(keys, stable=True)
-    sorted_keys = keys[order]
-    starts = jnp.searchsorted(sorted_keys, jnp.arange(n_keys + 1), side="left")
-    slot_sorted = jnp.arange(keys.shape[0]) - starts[sorted_keys]
-    slots = jnp.zeros_like(keys).at[order].set(slot_sorted)
-    return slots, (starts[1:] - starts[:-1]).astype(jnp.int32)
-
-
 def plan_dispatch(ids, valid, experts_per_rank: int, ranks: int):
     """ids int32[n, k] physical experts, valid bool[n] ->
     pair_dest int32[n*k] (ranks = no row for this pair), pair_ids int32[n*k, k] local expert ids
@@ -124,55 +119,32 @@ def plan_dispatch(ids, valid, experts_per_rank: int, ranks: int):
     return pair_dest, pair_ids
 
 
-def grouped_ffn_padded(rows, ids, weights, w_gate, w_up, w_down, capacity: int):
-    """rows [M, D] each with up to k (local expert id or -1, weight) pairs -> ([M, D], count per
-    expert int32[El], overflow). Pairs are packed per expert into [El, Ce, D] for one batched GEMM."""
-    M, k = ids.shape
-    El = w_gate.shape[0]
-    pair_expert = jnp.where(ids >= 0, ids, El).reshape(-1)  # [M*k]
-    slots, counts = slots_by_key(pair_expert, El)
-    row_of_pair = jnp.arange(M * k) // k
-    # Unused slots point at row M: a zero row in, a discarded row out.
-    src = jnp.full((El, capacity), M, jnp.int32).at[pair_expert, slots].set(row_of_pair, mode="drop")
-    w = jnp.zeros((El, capacity), jnp.float32).at[pair_expert, slots].set(weights.reshape(-1), mode="drop")
-    x = jnp.concatenate([rows, jnp.zeros_like(rows[:1])])[src]  # [El, Ce, D]
-    h = jax.nn.silu(jnp.einsum("ecd,efd->ecf", x, w_gate)) * jnp.einsum("ecd,efd->ecf", x, w_up)
-    y = jnp.einsum("ecf,edf->ecd", h, w_down) * w[..., None].astype(rows.dtype)
-    out = jnp.zeros((M + 1, rows.shape[1]), jnp.float32).at[src].add(y.astype(jnp.float32))[:M]
-    return out, counts, jnp.any(counts > capacity)
-
-
-def grouped_ffn_ragged(rows, ids, weights, w_gate, w_up, w_down):
-    """Same contract as grouped_ffn_padded (never overflows), with lax.ragged_dot over pairs sorted
-    by expert: the GPU grouped GEMM's form, and the reference for the padded one."""
-    M, k = ids.shape
-    El = w_gate.shape[0]
-    pair_expert = jnp.where(ids >= 0, ids, El).reshape(-1)
-    order = jnp.argsort(pair_expert, stable=True)
-    counts = jnp.bincount(pair_expert, length=El + 1).astype(jnp.int32)
-    x = rows[order // k]  # [M*k, D]; pairs of no expert sort last, outside every group: zeros
-    # the Pallas grouped GEMM on GPU, lax.ragged_dot elsewhere (model/kernels/grouped_gemm.py)
-    gate = grouped_matmul(x, jnp.swapaxes(w_gate, 1, 2), counts[:El])
-    up = grouped_matmul(x, jnp.swapaxes(w_up, 1, 2), counts[:El])
-    y = grouped_matmul(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), counts[:El])
-    w = jnp.where(ids >= 0, weights, 0.0).reshape(-1)[order]
-    y = y.astype(jnp.float32) * w[:, None]
-    return jnp.zeros((M, rows.shape[1]), jnp.float32).at[order // k].add(y), counts[:El], jnp.bool_(False)
+def payload(ep: EPConfig, fp8_experts: bool) -> str:
+    """What this layer sends: "fp8", "bf16", "fp32", or "auto" resolved (FP8 experts: "fp8"; else
+    "auto", the activations as they are)."""
+    if ep.dispatch_dtype == "auto" and fp8_experts:
+        return "fp8"
+    return ep.dispatch_dtype
 
 
 def _encode(x, dtype: str):
     """Payload rows for the wire: FP8 rows travel as raw bytes plus one scale per 128 values."""
+    if dtype == "auto":
+        return (x,)
     if dtype != "fp8":
         return (x.astype(PAYLOAD_DTYPES[dtype]),)
-    q, scale = quantize_blocks(x, ACTIVATION_BLOCK, jnp)
+    q, scale = quantize_activations(x)
     return jax.lax.bitcast_convert_type(q, jnp.uint8), scale
 
 
-def _decode(parts, dtype: str, out_dtype):
+def _decode(parts, dtype: str, out_dtype, fp8_experts: bool):
+    """Received payload -> the experts' input: rows in out_dtype, or FP8 experts' (e4m3, scale) pair."""
     if dtype != "fp8":
-        return parts[0].astype(out_dtype)
+        return parts[0].astype(out_dtype), None
     q = jax.lax.bitcast_convert_type(parts[0], FP8)
-    return dequantize_blocks(q, parts[1], ACTIVATION_BLOCK, out_dtype, jnp)
+    if fp8_experts:  # consumed as it arrives: no dequantise / requantise
+        return q, parts[1]
+    return dequantize_activations(q, parts[1], out_dtype), None
 
 
 # ---- transports: [R, C, ...] rows by destination -> [R, C, ...] rows by source ----------------------
@@ -214,7 +186,8 @@ EXCHANGES = {"padded": padded_exchange, "ragged": ragged_exchange}
 class Dispatched:
     """Rows received by every device, as global arrays whose leading axis is split over the EP
     axes (device r's block is its own [R, C, ...] buffer, flattened)."""
-    x: jax.Array  # [R * R*C, D] received rows
+    x: jax.Array  # [R * R*C, D] received rows: activations, or e4m3 for FP8 experts (with x_scale)
+    x_scale: jax.Array | None  # float32 [R * R*C, D/128]: the FP8 rows' 1x128 scales (None: float rows)
     ids: jax.Array  # int32[R * R*C, k] local expert ids per row (-1: none)
     weights: jax.Array  # float32[R * R*C, k]
     recv_counts: jax.Array  # int32[R * R] rows from each source
@@ -224,6 +197,7 @@ class Dispatched:
     n_dp: int = dataclasses.field(metadata={"static": True})  # tokens per dp group (after padding N)
     n: int = dataclasses.field(metadata={"static": True})  # tokens each device dispatched
     capacity: int = dataclasses.field(metadata={"static": True})  # C
+    dtype: object = dataclasses.field(metadata={"static": True})  # of the activations (the experts' GEMM outputs)
 
 
 def _split_axes(ep: EPConfig) -> tuple[tuple[str, ...], int]:
@@ -231,7 +205,7 @@ def _split_axes(ep: EPConfig) -> tuple[tuple[str, ...], int]:
     return other, math.prod(ep.mesh.shape[a] for a in other)
 
 
-def _dispatch_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int):
+def _dispatch_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int, fp8_experts: bool):
     """One device: x [n_dp, D] (its dp group's tokens, replicated over the other EP axes)."""
     axes = ep.axes
     other, split = _split_axes(ep)
@@ -257,57 +231,57 @@ def _dispatch_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int)
 
     exchange = EXCHANGES[ep.wire]
     with jax.named_scope("ep_dispatch"):
-        payload = _encode(jnp.concatenate([x, jnp.zeros_like(x[:1])]), ep.dispatch_dtype)
+        wire = payload(ep, fp8_experts)
+        parts = _encode(jnp.concatenate([x, jnp.zeros_like(x[:1])]), wire)
         sent = jnp.minimum(send_counts, C)
-        recv = [exchange(p[src_token], sent, axes) for p in payload]  # each [R, C, ...]
-        recv_x = _decode(recv, ep.dispatch_dtype, x.dtype).reshape(R * C, -1)
+        recv = [exchange(p[src_token], sent, axes) for p in parts]  # each [R, C, ...]
+        recv_x, recv_scale = (None if a is None else a.reshape(R * C, -1)
+                              for a in _decode(recv, wire, x.dtype, fp8_experts))
         recv_counts = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True)  # [R] rows from each source
         # A slot past a source's count holds no row (the ragged transport leaves zeros there).
         used = jnp.arange(C)[None, :] < recv_counts[:, None]  # [R, C]
         recv_ids = jnp.where(used[..., None], exchange(send_ids, sent, axes), -1).reshape(R * C, k)
         recv_w = exchange(send_w, sent, axes).reshape(R * C, k)
-    return (recv_x, recv_ids, recv_w, recv_counts, src_token, jnp.any(send_counts > C)[None],
+    return (recv_x, recv_scale, recv_ids, recv_w, recv_counts, src_token, jnp.any(send_counts > C)[None],
             jnp.sum(send_counts)[None])
 
 
-def ep_dispatch(x, ids, weights, valid, ep: EPConfig, experts_local: int) -> Dispatched:
+def ep_dispatch(x, ids, weights, valid, ep: EPConfig, experts_local: int, fp8_experts: bool = False) -> Dispatched:
     """x [N, D] sharded over the batch axis, ids int32[N, k] physical experts, weights [N, k],
-    valid bool[N] -> every device's received rows."""
+    valid bool[N] -> every device's received rows (fp8_experts: the experts take FP8 input, so
+    "auto" dispatches the quantised rows and they stay quantised)."""
     dp = ep.mesh.shape[ep.batch_axis]
     pad = -x.shape[0] % dp
     if pad:  # shard_map needs whole shards; padding tokens are marked invalid and never sent
         x, ids, weights = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, ids, weights))
         valid = jnp.pad(valid, (0, pad))
     batch, per_device = P(ep.batch_axis), P(ep.axes)
-    body = jax.shard_map(functools.partial(_dispatch_local, ep=ep, experts_local=experts_local), mesh=ep.mesh,
-                         in_specs=(batch,) * 4, out_specs=(per_device,) * 7, check_vma=False)
+    body = jax.shard_map(functools.partial(_dispatch_local, ep=ep, experts_local=experts_local,
+                                           fp8_experts=fp8_experts), mesh=ep.mesh,
+                         in_specs=(batch,) * 4, out_specs=(per_device,) * 8, check_vma=False)
     n_dp = x.shape[0] // dp
     n = -(-n_dp // _split_axes(ep)[1])
     C, _ = capacities(n, ids.shape[1], ep.ranks, experts_local, ep.capacity_factor)
-    return Dispatched(*body(x, ids, weights, valid), n_dp=n_dp, n=n, capacity=C)
+    return Dispatched(*body(x, ids, weights, valid), n_dp=n_dp, n=n, capacity=C, dtype=x.dtype)
 
 
-def ep_experts(d: Dispatched, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "auto"):
-    """Each device's received rows through its local experts -> (rows out [R * R*C, D] float32,
-    tokens per physical expert [P], overflow per device [R]). ffn "auto": the grouped GEMM over
-    rows sorted by expert on GPU (no capacity padding), the padded einsum elsewhere (XLA:CPU
-    computes ragged_dot densely: DESIGN.md)."""
-    if ffn == "auto":
-        ffn = "ragged" if jax.default_backend() == "gpu" else "padded"
-    El = w_gate.shape[0] // ep.ranks  # w_gate is the global [P, F, D]
+def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, impl: str = "auto"):
+    """Each device's received rows through its local experts (model.experts.grouped_ffn: the
+    contiguous layout on GPU, the masked one with capacity buckets on CPU) -> (rows out
+    [R * R*C, D] float32, tokens per physical expert [P], overflow per device [R])."""
+    layout, impl = expert_layout(impl, expert_parallel=True)
+    El = experts.gate.shape[0] // ep.ranks  # the global [P, F, D]
     _, Ce = capacities(d.n, d.ids.shape[1], ep.ranks, El, ep.capacity_factor)
 
-    def local(x, ids, w, w_gate, w_up, w_down):
+    def local(x, x_scale, ids, w, experts):
         with jax.named_scope("ep_experts"):
-            if ffn == "ragged":
-                out, counts, overflow = grouped_ffn_ragged(x, ids, w, w_gate, w_up, w_down)
-            else:
-                out, counts, overflow = grouped_ffn_padded(x, ids, w, w_gate, w_up, w_down, Ce)
+            rows = x if x_scale is None else (x, x_scale)
+            out, counts, overflow = grouped_ffn(rows, ids, w, experts, layout, capacity=Ce, dtype=d.dtype, impl=impl)
         return out, counts, overflow[None]
 
     spec = P(ep.axes)
-    return jax.shard_map(local, mesh=ep.mesh, in_specs=(spec,) * 6, out_specs=(spec,) * 3,
-                         check_vma=False)(d.x, d.ids, d.weights, w_gate, w_up, w_down)
+    return jax.shard_map(local, mesh=ep.mesh, in_specs=(spec,) * 5, out_specs=(spec,) * 3,
+                         check_vma=False)(d.x, d.x_scale, d.ids, d.weights, experts)
 
 
 def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
@@ -318,7 +292,8 @@ def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
 
     def local(out, recv_counts, src_token):
         with jax.named_scope("ep_combine"):
-            back = exchange(out.astype(PAYLOAD_DTYPES[ep.combine_dtype]).reshape(R, C, -1), recv_counts, ep.axes)
+            wire = dtype if ep.combine_dtype == "auto" else PAYLOAD_DTYPES[ep.combine_dtype]
+            back = exchange(out.astype(wire).reshape(R, C, -1), recv_counts, ep.axes)
             y = jnp.zeros((d.n + 1, back.shape[-1]), jnp.float32).at[src_token].add(back.astype(jnp.float32))
             y = y[:d.n].astype(dtype)
             if split > 1:
@@ -330,13 +305,13 @@ def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
                          check_vma=False)(out, d.recv_counts, d.src_token)
 
 
-def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "auto"):
+def ep_routed_experts(x, ids, weights, valid, experts: ExpertWeights, ep: EPConfig, impl: str = "auto"):
     """x [N, D] (sharded over the batch axis), ids int32[N, k] physical experts, weights [N, k],
     valid bool[N]; expert weights [P, ...] sharded over ep.axes.
     Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank
     sent [R], overflow (the step must re-run at the next capacity bucket)."""
-    d = ep_dispatch(x, ids, weights, valid, ep, w_gate.shape[0] // ep.ranks)
-    out, counts, expert_overflow = ep_experts(d, w_gate, w_up, w_down, ep, ffn)
+    d = ep_dispatch(x, ids, weights, valid, ep, experts.gate.shape[0] // ep.ranks, experts.fp8)
+    out, counts, expert_overflow = ep_experts(d, experts, ep, impl)
     y = ep_combine(d, out, ep, x.dtype)
     return y[:x.shape[0]], ep_stats(d, counts, expert_overflow)
 

@@ -78,12 +78,13 @@ def overlapped_layer(layer, x, cos, sin, cache, index, slots, mask, absorbed: bo
             hn = layer.post_attention_layernorm(x)
             flat = hn.reshape(-1, hn.shape[-1])
             weights, ids = moe.gate(flat)
-            d = ep_dispatch(flat, moe.to_physical(ids), weights, valid.reshape(-1), ep, w[0].shape[0] // ep.ranks)
+            d = ep_dispatch(flat, moe.to_physical(ids), weights, valid.reshape(-1), ep, w.gate.shape[0] // ep.ranks,
+                            w.fp8)
         return x, hn, d
 
     def experts(i, d):
         with jax.named_scope(f"mb{i}/experts"):
-            return ep_experts(d, *w, ep)
+            return ep_experts(d, w, ep, moe.experts.impl)
 
     def combine(i, x, hn, d, out):
         with jax.named_scope(f"mb{i}/combine"):

@@ -91,13 +91,34 @@ def test_wrong_dtype(saved, tmp_path):
         DeepseekV3.from_pretrained(path)
 
 
-def test_fp8_without_scale(saved, tmp_path):
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_fp8_without_scale(saved, tmp_path, quantization):
+    """Neither dequantisable nor usable as FP8: its real values are unknown."""
     path = _copy(saved[0], tmp_path / "c")
     name = "model.layers.1.self_attn.o_proj.weight"
     w = np.array(SafetensorsDir(path).raw(name))
     _rewrite_tensor(path, name, w.astype(ml_dtypes.float8_e4m3fn))
     with pytest.raises(CheckpointError, match=rf"FP8 tensor '{name}' has no '{name}_scale_inv'"):
-        DeepseekV3.from_pretrained(path)
+        DeepseekV3.from_pretrained(path, quantization=quantization)
+
+
+def test_unknown_quantization(saved, tmp_path):
+    import subprocess
+    import sys
+
+    from serving import LLM
+    from sharding.deployment import Deployment
+    message = r"quantization 'int8' is not one of 'fp8', 'none'"
+    with pytest.raises(ValueError, match=message):
+        DeepseekV3.from_pretrained(saved[0], quantization="int8")
+    with pytest.raises(ValueError, match=message):
+        LLM(saved[0], quantization="int8")
+    (tmp_path / "dep.json").write_text('{"mesh": {"dp": 1}, "quantization": "int8"}')
+    with pytest.raises(ValueError, match=rf"dep\.json: {message}"):
+        Deployment.from_json(tmp_path / "dep.json")
+    run = subprocess.run([sys.executable, "-m", "serving.generate", "--quantization", "int8", "--prompt", "x"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert run.returncode == 2 and "argument --quantization: invalid choice: 'int8'" in run.stderr
 
 
 def test_truncated_file(saved, tmp_path):

@@ -152,31 +152,39 @@ def _bench_module():
 
 
 def test_gpu_path_matches_xla_path():
-    """The Pallas kernels (interpret mode) addressing layer l's pages at page_table + l * NB of one pool
-    and its experts as groups l * El.. of one array agree with the XLA path that slices them, with every
-    layer's pages and expert scales made distinct so a wrong layer offset would show."""
+    """The Pallas kernels (interpret mode) in the engine's decode step, the paged MLA kernel reading
+    layer l's pages of the shared pool in place and the grouped GEMM over each layer's FP8 experts,
+    agree with the XLA path, with every layer's pages and expert scales made distinct so a wrong
+    layer offset would show."""
     import dataclasses
 
+    import jax
     import jax.numpy as jnp
 
     bench = _bench_module()
-    ref = bench.make_setup(bench.parse_args(["--phase", "decode", "--scale", "small"]), "cpu")
-    L, El = ref.cfg.num_hidden_layers, ref.experts_local
+    # float32: in bfloat16 the two paths' rounding flips a few tokens' expert choices, which says
+    # nothing about the kernels
+    ref = bench.make_setup(bench.parse_args(["--phase", "decode", "--scale", "small", "--dtype", "fp32"]), "cpu")
+    L = ref.cfg.num_hidden_layers
+
+    def per_layer(path, a):  # each MoE layer's expert scales times (1 + its index)
+        if "experts" not in jax.tree_util.keystr(path) or "weight_scale_inv" not in jax.tree_util.keystr(path):
+            return a
+        return a * (1 + jnp.arange(a.shape[0], dtype=a.dtype)).reshape(-1, *[1] * (a.ndim - 1))
 
     def run(setup):
         """-> the output with distinct layers, and (same compiled step) with one layer repeated."""
         fn, inputs, _ = bench.build(setup)
         pool = inputs["pool"]
         factor = 1 + jnp.arange(L, dtype=jnp.float32)[:, None]
-        layer_of = jnp.repeat(1 + jnp.arange(ref.cfg.n_moe_layers, dtype=jnp.float32), El)[:, None, None]
         distinct = dict(inputs, pool=(pool.reshape(L, -1) * factor).astype(pool.dtype).reshape(pool.shape),
-                        experts={k: v * layer_of if k.endswith("_scale") else v for k, v in inputs["experts"].items()})
+                        state=jax.tree_util.tree_map_with_path(per_layer, inputs["state"]))
         out = fn(*distinct.values())[0]  # donates only its own pool: `inputs` stays valid
         return np.asarray(out, np.float32), np.asarray(fn(*inputs.values())[0], np.float32), fn, inputs
 
     want, same_layers, fn, inputs = run(ref)
     got, _, _, _ = run(dataclasses.replace(ref, attn_kernel="interpret", gemm_impl="interpret"))
-    tol = 0.02 * np.abs(want).max()  # bf16 rounding of different summation orders
+    tol = 0.02 * np.abs(want).max()  # rounding of different summation orders
     assert np.abs(got - want).max() <= tol
     assert np.abs(same_layers - want).max() > 10 * tol  # the distinct layers do change the output
     # each layer writes its B new rows into its own pages of the shared pool

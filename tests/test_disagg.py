@@ -39,9 +39,11 @@ def compact(name: str, tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
-    """(mixed, disaggregated) LLMs of the compact cpu8 and cpu8-disagg deployments, for resizing."""
+    """(mixed, disaggregated) LLMs of the compact cpu8 and cpu8-disagg deployments, for resizing; in
+    quantization fp8 (the FP8 weights and scales re-shard with the rest, the hand-over is the same)."""
     tmp = tmp_path_factory.mktemp("elastic")
-    return LLM(deployment=compact("cpu8.json", tmp)), LLM(deployment=compact("cpu8-disagg.json", tmp))
+    return (LLM(deployment=compact("cpu8.json", tmp), quantization="fp8"),
+            LLM(deployment=compact("cpu8-disagg.json", tmp), quantization="fp8"))
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ PROMPTS = [[5, 9, 13, 2, 7, 30, 31], [8, 4], list(range(40, 60))]
 
 
 def deployment(dp, **serving):
-    return Deployment(name=f"test-dp{dp}", dp=dp, dispatch_dtype="fp32", combine_dtype="fp32",
-                      serving={**SERVING, **serving})
+    """The default deployment's precision (dispatch and combine "auto": in quantization none, the
+    model's own float32), with small buckets."""
+    return Deployment(name=f"test-dp{dp}", dp=dp, serving={**SERVING, **serving})
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +44,42 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.fixture(scope="module")
+def llm8(hf):
+    return LLM(hf[0], deployment=deployment(8))
+
+
 @pytest.mark.parametrize("dp", [1, 8], ids=["one-device", "EP8-mesh"])
-def test_greedy_generate_equals_transformers(hf, llm, dp):
+def test_greedy_generate_equals_transformers(hf, llm, llm8, dp):
     path, model = hf
-    engine_llm = llm if dp == 1 else LLM(path, deployment=deployment(8))
+    engine_llm = llm if dp == 1 else llm8
     outs = engine_llm.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(model, prompt, 10), prompt
         assert out.finish_reason == "length"
     assert engine_llm.stats()["prefill_steps"] >= 3  # the 20-token prompt took several chunks
+
+
+def test_default_ep8_logits_equal_transformers(hf, llm8):
+    """Quantization none (the CPU default for any checkpoint) on 8 devices with the default dispatch
+    and combine adds no error: float32 logits within 1e-4 of transformers'."""
+    from hf_reference import hf_logits
+    net = llm8.engine.net
+    assert (net.quantization, net.ep.dispatch_dtype, net.ep.combine_dtype) == ("none", "auto", "auto")
+    tokens = np.random.default_rng(6).integers(0, net.config.vocab_size, (8, 9)).astype(np.int32)
+    assert np.abs(np.asarray(net(tokens)) - hf_logits(hf[1], tokens)).max() <= 1e-4
+
+
+def test_parameter_bytes_in_stats_and_metrics(llm, llm8):
+    from serving.metrics import ServerMetrics, engine_snapshot
+    stats, net = llm8.stats(), llm8.engine.net
+    assert stats["quantization"] == "none"
+    assert stats["parameter_bytes"] == net.parameter_bytes > 0
+    # replicated weights on every device, routed experts split over 8: a device holds less than all
+    assert net.parameter_bytes > stats["parameter_bytes_per_device"] > net.parameter_bytes / 8
+    assert llm.stats()["parameter_bytes_per_device"] == llm.stats()["parameter_bytes"]  # one device holds all
+    text = ServerMetrics().render(engine_snapshot(llm8.engine)).decode()
+    assert f"jaxseek_parameter_bytes {float(net.parameter_bytes)}" in text
 
 
 def test_continuous_batching_and_prefix_cache_change_no_output(llm):

@@ -13,8 +13,8 @@ from model.moe import MoE
 from model.quant import ACTIVATION_BLOCK, dequantize_blocks, quantize_blocks
 from sharding import make_mesh
 from sharding.deployment import Deployment
-from sharding.ep import EPConfig, ep_routed_experts, grouped_ffn_padded, grouped_ffn_ragged, plan_dispatch, \
-    slots_by_key
+from model.experts import ExpertWeights, grouped_ffn
+from sharding.ep import EPConfig, ep_routed_experts, plan_dispatch, slots_by_key
 
 
 
@@ -134,11 +134,12 @@ def test_padded_grouped_ffn_equals_ragged_and_flags_overflow():
     w = jnp.asarray(rng.random((M, k)), jnp.float32)
     wg, wu = (jnp.asarray(rng.normal(size=(El, F, D)), jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.normal(size=(El, D, F)), jnp.float32)
-    ref, ref_counts, _ = grouped_ffn_ragged(rows, ids, w, wg, wu, wd)
-    out, counts, overflow = grouped_ffn_padded(rows, ids, w, wg, wu, wd, capacity=M)
+    experts = ExpertWeights(wg, wu, wd)
+    ref, ref_counts, _ = grouped_ffn(rows, ids, w, experts, "contiguous")  # lax.ragged_dot
+    out, counts, overflow = grouped_ffn(rows, ids, w, experts, "masked", capacity=M)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
     assert np.array_equal(counts, ref_counts) and not bool(overflow)
-    assert bool(grouped_ffn_padded(rows, ids, w, wg, wu, wd, capacity=int(np.max(counts)) - 1)[2])
+    assert bool(grouped_ffn(rows, ids, w, experts, "masked", capacity=int(np.max(counts)) - 1)[2])
 
 
 def test_fp8_dispatch_is_exactly_quantised_input_and_within_e4m3_bound(saved):
@@ -156,8 +157,8 @@ def test_fp8_dispatch_is_exactly_quantised_input_and_within_e4m3_bound(saved):
 
     def routed(inp, dispatch, combine):
         ep = EPConfig(mesh=mesh, dispatch_dtype=dispatch, combine_dtype=combine)
-        run = jax.jit(lambda a, *w: ep_routed_experts(a, ids, weights, valid, *w, ep)[0])
-        return np.asarray(run(inp, *block.experts.weights()))
+        run = jax.jit(lambda a, w: ep_routed_experts(a, ids, weights, valid, w, ep)[0])
+        return np.asarray(run(inp, block.experts.weights()))
 
     q, s = quantize_blocks(x, ACTIVATION_BLOCK, jnp)
     x_q = dequantize_blocks(q, s, ACTIVATION_BLOCK, jnp.float32, jnp)

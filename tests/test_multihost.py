@@ -15,7 +15,7 @@ from serving import LLM, SamplingParams
 from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOYMENT = ROOT / "configs" / "deploy" / "cpu8.json"  # EP8 over all 8 devices, FP8 dispatch
+DEPLOYMENT = ROOT / "configs" / "deploy" / "cpu8.json"  # EP8 over all 8 devices
 DISAGG = ROOT / "configs" / "deploy" / "cpu8-disagg.json"  # prefill on process 0's devices, decode on 1's
 PROMPTS = ["5,17,42,7", "9,3", "60,61,62,63,64,65"]
 
@@ -42,16 +42,18 @@ def model(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("deployment", [DEPLOYMENT, DISAGG], ids=["ep8", "disaggregated"])
-def test_two_processes_of_four_devices_match_one_process_of_eight(model, deployment):
+@pytest.mark.parametrize("deployment,quantization", [(DEPLOYMENT, "fp8"), (DISAGG, "none")],
+                         ids=["ep8-fp8", "disaggregated"])
+def test_two_processes_of_four_devices_match_one_process_of_eight(model, deployment, quantization):
+    cmd = _generate_cmd(model, "--quantization", quantization, deployment=deployment)
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch_multihost.py"), "--local-processes", "2",
-                          "--cpu-devices-per-process", "4", "--", *_generate_cmd(model, deployment=deployment)],
+                          "--cpu-devices-per-process", "4", "--", *cmd],
                          cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     multi = [line["token_ids"] for line in lines if "token_ids" in line]
-    single = LLM(model, deployment=deployment).generate([[int(t) for t in p.split(",")] for p in PROMPTS],
-                                                        SamplingParams(max_tokens=6))
+    single = LLM(model, deployment=deployment, quantization=quantization).generate(
+        [[int(t) for t in p.split(",")] for p in PROMPTS], SamplingParams(max_tokens=6))
     assert multi == [o.token_ids for o in single] and len(multi) == 3 and all(multi)
     if deployment == DISAGG:  # the KV of every prompt crossed from process 0's devices to process 1's
         stats = next(line["stats"] for line in lines if "stats" in line)
