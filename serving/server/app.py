@@ -54,7 +54,9 @@ class Server:
         self.llm, self.engine, self.tokenizer = llm, llm.engine, llm.tokenizer
         self.served_names = list(served_names)
         self.model_name = self.served_names[0]  # what responses report
-        self.protocol = Protocol(llm, self.served_names, set(aliases), default_max_tokens)
+        cfg = self.engine.net.config
+        self.protocol = Protocol(self.tokenizer, self.engine.context_len, cfg.vocab_size, cfg.bos_token_id,
+                                 self.served_names, aliases, default_max_tokens)
         self.api_keys = [k.encode() for k in api_keys if k]
         self.max_body_bytes = max_body_bytes
         self.eos = tuple(self.engine.net.config.eos_token_ids)

@@ -125,13 +125,12 @@ def parse_json(raw: bytes) -> dict:
 class Protocol:
     """The model's facts a request is checked against, and the checks."""
 
-    def __init__(self, llm, served_names: list[str], aliases: set[str], default_max_tokens: int):
-        self.llm, self.tokenizer, engine = llm, llm.tokenizer, llm.engine
-        self.served_names, self.accepted = served_names, set(served_names) | aliases
+    def __init__(self, tokenizer, context_len: int, vocab_size: int, bos: int | None, served_names: list[str],
+                 aliases=(), default_max_tokens: int = 16):
+        """tokenizer: serving.api.Tokenizer or None (token-id prompts only)."""
+        self.tokenizer, self.context_len, self.vocab_size, self.bos = tokenizer, context_len, vocab_size, bos
+        self.served_names, self.accepted = list(served_names), set(served_names) | set(aliases)
         self.default_max_tokens = default_max_tokens
-        self.context_len = engine.context_len
-        cfg = engine.net.config
-        self.vocab_size, self.bos = cfg.vocab_size, cfg.bos_token_id
         # No token covers more characters than its vocabulary entry (+1 for a joining space), so a text
         # longer than context x that cannot fit and is refused without tokenizing it.
         self.chars_per_token = 1 + max((len(t) for t in self.tokenizer.tok.get_vocab(True)), default=1) \
