@@ -25,7 +25,7 @@ from sharding.overlap import balanced_slots
 from serving.scheduler import Batch, Request, Scheduler
 
 
-def _compile_step(net, mesh, cache_mesh, kernel: str = "xla"):
+def _compile_step(net, mesh, cache_mesh, kernel: str = "xla", slots: int = 0):
     """The engine's jitted step for this model (and EP capacity bucket). The weights go in as a flat
     list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
     milliseconds of host time per step."""
@@ -49,7 +49,7 @@ def _compile_step(net, mesh, cache_mesh, kernel: str = "xla"):
     if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
         replicated, by_rank = NamedSharding(mesh, P()), NamedSharding(mesh, P("dp"))
         shardings = (replicated, NamedSharding(mesh, P(None, "dp")), replicated,
-                     PenaltyTable.Device(by_rank, by_rank, cache_mesh))
+                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh))
     return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
                            out_shardings=shardings)
 
@@ -290,7 +290,7 @@ class Engine:
         kernel = self.cfg.attention_kernel
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
-        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh, kernel)
+        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh, kernel, self.penalties.slots)
         self.leaves, self._step = leaves, self._steps.setdefault(key, step)
 
     # ---- disk tier of the prefix cache --------------------------------------------------------------

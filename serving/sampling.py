@@ -133,7 +133,7 @@ def sampling_arrays(params: list[SamplingParams | None], seeds: list[int], count
         col(lambda p: p.logprobs is not None, False, bool))
 
 
-def penalize(logits, counts, arrays: SamplingArrays, bias):
+def penalize(logits, counts, bias, arrays: SamplingArrays):
     """logits f32[B, V]; counts i32[B, V] (output counts | PROMPT_BIT); bias f32[B, V]. vLLM's order:
     logit_bias, then repetition (prompt or output tokens), frequency and presence (output tokens)."""
     logits = logits + bias
@@ -182,8 +182,10 @@ def logprob_data(logits, tokens, want):
 def sample(logits, arrays: SamplingArrays, table: "PenaltyTable.Device"):
     """logits f32[B, V] -> (int32[B, 2 + 2K]: each row's token then its logprob data,
     the table with this step's tokens counted, to apply only if the step is kept: see `count`)."""
-    counts, bias = table.rows(arrays.slot)
-    tokens = draw(penalize(logits, counts, arrays, bias), arrays)
+    # most steps have no row with penalties or a bias: they skip reading [B, V] rows of the table
+    processed = jax.lax.cond(jnp.any(arrays.slot < table.slots),
+                             lambda x: penalize(x, *table.rows(arrays.slot), arrays), lambda x: x, logits)
+    tokens = draw(processed, arrays)
     return logprob_data(logits, tokens, arrays.logprobs), tokens
 
 
@@ -208,6 +210,7 @@ def row_logprobs(params: SamplingParams, token: int, lp, top_ids, top_lps) -> tu
 class _TableArrays:
     counts: jax.Array  # i32[R * S, V], sharded over dp
     bias: jax.Array  # f32[R * S, V], sharded over dp
+    slots: int = dataclasses.field(metadata={"static": True})  # S: rows per rank (a row's slot S: none)
     mesh: object = dataclasses.field(default=None, metadata={"static": True})
 
     def _per_rank(self, fn, out_specs, *args, replicated: int = 0):
@@ -247,7 +250,7 @@ class PenaltyTable:
         shape = (ranks * self.slots, self.vocab)
         sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
         self.device = _TableArrays(jax.device_put(np.zeros(shape, np.int32), sharding),
-                                   jax.device_put(np.zeros(shape, np.float32), sharding), self.mesh)
+                                   jax.device_put(np.zeros(shape, np.float32), sharding), self.slots, self.mesh)
         self.free = [list(range(self.slots)) for _ in range(ranks)]
         self.held: dict[str, tuple[int, int]] = {}  # request id -> (rank, slot)
 

@@ -137,8 +137,11 @@ class Server:
         tokens_too = call.prep.return_token_ids
 
         def chunk(choices: list[dict]) -> dict:
-            return {"id": call.id, "object": kind, "created": call.created, "model": self.model_name,
-                    "choices": choices}
+            out = {"id": call.id, "object": kind, "created": call.created, "model": self.model_name,
+                   "choices": choices}
+            if call.prep.continuous_usage and choices:
+                out["usage"] = call.usage()
+            return out
 
         def piece(c: Choice, text: str, tokens: list[int], logprobs: list, first: bool = False) -> dict:
             item: dict = {"index": c.index}

@@ -52,7 +52,8 @@ class Prepared:
     n: int
     stops: tuple[str, ...]
     stream: bool
-    include_usage: bool
+    include_usage: bool  # stream: a last chunk with the usage
+    continuous_usage: bool  # stream: usage in every chunk (vLLM's continuous_usage_stats)
     return_token_ids: bool
     echo: bool
     logprobs: int | None  # top logprobs per token (None: no logprobs)
@@ -162,7 +163,7 @@ class Protocol:
         if echo and logprobs is not None:
             raise bad("echo with logprobs (the prompt's logprobs) is not supported by this server", "echo",
                       "unsupported")
-        base, stops, stream, include_usage = self._sampling(body, chat, logprobs)
+        base, stops, stream, options = self._sampling(body, chat, logprobs)
         prompts = [self._chat_ids(body.get("messages"))] if chat else self._prompts(body.get("prompt"))
         max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
             else body.get("max_tokens")
@@ -184,7 +185,8 @@ class Protocol:
                           "max_tokens" if max_tokens is not None and len(ids) < self.context_len
                           else ("messages" if chat else "prompt"), "context_length_exceeded")
             params.append(dataclasses.replace(base, max_tokens=want))
-        return Prepared(prompts, params, n, stops, stream, include_usage,
+        return Prepared(prompts, params, n, stops, stream, options.get("include_usage", False),
+                        options.get("continuous_usage_stats", False),
                         _flag(body, "return_token_ids") or self.tokenizer is None, echo, logprobs, chat)
 
     def _sampling(self, body: dict, chat: bool, logprobs: int | None):
@@ -223,7 +225,8 @@ class Protocol:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"} or \
                 any(not isinstance(v, bool) for v in options.values()):
-            raise bad(f"stream_options may hold only include_usage (a boolean), got {options!r}", "stream_options")
+            raise bad(f"stream_options may hold include_usage and continuous_usage_stats (booleans), got {options!r}",
+                      "stream_options")
         if options and not stream:
             raise bad("stream_options is only allowed with stream: true", "stream_options")
         raw = dict(temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=top_k, seed=seed,
@@ -240,7 +243,7 @@ class Protocol:
         except (TypeError, ValueError) as e:
             field = next((f for f in raw if str(e).startswith(f)), None)
             raise bad(str(e), field) from None
-        return params, stops, stream, bool(options.get("include_usage"))
+        return params, stops, stream, options
 
     # -- prompts --
     def _text_ids(self, text: str, param: str) -> list[int]:
