@@ -12,8 +12,9 @@ unknown fields, out-of-range values, a prompt past the context).
 Every request must end as it was due: a complete answer (finish_reason stop or length, `length`
 exactly at max_tokens, a stream that ends in [DONE]), a 4xx with OpenAI's error JSON for a malformed
 body, or the abort its client caused. At the end the server must hold no KV blocks and no running or
-waiting request, and its resident memory (RSS, from /proc) must have grown less than 5% since the
-end of the first tenth of the run. Bounded in time: --deadline-s for the whole run, 120 s a request.
+waiting request, and its resident memory (RSS, from /proc, sampled 4 times a second) must have grown
+less than 5%: the median over the last tenth of the run against the median over the tenth after the
+first (--rss-baseline: where that window starts). Bounded in time: --deadline-s for the whole run, 120 s a request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["reverse 12345=", "sort 3141=", "add 57+68=", "reverse 9=", "sort 8675309=", "add 1+2="]
@@ -143,8 +146,12 @@ async def run(args, pid: int | None) -> dict:
     async with httpx.AsyncClient(base_url=args.url, timeout=120, headers=headers, limits=limits) as client:
         card = (await client.get("/v1/models")).json()["data"][0]
         model, items = card["id"], plan(args.requests, args.seed, card["max_model_len"])
-        sem, results, marks = asyncio.Semaphore(args.concurrency), [None] * len(items), {}
-        baseline_at = max(1, len(items) // 10)
+        sem, results, samples = asyncio.Semaphore(args.concurrency), [None] * len(items), []
+
+        async def sample_rss():  # (answered so far, RSS): medians over windows damp the allocator's swings
+            while pid:
+                samples.append((sum(r is not None for r in results), rss_bytes(pid)))
+                await asyncio.sleep(0.25)
 
         async def guarded(i: int, item: dict):
             async with sem:
@@ -153,14 +160,14 @@ async def run(args, pid: int | None) -> dict:
                 except Exception as e:  # noqa: BLE001 - a transport error on a normal request is a loss
                     results[i] = f"{type(e).__name__}: {e}"
                 done = sum(r is not None for r in results)
-                if done == baseline_at and pid and "rss_start" not in marks:
-                    marks["rss_start"] = rss_bytes(pid)
                 if not args.json and done % 500 == 0:
                     print(f"[soak] {done}/{len(items)}", file=sys.stderr, flush=True)
 
         start = time.perf_counter()
+        sampler = asyncio.create_task(sample_rss())
         await asyncio.wait_for(asyncio.gather(*(guarded(i, it) for i, it in enumerate(items))), args.deadline_s)
         elapsed = time.perf_counter() - start
+        sampler.cancel()
         # aborts land between engine steps: give the engine a moment to settle
         for _ in range(100):
             metrics = (await client.get("/metrics")).text
@@ -177,8 +184,11 @@ async def run(args, pid: int | None) -> dict:
               "elapsed_s": round(elapsed, 1), "requests_per_s": round(len(items) / elapsed, 2),
               "kv_blocks_used_at_end": used, "running_or_waiting_at_end": sum(running)}
     if pid:
-        report.update(rss_start_mb=round(marks.get("rss_start", 0) / 2 ** 20, 1), rss_end_mb=round(rss_bytes(pid) / 2 ** 20, 1))
-        report["rss_growth"] = round(report["rss_end_mb"] / max(report["rss_start_mb"], 1e-9) - 1, 4)
+        n, b = len(items), args.rss_baseline
+        start_mb = np.median([r for d, r in samples if b * n <= d < (b + 0.1) * n] or [samples[0][1]]) / 2 ** 20
+        end_mb = np.median([r for d, r in samples if d >= 0.9 * n] + [rss_bytes(pid)]) / 2 ** 20
+        report.update(rss_start_mb=round(float(start_mb), 1), rss_end_mb=round(float(end_mb), 1),
+                      rss_growth=round(float(end_mb / start_mb - 1), 4))
     report["ok"] = (report["lost"] == 0 and used == 0 and not any(running)
                     and report.get("rss_growth", 0) < 0.05)
     return report
@@ -220,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint for the server this starts (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment for the server this starts (default: every device)")
     ap.add_argument("--deadline-s", type=float, default=3600.0, help="the whole run must end within this")
+    ap.add_argument("--rss-baseline", type=float, default=0.1,
+                    help="fraction of the requests after which the server's RSS is the baseline")
     ap.add_argument("--startup-timeout-s", type=float, default=900.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

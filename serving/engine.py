@@ -429,6 +429,7 @@ class Engine:
                 out, self.pool, self.expert_load, self.penalties.device = self._step(
                     self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays,
                     absorbed=kind == "decode")
+        self.penalties.warm_up()
         jax.block_until_ready(out)
         return self.compilations - before
 

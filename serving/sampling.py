@@ -276,6 +276,12 @@ class PenaltyTable:
         self.device = _write_row(self.device, np.int32(rank * self.slots + slot), counts, bias)
         return slot
 
+    def warm_up(self) -> None:
+        """Compiles the row write (on a row no rank holds: nothing changes), so the first request
+        with penalties does not wait for a compilation."""
+        zeros = np.zeros(self.vocab, np.int32)
+        self.device = _write_row(self.device, np.int32(self.ranks * self.slots), zeros, zeros.astype(np.float32))
+
     def release(self, request_id: str) -> None:
         held = self.held.pop(request_id, None)
         if held is not None and held[0] < self.ranks:
