@@ -48,7 +48,7 @@ def server(tmp_path_factory):
 def test_short_soak(server):
     proc, base = server
     out = subprocess.run([sys.executable, "scripts/soak.py", "--url", base, "--server-pid", str(proc.pid),
-                          "--requests", "400", "--concurrency", "16", "--deadline-s", "300", "--rss-baseline", "0.25",
+                          "--requests", "250", "--concurrency", "16", "--deadline-s", "300", "--rss-baseline", "0.25",
                           "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     report = json.loads(out.stdout.strip().splitlines()[-1])
