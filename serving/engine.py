@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from serving.aot import AotStep, aot_directory, program_key
 from serving.config import ServingConfig, bucket
 from serving.kv_cache import PagedCache, copy_blocks, new_pool, pow2, read_rank, write_rank
 from serving.sampling import PenaltyTable, SamplingParams, row_logprobs, sample, sampling_arrays, unpack
@@ -291,7 +292,12 @@ class Engine:
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
         leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh, kernel, self.penalties.slots)
-        self.leaves, self._step = leaves, self._steps.setdefault(key, step)
+        if key not in self._steps:  # compiled programs kept on disk between starts (serving/aot.py)
+            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, kernel, self.penalties.slots))
+            devices = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
+            self._steps[key] = AotStep(step, aot_directory(), program_key(identity, leaves), devices,
+                                       out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
+        self.leaves, self._step = leaves, self._steps[key]
 
     # ---- disk tier of the prefix cache --------------------------------------------------------------
     def _open_disk(self, kv_dtype, width: int):

@@ -80,6 +80,10 @@ class SamplingParams:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", bias)
+        # this request's row of SamplingArrays, built once (packing a batch then costs one np.array)
+        object.__setattr__(self, "_row", (self.temperature, self.top_k, self.top_p, self.presence_penalty,
+                                          self.frequency_penalty, self.repetition_penalty,
+                                          self.logprobs is not None))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "SamplingParams":
@@ -122,15 +126,14 @@ class SamplingArrays:
 def sampling_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int],
                     slots: list[int], no_slot: int) -> SamplingArrays:
     """Host arrays for `sample`; None rows (padding) sample greedily and are discarded."""
-    def col(fn, default, dtype):
-        return np.array([fn(p) if p else default for p in params], dtype)
-    return SamplingArrays(
-        col(lambda p: p.temperature, 0.0, np.float32), col(lambda p: p.top_k, 0, np.int32),
-        col(lambda p: p.top_p, 1.0, np.float32), np.array(seeds, np.uint32), np.array(counters, np.int32),
-        col(lambda p: p.presence_penalty, 0.0, np.float32), col(lambda p: p.frequency_penalty, 0.0, np.float32),
-        col(lambda p: p.repetition_penalty, 1.0, np.float32),
-        np.array([no_slot if s is None else s for s in slots], np.int32),
-        col(lambda p: p.logprobs is not None, False, bool))
+    rows = np.array([p._row if p else _PADDING_ROW for p in params], np.float64)  # [B, 7]
+    f32 = rows.astype(np.float32)
+    return SamplingArrays(f32[:, 0], rows[:, 1].astype(np.int32), f32[:, 2], np.array(seeds, np.uint32),
+                          np.array(counters, np.int32), f32[:, 3], f32[:, 4], f32[:, 5],
+                          np.array([no_slot if s is None else s for s in slots], np.int32), rows[:, 6] > 0)
+
+
+_PADDING_ROW = (0.0, 0, 1.0, 0.0, 0.0, 1.0, False)  # greedy, no penalties, no logprobs
 
 
 def penalize(logits, counts, bias, arrays: SamplingArrays):

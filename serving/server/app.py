@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
@@ -76,11 +77,14 @@ class Server:
         declared = request.headers.get("content-length")
         chunks, size = [], 0
         too_big = declared is not None and declared.isdigit() and int(declared) > limit
-        async for chunk in request.stream():
-            size += len(chunk)
-            too_big = too_big or size > limit
-            if not too_big:
-                chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                too_big = too_big or size > limit
+                if not too_big:
+                    chunks.append(chunk)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer
+            raise ApiError(499, "client closed the request") from None
         if too_big:
             raise ApiError(413, f"the request body ({declared or size} bytes) is larger than this server's limit of "
                            f"{limit} bytes (--max-request-body-bytes)", code="request_too_large")
