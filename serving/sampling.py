@@ -192,11 +192,16 @@ def sample(logits, arrays: SamplingArrays, table: "PenaltyTable.Device"):
     return logprob_data(logits, tokens, arrays.logprobs), tokens
 
 
+def row_width(vocab: int) -> int:
+    """int32 values per row in the step's read-back: the token, its logprob, K top ids and logprobs."""
+    return 2 + 2 * min(MAX_LOGPROBS, vocab)
+
+
 def unpack(host: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The step's read-back (int32[B * (2 + 2K)]) -> tokens [B], logprob [B], top ids [B, K],
+    """The step's read-back (int32[B * row_width]) -> tokens [B], logprob [B], top ids [B, K],
     top logprobs [B, K]."""
     K = min(MAX_LOGPROBS, vocab)
-    data = host.reshape(-1, 2 + 2 * K)
+    data = host.reshape(-1, row_width(vocab))
     return (data[:, 0], data[:, 1].view(np.float32), data[:, 2:2 + K], data[:, 2 + K:].view(np.float32))
 
 
