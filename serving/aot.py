@@ -57,9 +57,14 @@ def program_key(identity: str, weights) -> bytes:
 
 
 def aot_directory() -> Path | None:
-    """Beside JAX's persistent compilation cache, when one is configured (the server's --compilation-cache-dir)."""
+    """Beside JAX's persistent compilation cache, when one is configured and JAXSEEK_SERIALIZED_STEPS=1
+    (the server's --serialized-steps). Off by default: on XLA:CPU (jax 0.11.2) a loaded step once
+    failed at run time ("NOT_FOUND: Function add_select_fusion.1 not found") in a soak, after
+    thousands of good steps; until that is understood, loading whole executables is opt-in."""
     cache = jax.config.jax_compilation_cache_dir
-    return Path(cache) / "jaxseek-steps" if cache else None
+    if not cache or os.environ.get("JAXSEEK_SERIALIZED_STEPS") != "1":
+        return None
+    return Path(cache) / "jaxseek-steps"
 
 
 class AotStep:

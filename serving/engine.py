@@ -472,7 +472,7 @@ class Engine:
                 table[b, :len(used)] = used
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
-                if pos + n >= len(req.prompt):  # the row samples a token (not a middle prompt chunk)
+                if req.params.needs_table and pos + n >= len(req.prompt):  # it samples (not a middle chunk)
                     rows_slot[b] = self.penalties.slot(req, rank, self.requests.__contains__)
         return (table, tokens, positions, sample_at,
                 sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots))
@@ -506,8 +506,9 @@ class Engine:
                 elif self.role == "prefill":  # decode happens on the decode slice; the blocks stay until sent
                     self.scheduler.running[req.rank].remove(req)
                     self.outbox.append(req)
-                logprobs = row_logprobs(req.params, token, lp[row], top_ids[row], top_lps[row])
-                events.append(Event(req, [token], reason is not None, None if logprobs is None else [logprobs]))
+                logprobs = None if req.params.logprobs is None else \
+                    [row_logprobs(req.params, token, lp[row], top_ids[row], top_lps[row])]
+                events.append(Event(req, [token], reason is not None, logprobs))
         return events
 
     def _finish_reason(self, req: Request, token: int) -> str | None:

@@ -80,6 +80,9 @@ class SamplingParams:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", bias)
+        # penalties or logit_bias: the request takes a PenaltyTable row (an attribute: read every step)
+        object.__setattr__(self, "needs_table", bool(self.presence_penalty or self.frequency_penalty
+                                                     or self.repetition_penalty != 1 or bias))
         # this request's row of SamplingArrays, built once (packing a batch then costs one np.array)
         object.__setattr__(self, "_row", (self.temperature, self.top_k, self.top_p, self.presence_penalty,
                                           self.frequency_penalty, self.repetition_penalty,
@@ -93,11 +96,6 @@ class SamplingParams:
             raise ValueError(f"unknown sampling option(s) {unknown} (known: {sorted(known)})")
         return cls(**raw)
 
-    @property
-    def needs_table(self) -> bool:
-        """Penalties or logit_bias: the request takes a PenaltyTable row."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Token ids the request names must exist (ValueError naming the first that does not)."""
@@ -205,10 +203,8 @@ def unpack(host: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return (data[:, 0], data[:, 1].view(np.float32), data[:, 2:2 + K], data[:, 2 + K:].view(np.float32))
 
 
-def row_logprobs(params: SamplingParams, token: int, lp, top_ids, top_lps) -> tuple | None:
+def row_logprobs(params: SamplingParams, token: int, lp, top_ids, top_lps) -> tuple:
     """One sampled token's logprob entry: (logprob, [(id, logprob)] of the top params.logprobs)."""
-    if params.logprobs is None:
-        return None
     k = params.logprobs
     return float(lp), [(int(t), float(v)) for t, v in zip(top_ids[:k], top_lps[:k])]
 
