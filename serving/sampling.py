@@ -84,9 +84,10 @@ class SamplingParams:
         object.__setattr__(self, "needs_table", bool(self.presence_penalty or self.frequency_penalty
                                                      or self.repetition_penalty != 1 or bias))
         # this request's row of SamplingArrays, built once (packing a batch then costs one np.array)
-        object.__setattr__(self, "_row", (self.temperature, self.top_k, self.top_p, self.presence_penalty,
-                                          self.frequency_penalty, self.repetition_penalty,
-                                          self.logprobs is not None))
+        # (top_k past 2^24 keeps every token of any vocabulary, and stays exact in float32)
+        object.__setattr__(self, "_row", np.array([self.temperature, min(self.top_k, 1 << 24), self.top_p,
+                                                   self.presence_penalty, self.frequency_penalty,
+                                                   self.repetition_penalty, self.logprobs is not None], np.float32))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "SamplingParams":
@@ -124,14 +125,13 @@ class SamplingArrays:
 def sampling_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int],
                     slots: list[int], no_slot: int) -> SamplingArrays:
     """Host arrays for `sample`; None rows (padding) sample greedily and are discarded."""
-    rows = np.array([p._row if p else _PADDING_ROW for p in params], np.float64)  # [B, 7]
-    f32 = rows.astype(np.float32)
-    return SamplingArrays(f32[:, 0], rows[:, 1].astype(np.int32), f32[:, 2], np.array(seeds, np.uint32),
-                          np.array(counters, np.int32), f32[:, 3], f32[:, 4], f32[:, 5],
+    rows = np.concatenate([p._row if p else _PADDING_ROW for p in params]).reshape(-1, 7)  # [B, 7]
+    return SamplingArrays(rows[:, 0], rows[:, 1].astype(np.int32), rows[:, 2], np.array(seeds, np.uint32),
+                          np.array(counters, np.int32), rows[:, 3], rows[:, 4], rows[:, 5],
                           np.array([no_slot if s is None else s for s in slots], np.int32), rows[:, 6] > 0)
 
 
-_PADDING_ROW = (0.0, 0, 1.0, 0.0, 0.0, 1.0, False)  # greedy, no penalties, no logprobs
+_PADDING_ROW = np.array([0, 0, 1, 0, 0, 1, 0], np.float32)  # greedy, no penalties, no logprobs
 
 
 def penalize(logits, counts, bias, arrays: SamplingArrays):
