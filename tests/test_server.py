@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (serving/server.py): a real server on a loopback port, the real
+"""The OpenAI-compatible HTTP server (serving/server/): a real server on a loopback port, the real
 `openai` client. Its outputs equal LLM.generate's; concurrent requests share engine steps; /metrics
 counts what was sent; a client that goes away frees its KV blocks; bad requests get OpenAI errors.
 
