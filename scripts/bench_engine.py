@@ -30,8 +30,8 @@ def replay_ms(engine, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out, engine.pool, engine.expert_load = engine._step(engine.leaves, engine.pool, engine.expert_load, *arrays,
-                                                            absorbed=True)
+        out, engine.pool, engine.expert_load, engine.penalties.device = engine._step(
+            engine.leaves, engine.pool, engine.expert_load, engine.penalties.device, *arrays, absorbed=True)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))

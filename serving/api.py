@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from serving.config import ServingConfig
+from serving.detokenizer import Detokenizer, text_ids
 from serving.engine import Engine, Rebalancing
 from serving.sampling import SamplingParams
 
@@ -172,7 +173,8 @@ class LLM:
                     req = event.request
                     out = outs[live.pop(req.id)]
                     out.token_ids, out.finish_reason, out.cached_tokens = req.output, req.finish_reason, req.cached
-                    out.text = self._text(req.output)
+                    out.text = self._text(text_ids(req.output, req.finish_reason,
+                                                   req.params.include_stop_str_in_output))
         if progress:
             print(f"\r[generate] {total}/{total} requests done", file=sys.stderr)
         return outs
@@ -183,15 +185,12 @@ class LLM:
     def stream(self, prompt, params=None) -> Iterator[Delta]:
         """Yields each new token (and the text it completes) as the engine produces it."""
         req = self.engine.add_request(self._ids(prompt), self._params(params))
-        sent_text = ""
+        detok = Detokenizer(self.tokenizer)
         while req.finish_reason is None:
             for event in self.engine.step():
                 if event.request is req:
-                    text = self._text(req.output) or ""
-                    if text.endswith("\ufffd") and not event.finished:  # half a UTF-8 character
-                        text = sent_text
-                    yield Delta(req.id, event.new_tokens, text[len(sent_text):], req.finish_reason)
-                    sent_text = text
+                    shown = text_ids(event.new_tokens, req.finish_reason, req.params.include_stop_str_in_output)
+                    yield Delta(req.id, event.new_tokens, detok.add(shown, final=event.finished), req.finish_reason)
 
     def stats(self) -> dict:
         return self.engine.stats()

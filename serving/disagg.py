@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from serving.engine import Engine, Event, statistics_record, summarize
 from serving.kv_cache import copy_blocks, copy_round, pow2, read_rank, write_rank, zeros_on
-from serving.sampling import SamplingParams
+from serving.sampling import SamplingParams, row_width
 from serving.scheduler import Request
 
 # counters that belong to requests as a whole: kept by the prefill slice, where requests arrive
@@ -201,7 +201,8 @@ class Across:
         self.mesh = Mesh(np.array([*prefill.mesh.devices.flat, *decode.mesh.devices.flat]), ("all",))
         self.n_prefill = prefill.mesh.size
         rows = max(prefill.cfg.prefill_rows[-1] * prefill.ranks, decode.cfg.decode_batch[-1] * decode.ranks)
-        self.width = rows + 1  # the longest step output: a token per row, then the overflow flag
+        # the longest step output: each row's token and logprob data, then the overflow flag
+        self.width = rows * row_width(prefill.net.config.vocab_size) + 1
 
     def _local(self):
         return [(i, d) for i, d in enumerate(self.mesh.devices.flat) if d.process_index == jax.process_index()]

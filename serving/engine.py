@@ -17,39 +17,41 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from serving.aot import AotStep, aot_directory, program_key
 from serving.config import ServingConfig, bucket
 from serving.kv_cache import PagedCache, copy_blocks, new_pool, pow2, read_rank, write_rank
-from serving.sampling import SamplingParams, sample, sampling_arrays
+from serving.sampling import PenaltyTable, SamplingParams, row_logprobs, sample, sampling_arrays, unpack
 from sharding.mesh import make_mesh
 from sharding.overlap import balanced_slots
 from serving.scheduler import Batch, Request, Scheduler
 
 
-def _compile_step(net, mesh, cache_mesh, kernel: str = "xla"):
+def _compile_step(net, mesh, cache_mesh, kernel: str = "xla", slots: int = 0):
     """The engine's jitted step for this model (and EP capacity bucket). The weights go in as a flat
     list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
     milliseconds of host time per step."""
     graphdef, state = nnx.split(net)
     leaves, treedef = jax.tree.flatten(state)
 
-    def step(leaves, pool, expert_load, page_table, tokens, positions, sample_at, temperature, top_k, top_p, seeds,
-             counters, absorbed: bool):
+    def step(leaves, pool, expert_load, table, page_table, tokens, positions, sample_at, sampling, absorbed: bool):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         paged = PagedCache(pool, page_table, cache_mesh, kernel=kernel)
         hidden, cache, stats = net.forward_step(tokens, positions, paged, absorbed)
         last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
-        next_tokens = sample(net.logits(last), temperature, top_k, top_p, seeds, counters)
+        rows, next_tokens = sample(net.logits(last), sampling, table)  # rows: tokens + logprob data
         overflow = stats["overflow"] if stats else jnp.bool_(False)
+        table = table.count(sampling.slot, next_tokens, ~overflow)
         if stats:
             expert_load = expert_load + stats["expert_load"]
-        # one array to read back per step: the tokens, then the EP overflow flag
-        return jnp.concatenate([next_tokens, overflow.astype(jnp.int32)[None]]), cache.pool, expert_load
+        # one array to read back per step: the tokens and logprobs, then the EP overflow flag
+        return jnp.concatenate([rows.reshape(-1), overflow.astype(jnp.int32)[None]]), cache.pool, expert_load, table
 
     shardings = None
     if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
-        replicated = NamedSharding(mesh, P())
-        shardings = (replicated, NamedSharding(mesh, P(None, "dp")), replicated)
-    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load"),
+        replicated, by_rank = NamedSharding(mesh, P()), NamedSharding(mesh, P("dp"))
+        shardings = (replicated, NamedSharding(mesh, P(None, "dp")), replicated,
+                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh))
+    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
                            out_shardings=shardings)
 
 
@@ -69,6 +71,7 @@ class Event:
     request: Request
     new_tokens: list[int]
     finished: bool
+    logprobs: list | None = None  # per new token: (logprob, [(id, logprob)] top) if the request asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,10 @@ class Engine:
                                    (self.disk.prefix, self._fetch_from_disk) if self.disk else None,
                                    max_running=self.blocks_per_rank if role == "prefill" else None)
         self.outbox: list[Request] = []  # prefill role: prompts done, KV still here, waiting for a decode rank
+        # penalties / logit_bias rows: one per request that samples on a rank (a prefill slice's leave
+        # after one step, so a batch's rows are enough there)
+        slots = serving.prefill_rows[-1] if role == "prefill" else self.scheduler.max_running
+        self.penalties = PenaltyTable(self.ranks, slots, cfg.vocab_size, mesh)
         # One jitted step per (devices, EP capacity level): a resize back to devices served before,
         # or a capacity level seen before, finds its compiled programs again.
         self._steps: dict[tuple, object] = {}
@@ -155,6 +162,10 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {rid}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        try:
+            params.check_vocabulary(vocab)
+        except ValueError as e:
+            raise ValueError(f"request {rid}: {e}") from None
         seed = params.seed if params.seed is not None else zlib.crc32(rid.encode())
         req = Request(rid, prompt, params, seed, min(params.max_tokens, self.context_len - len(prompt)))
         self.scheduler.add(req)
@@ -166,6 +177,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancels a request (a client went away): its blocks are freed now."""
         req = self.requests.pop(request_id, None)
+        self.penalties.release(request_id)
         if req is None or req.finish_reason is not None:
             return
         if req in self.scheduler.waiting:
@@ -215,8 +227,8 @@ class Engine:
         return Launched(batch, arrays, self._dispatch(batch, arrays), start, prepared)
 
     def _dispatch(self, batch: Batch, arrays: tuple) -> jax.Array:
-        out, self.pool, self.expert_load = self._step(self.leaves, self.pool, self.expert_load, *arrays,
-                                                      absorbed=batch.kind == "decode")
+        out, self.pool, self.expert_load, self.penalties.device = self._step(
+            self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays, absorbed=batch.kind == "decode")
         return out
 
     def retry_if_overflowed(self, launched: "Launched", host: np.ndarray) -> bool:
@@ -279,8 +291,13 @@ class Engine:
         kernel = self.cfg.attention_kernel
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
-        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh, kernel)
-        self.leaves, self._step = leaves, self._steps.setdefault(key, step)
+        leaves, step = _compile_step(self.net, self.mesh, self.cache_mesh, kernel, self.penalties.slots)
+        if key not in self._steps:  # compiled programs kept on disk between starts (serving/aot.py)
+            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, kernel, self.penalties.slots))
+            devices = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
+            self._steps[key] = AotStep(step, aot_directory(), program_key(identity, leaves), devices,
+                                       out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
+        self.leaves, self._step = leaves, self._steps[key]
 
     # ---- disk tier of the prefix cache --------------------------------------------------------------
     def _open_disk(self, kv_dtype, width: int):
@@ -380,6 +397,7 @@ class Engine:
         self._device_seconds += (now - self._devices_since) * self.devices
         self.mesh, self.ranks, self.devices, self._devices_since = mesh, dp, mesh.size, now
         self.cache_mesh = mesh if mesh.size > 1 else None
+        self.penalties.resize(dp, mesh)
         self._use_step()
         self._resize_to = None
         self.counters["resizes"] += 1
@@ -413,9 +431,11 @@ class Engine:
                 B = rows * self.ranks
                 arrays = (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
                           np.full((B, width), -1, np.int32), np.zeros(B, np.int32),
-                          *sampling_arrays([None] * B, [0] * B, [0] * B))
-                out, self.pool, self.expert_load = self._step(self.leaves, self.pool, self.expert_load, *arrays,
-                                                              absorbed=kind == "decode")
+                          sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
+                out, self.pool, self.expert_load, self.penalties.device = self._step(
+                    self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays,
+                    absorbed=kind == "decode")
+        self.penalties.warm_up()
         jax.block_until_ready(out)
         return self.compilations - before
 
@@ -434,7 +454,7 @@ class Engine:
         positions = np.full((B, width), -1, np.int32)
         table = np.zeros((B, blocks), np.int32)
         sample_at = np.zeros(B, np.int32)
-        params, seeds, counters = [None] * B, [0] * B, [0] * B
+        params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
         overlap = self.net.ep is not None and self.net.ep.overlap != "none"
         batch.slots = []
         for rank, rows in enumerate(batch.rows):
@@ -452,9 +472,13 @@ class Engine:
                 table[b, :len(used)] = used
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
-        return (table, tokens, positions, sample_at, *sampling_arrays(params, seeds, counters))
+                if req.params.needs_table and pos + n >= len(req.prompt):  # it samples (not a middle chunk)
+                    rows_slot[b] = self.penalties.slot(req, rank, self.requests.__contains__)
+        return (table, tokens, positions, sample_at,
+                sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots))
 
-    def _advance(self, batch: Batch, next_tokens: np.ndarray) -> list[Event]:
+    def _advance(self, batch: Batch, host: np.ndarray) -> list[Event]:
+        next_tokens, lp, top_ids, top_lps = unpack(host, self.net.config.vocab_size)
         rows_b = len(next_tokens) // self.ranks
         events, now = [], time.perf_counter()
         for rank, rows in enumerate(batch.rows):
@@ -467,11 +491,14 @@ class Engine:
                     self._store_on_disk(req)
                     self.counters["cached_prompt_tokens"] += req.cached
                     req.first_token_at = now
-                token = int(next_tokens[rank * rows_b + slot])
+                row = rank * rows_b + slot
+                token = int(next_tokens[row])
                 req.output.append(token)
                 self.counters["generated_tokens"] += 1
                 self.counters["kv_tokens_read"] += pos + n  # the context this token attended over
                 reason = self._finish_reason(req, token)
+                if reason or self.role == "prefill":
+                    self.penalties.release(req.id)
                 if reason:
                     self.scheduler.finish(req, reason)
                     self.counters["finished"] += 1
@@ -479,7 +506,9 @@ class Engine:
                 elif self.role == "prefill":  # decode happens on the decode slice; the blocks stay until sent
                     self.scheduler.running[req.rank].remove(req)
                     self.outbox.append(req)
-                events.append(Event(req, [token], reason is not None))
+                logprobs = None if req.params.logprobs is None else \
+                    [row_logprobs(req.params, token, lp[row], top_ids[row], top_lps[row])]
+                events.append(Event(req, [token], reason is not None, logprobs))
         return events
 
     def _finish_reason(self, req: Request, token: int) -> str | None:

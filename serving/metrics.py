@@ -1,4 +1,4 @@
-"""Prometheus metrics of the HTTP server (serving/server.py), in a private CollectorRegistry per server.
+"""Prometheus metrics of the HTTP server (serving/server/), in a private CollectorRegistry per server.
 
 Two kinds of numbers:
 - observed by the server as requests come and go (HTTP requests by endpoint and status, finish

@@ -1,12 +1,34 @@
-"""SamplingParams and the on-device sampler (greedy, temperature, top-k, top-p, per-request seed)."""
+"""SamplingParams and the on-device sampler.
+
+Per row of a step: logit_bias, then presence / frequency / repetition penalties (vLLM's formulas
+and order), then greedy or temperature + top-k + top-p with a per-request seed; and the raw
+logprobs (log_softmax of the model's logits, as vLLM's default `raw_logprobs`) of the sampled token
+and the top MAX_LOGPROBS tokens, computed in the same jitted step.
+
+Penalties and logit_bias need per-request state over the vocabulary. It lives on the device in
+`PenaltyTable`: each dp rank holds SLOTS rows of [V] token counts (prompt presence in bit 24, output
+counts below) and [V] biases. A request that uses either takes a row on its rank when it first
+samples there; the row is written once from the host's prompt and output, and every step adds the
+token it sampled, inside the step. Rows never move: a request that changes rank or engine (resize,
+prefill -> decode hand-over) is given a fresh row built the same way. Shapes are fixed, so the
+step compiles once per bucket as before.
+
+Axis legend: B batch rows, V vocabulary, K = MAX_LOGPROBS, S slots per rank, R dp ranks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MAX_LOGPROBS = 20  # top logprobs a request may ask for (OpenAI's chat limit; vLLM's default max_logprobs)
+PROMPT_BIT = 1 << 24  # counts below it: output tokens of a request can never reach 2^24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +40,19 @@ class SamplingParams:
     seed: int | None = None  # None: derived from the request id
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k (k <= MAX_LOGPROBS)
+    presence_penalty: float = 0.0  # subtracted once from every token the output already holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt or output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); a dict is accepted
+    include_stop_str_in_output: bool = False  # keep the text of the stop token that ended the output
 
     def __post_init__(self):
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            bias = tuple(sorted((int(t), float(b)) for t, b in bias))
+        except (TypeError, ValueError):
+            bias = None
         problems = []
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
@@ -31,9 +64,30 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32):
             problems.append(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            problems.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                problems.append(f"{name} must be in [-2, 2], got {v!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp <= 100:
+            problems.append(f"repetition_penalty must be in (0, 100], got {rp!r}")
+        if bias is None or any(not -100 <= b <= 100 for _, b in bias):
+            problems.append(f"logit_bias must map token ids to biases in [-100, 100], got {self.logit_bias!r}")
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", bias)
+        # penalties or logit_bias: the request takes a PenaltyTable row (an attribute: read every step)
+        object.__setattr__(self, "needs_table", bool(self.presence_penalty or self.frequency_penalty
+                                                     or self.repetition_penalty != 1 or bias))
+        # this request's row of SamplingArrays, built once (packing a batch then costs one np.array)
+        # (top_k past 2^24 keeps every token of any vocabulary, and stays exact in float32)
+        object.__setattr__(self, "_row", np.array([self.temperature, min(self.top_k, 1 << 24), self.top_p,
+                                                   self.presence_penalty, self.frequency_penalty,
+                                                   self.repetition_penalty, self.logprobs is not None], np.float32))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "SamplingParams":
@@ -44,10 +98,57 @@ class SamplingParams:
         return cls(**raw)
 
 
-def sample(logits, temperature, top_k, top_p, seeds, counters):
-    """logits float32[B, V]; per row: temperature, top_k (0 = off), top_p, seed, counter (the
-    position being sampled, so a request's draws do not depend on its batch neighbours) -> int32[B]."""
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Token ids the request names must exist (ValueError naming the first that does not)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias])):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingArrays:
+    """Everything `sample` needs per row, as one pytree (host numpy arrays until the step runs)."""
+    temperature: jax.Array  # f32[B]
+    top_k: jax.Array  # i32[B]
+    top_p: jax.Array  # f32[B]
+    seed: jax.Array  # u32[B]
+    counter: jax.Array  # i32[B]: the position sampled, so draws do not depend on batch neighbours
+    presence: jax.Array  # f32[B]
+    frequency: jax.Array  # f32[B]
+    repetition: jax.Array  # f32[B]
+    slot: jax.Array  # i32[B]: the row's PenaltyTable slot on its rank (S: none, nothing read or counted)
+    logprobs: jax.Array  # bool[B]: return logprob data
+
+
+def sampling_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int],
+                    slots: list[int], no_slot: int) -> SamplingArrays:
+    """Host arrays for `sample`; None rows (padding) sample greedily and are discarded."""
+    rows = np.concatenate([p._row if p else _PADDING_ROW for p in params]).reshape(-1, 7)  # [B, 7]
+    return SamplingArrays(rows[:, 0], rows[:, 1].astype(np.int32), rows[:, 2], np.array(seeds, np.uint32),
+                          np.array(counters, np.int32), rows[:, 3], rows[:, 4], rows[:, 5],
+                          np.array([no_slot if s is None else s for s in slots], np.int32), rows[:, 6] > 0)
+
+
+_PADDING_ROW = np.array([0, 0, 1, 0, 0, 1, 0], np.float32)  # greedy, no penalties, no logprobs
+
+
+def penalize(logits, counts, bias, arrays: SamplingArrays):
+    """logits f32[B, V]; counts i32[B, V] (output counts | PROMPT_BIT); bias f32[B, V]. vLLM's order:
+    logit_bias, then repetition (prompt or output tokens), frequency and presence (output tokens)."""
+    logits = logits + bias
+    out = counts & (PROMPT_BIT - 1)
+    seen = (counts != 0)  # in the prompt or the output
+    rep = arrays.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - arrays.frequency[:, None] * out - arrays.presence[:, None] * (out > 0)
+
+
+def draw(logits, arrays: SamplingArrays):
+    """-> int32[B]: greedy where temperature is 0, else temperature, top-k, top-p, per-row seed."""
     V = logits.shape[-1]
+    temperature, top_k, top_p = arrays.temperature, arrays.top_k, arrays.top_p
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
@@ -59,14 +160,150 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
     threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
     masked = jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(arrays.seed, arrays.counter)
     drawn = jax.vmap(jax.random.categorical)(keys, masked)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
-def sampling_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int]) -> tuple:
-    """Host arrays for `sample`; None rows (padding) sample greedily and are discarded."""
-    t = np.array([p.temperature if p else 0.0 for p in params], np.float32)
-    k = np.array([p.top_k if p else 0 for p in params], np.int32)
-    tp = np.array([p.top_p if p else 1.0 for p in params], np.float32)
-    return t, k, tp, np.array(seeds, np.uint32), np.array(counters, np.int32)
+def logprob_data(logits, tokens, want):
+    """Raw logprobs: the sampled token's and the top K (ids, values), packed as int32[B, 2 + 2K]
+    (floats bitcast) so the step's output stays one array. Computed only if a row asks."""
+    B, K = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
+
+    def compute(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, K)
+        own = jnp.take_along_axis(logp, tokens[:, None], axis=1)
+        return jnp.concatenate([jax.lax.bitcast_convert_type(own, jnp.int32), top_ids.astype(jnp.int32),
+                                jax.lax.bitcast_convert_type(top_lp, jnp.int32)], axis=1)
+    data = jax.lax.cond(jnp.any(want), compute, lambda _: jnp.zeros((B, 1 + 2 * K), jnp.int32), logits)
+    return jnp.concatenate([tokens[:, None], data], axis=1)
+
+
+def sample(logits, arrays: SamplingArrays, table: "PenaltyTable.Device"):
+    """logits f32[B, V] -> (int32[B, 2 + 2K]: each row's token then its logprob data,
+    the table with this step's tokens counted, to apply only if the step is kept: see `count`)."""
+    # most steps have no row with penalties or a bias: they skip reading [B, V] rows of the table
+    processed = jax.lax.cond(jnp.any(arrays.slot < table.slots),
+                             lambda x: penalize(x, *table.rows(arrays.slot), arrays), lambda x: x, logits)
+    tokens = draw(processed, arrays)
+    return logprob_data(logits, tokens, arrays.logprobs), tokens
+
+
+def row_width(vocab: int) -> int:
+    """int32 values per row in the step's read-back: the token, its logprob, K top ids and logprobs."""
+    return 2 + 2 * min(MAX_LOGPROBS, vocab)
+
+
+def unpack(host: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The step's read-back (int32[B * row_width]) -> tokens [B], logprob [B], top ids [B, K],
+    top logprobs [B, K]."""
+    K = min(MAX_LOGPROBS, vocab)
+    data = host.reshape(-1, row_width(vocab))
+    return (data[:, 0], data[:, 1].view(np.float32), data[:, 2:2 + K], data[:, 2 + K:].view(np.float32))
+
+
+def row_logprobs(params: SamplingParams, token: int, lp, top_ids, top_lps) -> tuple:
+    """One sampled token's logprob entry: (logprob, [(id, logprob)] of the top params.logprobs)."""
+    k = params.logprobs
+    return float(lp), [(int(t), float(v)) for t, v in zip(top_ids[:k], top_lps[:k])]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _TableArrays:
+    counts: jax.Array  # i32[R * S, V], sharded over dp
+    bias: jax.Array  # f32[R * S, V], sharded over dp
+    slots: int = dataclasses.field(metadata={"static": True})  # S: rows per rank (a row's slot S: none)
+    mesh: object = dataclasses.field(default=None, metadata={"static": True})
+
+    def _per_rank(self, fn, out_specs, *args, replicated: int = 0):
+        """fn over each dp rank's rows; the last `replicated` args are the same on every rank."""
+        if self.mesh is None:
+            return fn(*args)
+        specs = tuple(P("dp") for _ in args[:len(args) - replicated]) + (P(),) * replicated
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
+
+    def rows(self, slot):
+        """slot i32[B] (rank-local; out of range: none) -> counts i32[B, V], bias f32[B, V] (zeros: none)."""
+        def local(counts, bias, slot):
+            return (jnp.take(counts, slot, axis=0, mode="fill", fill_value=0),
+                    jnp.take(bias, slot, axis=0, mode="fill", fill_value=0))
+        return self._per_rank(local, (P("dp"), P("dp")), self.counts, self.bias, slot)
+
+    def count(self, slot, tokens, keep):
+        """Adds each row's sampled token to its slot's counts; keep: False (an EP overflow: the step
+        re-runs) adds nothing, so a re-run does not count twice."""
+        def local(counts, slot, tokens, keep):
+            return counts.at[slot, tokens].add(keep.astype(jnp.int32), mode="drop")
+        counts = self._per_rank(local, P("dp"), self.counts, slot, tokens, keep, replicated=1)
+        return dataclasses.replace(self, counts=counts)
+
+
+class PenaltyTable:
+    """Host bookkeeping of the device rows (which request holds which slot on which rank)."""
+    Device = _TableArrays
+
+    def __init__(self, ranks: int, slots: int, vocab: int, mesh):
+        self.slots, self.vocab = slots, vocab
+        self.resize(ranks, mesh)
+
+    def resize(self, ranks: int, mesh) -> None:
+        """A new (empty) table for `ranks` dp ranks on `mesh`; every request re-takes a row."""
+        self.ranks, self.mesh = ranks, (mesh if mesh is not None and mesh.size > 1 else None)
+        shape = (ranks * self.slots, self.vocab)
+        sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
+        self.device = _TableArrays(jax.device_put(np.zeros(shape, np.int32), sharding),
+                                   jax.device_put(np.zeros(shape, np.float32), sharding), self.slots, self.mesh)
+        self.free = [list(range(self.slots)) for _ in range(ranks)]
+        self.held: dict[str, tuple[int, int]] = {}  # request id -> (rank, slot)
+
+    def slot(self, req, rank: int, live) -> int | None:
+        """The request's slot on `rank` (written now if new); None if it needs none. live(id): still
+        running on this engine (slots of requests that left without release are reclaimed)."""
+        if not req.params.needs_table:
+            return None
+        held = self.held.get(req.id)
+        if held is not None and held[0] == rank:
+            return held[1]
+        self.release(req.id)
+        if not self.free[rank]:
+            for rid in [r for r, (k, _) in self.held.items() if k == rank and not live(r)]:
+                self.release(rid)
+        slot = self.free[rank].pop()  # a rank runs at most SLOTS requests (serving/engine.py sizes it)
+        self.held[req.id] = (rank, slot)
+        counts = np.bincount(np.asarray(req.output, np.int64), minlength=self.vocab).astype(np.int32)
+        counts[np.asarray(req.prompt, np.int64)] |= PROMPT_BIT
+        bias = np.zeros(self.vocab, np.float32)
+        for t, b in req.params.logit_bias:
+            bias[t] = b
+        self.device = _write_row(self.device, np.int32(rank * self.slots + slot), counts, bias)
+        return slot
+
+    def warm_up(self) -> None:
+        """Compiles the row write (on a row no rank holds: nothing changes), so the first request
+        with penalties does not wait for a compilation."""
+        zeros = np.zeros(self.vocab, np.int32)
+        self.device = _write_row(self.device, np.int32(self.ranks * self.slots), zeros, zeros.astype(np.float32))
+
+    def release(self, request_id: str) -> None:
+        held = self.held.pop(request_id, None)
+        if held is not None and held[0] < self.ranks:
+            self.free[held[0]].append(held[1])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_row(table: _TableArrays, index, counts, bias) -> _TableArrays:
+    """Writes one slot's row (index = rank * S + slot) on the rank that holds it."""
+    def local(c, b, index, counts, bias):
+        S = c.shape[0]
+        mine = (index // S) == (jax.lax.axis_index("dp") if table.mesh is not None else 0)
+        row = jnp.where(mine, index % S, S)  # out of range: dropped on the other ranks
+        return c.at[row].set(counts, mode="drop"), b.at[row].set(bias, mode="drop")
+    if table.mesh is None:
+        c, b = local(table.counts, table.bias, index, counts, bias)
+    else:
+        c, b = jax.shard_map(local, mesh=table.mesh, in_specs=(P("dp"), P("dp"), P(), P(), P()),
+                             out_specs=(P("dp"), P("dp")), check_vma=False)(table.counts, table.bias, index,
+                                                                             counts, bias)
+    return dataclasses.replace(table, counts=c, bias=b)

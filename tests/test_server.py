@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (serving/server.py): a real server on a loopback port, the real
+"""The OpenAI-compatible HTTP server (serving/server/): a real server on a loopback port, the real
 `openai` client. Its outputs equal LLM.generate's; concurrent requests share engine steps; /metrics
 counts what was sent; a client that goes away frees its KV blocks; bad requests get OpenAI errors.
 
@@ -9,24 +9,20 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving import LLM, SamplingParams
 from serving.server import create_app, warm_up
+from server_util import ROOT, free_port, serving, value
 from tiny import save_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 # ids 4..127: printable ASCII, newline, tab, then Latin-1 letters, so every id of the vocabulary is a character
 CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(0xC0, 0xC0 + 27)]
@@ -88,54 +84,12 @@ def reference(llm):
     return ref
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    def __init__(self, port, app):
-        self.port, self.app = port, app
-        self.base = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="x", max_retries=0, timeout=120)
-        self.http = httpx.Client(base_url=self.base, timeout=120)
-
-    def metrics(self) -> dict:
-        r = self.http.get("/metrics")
-        assert r.status_code == 200
-        out = {}
-        for family in text_string_to_metric_families(r.text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-
-def value(metrics: dict, name: str, **labels) -> float:
-    """The sum of a metric's samples whose labels include `labels` (0 if none)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in metrics.items() if n == name and want <= set(ls))
-
-
 @pytest.fixture(scope="module")
 def server(llm, reference, checkpoint):
-    port = free_port()
     app = create_app(llm, model_name=checkpoint[0].name)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    running = Running(port, app)
-    running.compiled_at_start = llm.engine.compilations
-    yield running
-    running.http.close()
-    uv.should_exit = True
-    thread.join(60)
-    assert not thread.is_alive()
-    assert not app.state.server.worker.alive  # the engine thread stopped with the server
+    with serving(app) as running:
+        running.compiled_at_start = llm.engine.compilations
+        yield running
 
 
 def test_models_and_health(server, checkpoint):
@@ -284,7 +238,7 @@ def test_metrics_count_requests_and_tokens(server, checkpoint):
 def test_client_disconnect_aborts_and_frees_blocks(server, checkpoint):
     engine = server.app.state.server.engine
     before = server.metrics()
-    body = {"model": checkpoint[0].name, "prompt": TEXT, "max_tokens": 110, "stream": True, "ignore_eos": True,
+    body = {"model": checkpoint[0].name, "prompt": TEXT, "max_tokens": 100, "stream": True, "ignore_eos": True,
             "temperature": 0}
     events = 0
     with server.http.stream("POST", "/v1/completions", json=body) as r:
@@ -306,7 +260,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server, checkpoint):
     assert value(after, "jaxseek_requests_finished_total", reason="abort") - \
         value(before, "jaxseek_requests_finished_total", reason="abort") == 1
     generated = value(after, "jaxseek_generation_tokens_total") - value(before, "jaxseek_generation_tokens_total")
-    assert 2 <= generated < 110  # it did not run to the end
+    assert 2 <= generated < 100  # it did not run to the end
     assert engine.scheduler.pools[0].refs.sum() == 0
 
 
@@ -327,8 +281,15 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         ("/v1/completions", {"model": name, "prompt": []}, 400, "invalid_value"),
         ("/v1/completions", {"model": name}, 400, "missing_required_parameter"),
         ("/v1/completions", {"model": name, "prompt": [{"a": 1}]}, 400, "invalid_type"),
-        ("/v1/completions", {"model": name, "prompt": "hi", "n": 2}, 400, "unsupported"),
-        ("/v1/completions", {"model": name, "prompt": "hi", "logprobs": 2}, 400, "unsupported"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "n": 17}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "logprobs": 21}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "echo": True, "logprobs": 1}, 400, "unsupported"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "max_tokens": 126}, 400, "context_length_exceeded"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "logit_bias": {"128": 5}}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "logit_bias": {"7": 101}}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "stop_token_ids": [128]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "presence_penalty": 3}, 400, "invalid_value"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "repetition_penalty": 0}, 400, "invalid_value"),
         ("/v1/completions", {"model": name, "prompt": "hi", "temperature": -1}, 400, "invalid_value"),
         ("/v1/completions", {"model": name, "prompt": "hi", "top_p": 0}, 400, "invalid_value"),
         ("/v1/completions", {"model": name, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),
@@ -339,7 +300,11 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         ("/v1/chat/completions", {"model": name, "messages": []}, 400, "invalid_value"),
         ("/v1/chat/completions", {"model": name}, 400, "missing_required_parameter"),
         ("/v1/chat/completions", {"model": name, "messages": [{"content": "no role"}]}, 400, "invalid_value"),
-        ("/v1/chat/completions", {"model": name, "messages": CHAT, "logprobs": True}, 400, "unsupported"),
+        ("/v1/chat/completions", {"model": name, "messages": CHAT, "top_logprobs": 2}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"model": name, "messages": CHAT, "response_format": {"type": "json_object"}}, 400,
+         "unsupported"),
+        ("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+         "invalid_value"),
         ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "y" * 300}]}, 400,
          "context_length_exceeded"),
     ]
@@ -356,8 +321,8 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         server.client.completions.create(model="nope", prompt="hi")
     with pytest.raises(openai.BadRequestError, match="does not fit the context|maximum context length"):
         server.client.completions.create(model=name, prompt=[5] * 128)
-    with pytest.raises(openai.BadRequestError, match="only 1"):
-        server.client.chat.completions.create(model=name, messages=CHAT, n=3)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        server.client.chat.completions.create(model=name, messages=CHAT, response_format={"type": "json_object"})
     # none of them reached the engine, and it still serves, even values past the engine's 32-bit arrays
     assert server.metrics()[("jaxseek_engine_requests_total", ())] == engine_requests
     out = server.client.completions.create(model=name, prompt="ok", max_tokens=3, seed=2 ** 40 + 7, top_p=0.9,
@@ -370,7 +335,7 @@ def test_cli_subprocess_serves(checkpoint, reference):
     proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model", str(checkpoint[0]), "--deployment",
                              str(checkpoint[1]), "--port", str(port), "--no-warmup", "--log-level", "warning"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "JAXSEEK_API_KEY": "sesame"})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -378,18 +343,23 @@ def test_cli_subprocess_serves(checkpoint, reference):
             assert proc.poll() is None, proc.stdout.read()
             assert time.time() < deadline, "the server did not come up"
             try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:  # open without a key, as vLLM
                     break
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        models = httpx.get(f"{base}/v1/models").json()
-        assert [m["id"] for m in models["data"]] == [checkpoint[0].name]  # the default served name
-        r = httpx.post(f"{base}/v1/completions", timeout=120, json={
-            "model": checkpoint[0].name, "prompt": IDS, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True})
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["token_ids"] == reference["cli"].token_ids
+        assert httpx.get(f"{base}/v1/models").status_code == 401  # JAXSEEK_API_KEY: /v1/* needs it
+        key = {"Authorization": "Bearer sesame"}
+        models = httpx.get(f"{base}/v1/models", headers=key).json()
+        # vLLM's naming: --model as given (the path), as a client like guidellm sends it back
+        assert [m["id"] for m in models["data"]] == [str(checkpoint[0])]
+        for model in (str(checkpoint[0]), checkpoint[0].name):  # the directory's name is accepted too
+            r = httpx.post(f"{base}/v1/completions", timeout=120, headers=key, json={
+                "model": model, "prompt": IDS, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == reference["cli"].token_ids
+            assert r.json()["model"] == str(checkpoint[0])
     finally:
         proc.terminate()
         try:
@@ -400,3 +370,89 @@ def test_cli_subprocess_serves(checkpoint, reference):
     output = proc.stdout.read()
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
     assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in output, output
+
+
+def test_request_id_header(server, checkpoint):
+    """X-Request-Id as vLLM: the client's id comes back in the header and the response id; without
+    one, the server makes one up (a different one each time)."""
+    body = {"model": checkpoint[0].name, "prompt": IDS, "max_tokens": 2, "temperature": 0}
+    r = server.http.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42" and r.json()["id"] == "cmpl-trace-42"
+    again = server.http.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})  # reused: fine
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
+    ids = {server.http.post("/v1/completions", json=body).headers["x-request-id"] for _ in range(2)}
+    assert len(ids) == 2 and all(len(i) == 32 for i in ids)
+    assert server.http.get("/health").headers["x-request-id"]
+    bad = server.http.post("/v1/completions", json={**body, "n": 0}, headers={"X-Request-Id": "t-1"})
+    assert bad.status_code == 400 and bad.headers["x-request-id"] == "t-1"
+
+
+def test_stop_token_text_dropped(server, reference, checkpoint):
+    """stop_token_ids end the output on that token, whose text is dropped unless
+    include_stop_str_in_output (vLLM); stop_reason names it. The same for a stop string."""
+    ref = reference["long"]
+    i, stop = next((i, t) for i, t in enumerate(ref.token_ids) if t >= len(SPECIALS) and i >= 2)
+    want = ref.token_ids[:ref.token_ids.index(stop) + 1]
+    kw = dict(model=checkpoint[0].name, prompt=TEXT, max_tokens=12, **GREEDY)
+    for include in (False, True):
+        out = server.client.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": [stop],
+                                                                 "include_stop_str_in_output": include,
+                                                                 "return_token_ids": True})
+        c = out.choices[0]
+        assert c.token_ids == want and c.finish_reason == "stop" and c.stop_reason == stop
+        shown = "".join(CHARS[t - len(SPECIALS)] for t in (want if include else want[:-1]) if t >= len(SPECIALS))
+        assert c.text == shown
+        chunks = list(server.client.completions.create(**kw, stream=True, extra_body={
+            "ignore_eos": True, "stop_token_ids": [stop], "include_stop_str_in_output": include}))
+        assert "".join(ch.choices[0].text for ch in chunks) == shown
+    text = ref.text
+    s = text[5:7]
+    out = server.client.completions.create(**kw, stop=[s], extra_body={"ignore_eos": True,
+                                                                       "include_stop_str_in_output": True})
+    assert out.choices[0].text == text[:text.find(s)] + s and out.choices[0].stop_reason == s
+
+
+def test_max_tokens_past_the_context_and_chat_default(server, llm, checkpoint):
+    """max_tokens beyond the context is refused (vLLM), not capped; chat without max_tokens
+    generates until EOS or the context (vLLM and OpenAI), completions 16 (OpenAI)."""
+    name = checkpoint[0].name
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128 tokens") as e:
+        server.client.completions.create(model=name, prompt="hi", max_tokens=126)
+    assert e.value.body["param"] == "max_tokens"
+    ok = server.client.completions.create(model=name, prompt="hi", max_tokens=125, extra_body={"ignore_eos": True})
+    assert ok.usage.prompt_tokens + ok.usage.completion_tokens == 128 and ok.choices[0].finish_reason == "length"
+    chat = server.client.chat.completions.create(model=name, messages=CHAT, extra_body={"ignore_eos": True}, **GREEDY)
+    assert chat.usage.completion_tokens == 128 - chat.usage.prompt_tokens > 16
+    assert chat.choices[0].finish_reason == "length"
+    plain = server.client.completions.create(model=name, prompt="hi", extra_body={"ignore_eos": True})
+    assert plain.usage.completion_tokens == 16
+
+
+def test_developer_and_tool_roles(server, llm, checkpoint):
+    """developer messages are system messages (OpenAI's newer name); tool results reach the prompt.
+    A template with no place for a tool result refuses it rather than drop it."""
+    name = checkpoint[0].name
+
+    def prompt_ids(messages):
+        out = server.client.chat.completions.create(model=name, messages=messages, max_tokens=1,
+                                                    extra_body={"return_token_ids": True})
+        return out.model_extra["prompt_token_ids"][0]
+    user = {"role": "user", "content": "Hi there!"}
+    assert prompt_ids([{"role": "developer", "content": "Be brief."}, user]) == \
+        prompt_ids([{"role": "system", "content": "Be brief."}, user]) == llm.chat_prompt(CHAT)
+    tool = [user, {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "forty-two"}]
+    ids = prompt_ids(tool)
+    text = "".join(CHARS[t - len(SPECIALS)] for t in ids if t >= len(SPECIALS))
+    assert "forty-two" in text
+
+    from serving.api import Tokenizer
+    from serving.server.protocol import Protocol
+    from server_util import TINY_MODEL
+    tiny = Protocol(Tokenizer(TINY_MODEL), 256, 101, 0, ["jaxseek-tiny"])  # its template has no tool branch
+    body = json.dumps({"messages": [tool[0], tool[2]]}).encode()
+    with pytest.raises(Exception, match="no place for role 'tool'"):
+        tiny.prepare(body, chat=True)
+    ok = tiny.prepare(json.dumps({"messages": [{"role": "developer", "content": "x"}, user]}).encode(), chat=True)
+    assert ok.prompts[0] == tiny.prepare(json.dumps({"messages": [{"role": "system", "content": "x"}, user]}).encode(),
+                                         chat=True).prompts[0]

@@ -1,0 +1,259 @@
+"""Soak the HTTP server: N requests on loopback, then check that nothing was lost or leaked.
+
+    python scripts/soak.py --requests 10000 --json        # starts `python -m serving.server` itself
+    python scripts/soak.py --url http://127.0.0.1:8000 --server-pid PID --api-key KEY
+
+The mix (seeded): completions and chat, streamed and not, prompts of 1 to ~100 tokens, max_tokens
+1 to 48, EOS honoured or ignored, n of 1 or 2, some with logprobs, penalties or stop strings; 10%
+of requests are client disconnects (a stream left after its first events, or a non-streamed request
+whose client gives up after 50 ms), 5% are malformed bodies (bad JSON, a lone surrogate, deep nesting,
+unknown fields, out-of-range values, a prompt past the context).
+
+Every request must end as it was due: a complete answer (finish_reason stop or length, `length`
+exactly at max_tokens, a stream that ends in [DONE]), a 4xx with OpenAI's error JSON for a malformed
+body, or the abort its client caused. At the end the server must hold no KV blocks and no running or
+waiting request, and its resident memory (RSS, from /proc, sampled 4 times a second) must have grown
+less than 5%: the median over the last tenth of the run against the median over the tenth after the
+first (--rss-baseline: where that window starts). Bounded in time: --deadline-s for the whole run, 120 s a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["reverse 12345=", "sort 3141=", "add 57+68=", "reverse 9=", "sort 8675309=", "add 1+2="]
+MALFORMED = [  # (body, why) -- each must get a 4xx with an error object, and nothing else
+    (b"{not json", "bad JSON"), (b"[1, 2]", "not an object"), (b'{"prompt": "a\\ud800b"}', "lone surrogate"),
+    (b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}", "deep nesting"),
+    (b'{"prompt": "x", "beam_width": 4}', "unknown field"), (b'{"prompt": "x", "max_tokens": 0}', "max_tokens 0"),
+    (b'{"prompt": "x", "temperature": -1}', "negative temperature"), (b'{"prompt": "x", "n": 99}', "n too large"),
+    (b'{"prompt": "' + b"7" * 5000 + b'"}', "past the context"), (b'{"prompt": [1, 2, 1000000]}', "token id"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role"),
+]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def plan(n: int, seed: int, context: int) -> list[dict]:
+    """The requests, in order; prompts leave room for max_tokens (and a chat template) in `context`."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        r = rng.random()
+        if r < 0.05:
+            body, why = MALFORMED[rng.randrange(len(MALFORMED))]
+            out.append({"kind": "malformed", "raw": body, "why": why, "chat": b"messages" in body})
+            continue
+        chat = rng.random() < 0.3
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 1, 2, 4, 7])))[:context - 64]
+        body = {"max_tokens": rng.randint(1, 48), "temperature": rng.choice([0.0, 0.0, 0.8]),
+                "seed": rng.randrange(2 ** 31), "ignore_eos": rng.random() < 0.5, "n": rng.choice([1, 1, 1, 2])}
+        if chat:
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = text
+        extra = rng.random()
+        if extra < 0.1:
+            body.update({"logprobs": True, "top_logprobs": 2} if chat else {"logprobs": 2})
+        elif extra < 0.2:
+            body.update(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2)
+        elif extra < 0.25:
+            body["stop"] = ["1"]
+        stream = rng.random() < 0.5
+        body["stream"] = stream
+        kind = "disconnect" if r < 0.15 else "normal"
+        out.append({"kind": kind, "body": body, "chat": chat})
+    return out
+
+
+async def one(client, item: dict, model: str) -> str:
+    """Runs one planned request; returns "ok", or what went wrong."""
+    path = "/v1/chat/completions" if item["chat"] else "/v1/completions"
+    if item["kind"] == "malformed":
+        r = await client.post(path, content=item["raw"], headers={"Content-Type": "application/json"})
+        err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        return "ok" if 400 <= r.status_code < 500 and err.get("message") else f"{item['why']}: {r.status_code}"
+    body = {**item["body"], "model": model}
+    if item["kind"] == "disconnect":
+        if body["stream"]:
+            async with client.stream("POST", path, json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # leave after the first event: the connection closes
+            return "ok"
+        try:
+            await client.post(path, json=body, timeout=0.05)
+        except Exception:  # noqa: BLE001 - the client giving up is the point
+            pass
+        return "ok"
+    if not body["stream"]:
+        r = await client.post(path, json=body)
+        if r.status_code != 200:
+            return f"status {r.status_code}: {r.text[:200]}"
+        out = r.json()
+        finishes = [c["finish_reason"] for c in out["choices"]]
+        tokens = out["usage"]["completion_tokens"]
+        n = len(out["choices"])
+    else:
+        finishes, tokens, done, n = {}, 0, False, 0
+        async with client.stream("POST", path, json={**body, "stream_options": {"include_usage": True}}) as r:
+            if r.status_code != 200:
+                return f"status {r.status_code}"
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return f"stream error: {chunk['error']}"
+                    for c in chunk["choices"]:
+                        if c.get("finish_reason"):
+                            finishes[c["index"]] = c["finish_reason"]
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+        if not done:
+            return "stream without [DONE]"
+        n, finishes = len(finishes), list(finishes.values())
+    if n != body["n"] or any(f not in ("stop", "length") for f in finishes):
+        return f"finish reasons {finishes} for n={body['n']}"
+    if all(f == "length" for f in finishes) and tokens != body["max_tokens"] * n:
+        return f"{tokens} tokens at finish 'length', asked {body['max_tokens']} x {n}"
+    return "ok"
+
+
+async def run(args, pid: int | None) -> dict:
+    import httpx
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency * 2)
+    async with httpx.AsyncClient(base_url=args.url, timeout=120, headers=headers, limits=limits) as client:
+        card = (await client.get("/v1/models")).json()["data"][0]
+        model, items = card["id"], plan(args.requests, args.seed, card["max_model_len"])
+        sem, results, samples = asyncio.Semaphore(args.concurrency), [None] * len(items), []
+
+        async def sample_rss():  # (answered so far, RSS): medians over windows damp the allocator's swings
+            while pid:
+                samples.append((sum(r is not None for r in results), rss_bytes(pid)))
+                await asyncio.sleep(0.25)
+
+        async def guarded(i: int, item: dict):
+            async with sem:
+                try:
+                    results[i] = await one(client, item, model)
+                except Exception as e:  # noqa: BLE001 - a transport error on a normal request is a loss
+                    results[i] = f"{type(e).__name__}: {e}"
+                done = sum(r is not None for r in results)
+                if not args.json and done % 500 == 0:
+                    print(f"[soak] {done}/{len(items)}", file=sys.stderr, flush=True)
+
+        start = time.perf_counter()
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.wait_for(asyncio.gather(*(guarded(i, it) for i, it in enumerate(items))), args.deadline_s)
+        elapsed = time.perf_counter() - start
+        sampler.cancel()
+        # aborts land between engine steps: give the engine a moment to settle
+        for _ in range(100):
+            metrics = (await client.get("/metrics")).text
+            used = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("jaxseek_kv_blocks_used"))
+            running = [float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith(("jaxseek_requests_running ", "jaxseek_requests_waiting "))]
+            if used == 0 and not any(running):
+                break
+            await asyncio.sleep(0.1)
+    failures = [(items[i]["kind"], r) for i, r in enumerate(results) if r != "ok"]
+    kinds = {k: sum(it["kind"] == k for it in items) for k in ("normal", "disconnect", "malformed")}
+    report = {"requests": len(items), "by_kind": kinds, "lost": len(failures), "failures": failures[:20],
+              "elapsed_s": round(elapsed, 1), "requests_per_s": round(len(items) / elapsed, 2),
+              "kv_blocks_used_at_end": used, "running_or_waiting_at_end": sum(running)}
+    if pid:
+        n, b = len(items), args.rss_baseline
+        start_mb = np.median([r for d, r in samples if b * n <= d < (b + 0.1) * n] or [samples[0][1]]) / 2 ** 20
+        end_mb = np.median([r for d, r in samples if d >= 0.9 * n] + [rss_bytes(pid)]) / 2 ** 20
+        report.update(rss_start_mb=round(float(start_mb), 1), rss_end_mb=round(float(end_mb), 1),
+                      rss_growth=round(float(end_mb / start_mb - 1), 4))
+    report["ok"] = (report["lost"] == 0 and used == 0 and not any(running)
+                    and report.get("rss_growth", 0) < 0.05)
+    return report
+
+
+def start_server(args) -> subprocess.Popen:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "serving.server", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--deployment", args.deployment] if args.deployment else []
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args.url = f"http://127.0.0.1:{port}"
+    import httpx
+    deadline = time.time() + args.startup_timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit("the server did not come up in time")
+        try:
+            if httpx.get(f"{args.url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", help="an already running server (default: start one)")
+    ap.add_argument("--server-pid", type=int, help="its process id, for the RSS check (with --url)")
+    ap.add_argument("--api-key", default=os.environ.get("JAXSEEK_API_KEY"))
+    ap.add_argument("--model", help="checkpoint for the server this starts (default: the embedded tiny model)")
+    ap.add_argument("--deployment", help="deployment for the server this starts (default: every device)")
+    ap.add_argument("--deadline-s", type=float, default=3600.0, help="the whole run must end within this")
+    ap.add_argument("--rss-baseline", type=float, default=0.1,
+                    help="fraction of the requests after which the server's RSS is the baseline")
+    ap.add_argument("--startup-timeout-s", type=float, default=900.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    proc = None if args.url else start_server(args)
+    pid = args.server_pid or (proc.pid if proc else None)
+    try:
+        report = asyncio.run(run(args, pid))
+    finally:
+        if proc:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    report.update(concurrency=args.concurrency, seed=args.seed)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:28s} {v}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from serving.server.cli import main
+
+sys.exit(main())
