@@ -5,7 +5,7 @@ building the batch arrays before the jitted call, advancing the requests after i
 wall time minus the same jitted step replayed on prebuilt arrays with block_until_ready, which
 also charges the dispatch. On a shared CPU (2) is noisy: both cores also run the "device".
 
-    python scripts/bench_engine.py --batch 64 --steps 50 --json
+    python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=50, help="measured decode steps (after warm-up)")
     ap.add_argument("--cpu-devices", type=int, default=8)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights, compute and KV cache (default: the LLM's, float32 on CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
@@ -57,7 +59,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "scripts"))
     from demo import default_model
 
-    llm = LLM(args.model or default_model(), deployment=args.deployment)
+    import jax.numpy as jnp
+    llm = LLM(args.model or default_model(), deployment=args.deployment,
+              dtype=getattr(jnp, args.dtype) if args.dtype else None)
     engine = llm.engine
     rng = np.random.default_rng(0)
     vocab = engine.net.config.vocab_size
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
     device = replay_ms(engine, repeats=args.steps)
     result = {
         "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-        "deployment": llm.deployment.name, "batch": running, "steps": args.steps,
+        "deployment": llm.deployment.name, "dtype": str(engine.pool.dtype), "batch": running, "steps": args.steps,
         "decode_tokens_per_s": running * args.steps / elapsed,
         "step_ms_median": 1e3 * float(np.median(walls)),
         "device_step_ms_median": device,
