@@ -274,13 +274,16 @@ def load(path, dtype=jnp.float32, mesh=None, deployment=None) -> DeepseekV3:
     if mesh is not None or deployment is not None:
         from sharding.deployment import resolve
         deployment, mesh = resolve(deployment, mesh)
-        ep = deployment.ep_config(mesh)
+        kernels = deployment.kernels_for(mesh)
+        ep = deployment.ep_config(mesh, kernels)
         n_physical = deployment.n_physical_experts(cfg.n_routed_experts) if cfg.n_routed_experts else None
     if (path / ORBAX_DIR).is_dir():
         net = _load_orbax(path, cfg, dtype, mesh, n_physical)
     else:
         net = _load_hf(path, cfg, dtype, mesh, n_physical)
     net.set_expert_parallel(ep)
+    if deployment is not None:
+        net.set_kernels(kernels)
     return net
 
 

@@ -26,13 +26,11 @@ def replay_ms(engine, repeats: int) -> float:
     import numpy as np
     batch = engine.scheduler.schedule()
     assert batch.kind == "decode", "the replay measures a decode step"
-    arrays = engine._arrays(batch)
+    arrays = engine.runner.pack(batch)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out, engine.pool, engine.expert_load = engine._step(engine.leaves, engine.pool, engine.expert_load, *arrays,
-                                                            absorbed=True)
-        jax.block_until_ready(out)
+        jax.block_until_ready(engine.runner.dispatch("decode", arrays))
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 

@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# DeepSeek's deployment (day-6 overview; MISSION.md): ranks per EP group and routed slots per rank.
+# DeepSeek's deployment (docs/DESIGN_NOTES.md, its day-6 overview): ranks per EP group, routed slots per rank.
 EXPERT_SLOTS = 256 + 32  # routed experts + redundant replicas = 32 * 9 = 144 * 2
 DEPLOYMENT = {"decode": {"ranks": 144, "experts_local": 2}, "prefill": {"ranks": 32, "experts_local": 9}}
 KV_LEN = 4_989  # average KV length per output token (production figures)

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from model.quant import ACTIVATION_BLOCK, FP8, dequantize_blocks, quantize_blocks
 from model.kernels.grouped_gemm import grouped_matmul
+from model.quant import ACTIVATION_BLOCK, FP8, dequantize_blocks, quantize_blocks
+from sharding.kernels import Kernels
 
 PAYLOAD_DTYPES = {"fp8": FP8, "bf16": jnp.bfloat16, "fp32": jnp.float32}
 ROW_ALIGN = 8  # capacities are rounded up to this, so nearby batch sizes share one compilation
@@ -44,14 +45,15 @@ class EPConfig:
     # overflow, so the last bucket always completes the step.
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     level: int = 0
-    transport: str = "auto"  # padded | ragged | auto (ragged on GPU; XLA:CPU lacks ragged_all_to_all)
+    # sharding.kernels.Kernels' choices (a deployment passes them resolved; "auto": by the mesh's platform)
+    transport: str = "auto"  # padded | ragged (ragged_all_to_all: GPU; XLA:CPU lacks it)
+    expert_gemm: str = "auto"  # padded | ragged | pallas
     overlap: str = "none"  # none | auto | two_batch | five_stage: sharding/overlap.py
 
     def __post_init__(self):
         if self.overlap not in ("none", "auto", "two_batch", "five_stage"):
             raise ValueError(f"overlap {self.overlap!r} must be 'none', 'auto', 'two_batch' or 'five_stage'")
-        if self.transport not in ("auto", "padded", "ragged"):
-            raise ValueError(f"transport {self.transport!r} must be 'auto', 'padded' or 'ragged'")
+        Kernels(transport=self.transport, expert_gemm=self.expert_gemm)  # validates them
         if self.dispatch_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"dispatch_dtype {self.dispatch_dtype!r} is not one of {sorted(PAYLOAD_DTYPES)}")
         if self.combine_dtype not in ("bf16", "fp32"):
@@ -66,10 +68,14 @@ class EPConfig:
         return math.prod(self.mesh.shape[a] for a in self.axes)
 
     @property
+    def kernels(self) -> Kernels:
+        """transport and expert_gemm, "auto" resolved for the mesh's platform."""
+        kernels = Kernels(transport=self.transport, expert_gemm=self.expert_gemm)
+        return kernels.resolve(self.mesh.devices.flat[0].platform)
+
+    @property
     def wire(self) -> str:
-        if self.transport != "auto":
-            return self.transport
-        return "ragged" if self.mesh.devices.flat[0].platform == "gpu" else "padded"
+        return self.kernels.transport
 
     @property
     def capacity_factor(self) -> float | None:
@@ -142,19 +148,18 @@ def grouped_ffn_padded(rows, ids, weights, w_gate, w_up, w_down, capacity: int):
     return out, counts, jnp.any(counts > capacity)
 
 
-def grouped_ffn_ragged(rows, ids, weights, w_gate, w_up, w_down):
-    """Same contract as grouped_ffn_padded (never overflows), with lax.ragged_dot over pairs sorted
-    by expert: the GPU grouped GEMM's form, and the reference for the padded one."""
+def grouped_ffn_ragged(rows, ids, weights, w_gate, w_up, w_down, impl: str = "auto"):
+    """Same contract as grouped_ffn_padded (never overflows), with a grouped GEMM over pairs sorted
+    by expert (impl: model/kernels/grouped_gemm.py's): the GPU form, and the reference for the padded one."""
     M, k = ids.shape
     El = w_gate.shape[0]
     pair_expert = jnp.where(ids >= 0, ids, El).reshape(-1)
     order = jnp.argsort(pair_expert, stable=True)
     counts = jnp.bincount(pair_expert, length=El + 1).astype(jnp.int32)
     x = rows[order // k]  # [M*k, D]; pairs of no expert sort last, outside every group: zeros
-    # the Pallas grouped GEMM on GPU, lax.ragged_dot elsewhere (model/kernels/grouped_gemm.py)
-    gate = grouped_matmul(x, jnp.swapaxes(w_gate, 1, 2), counts[:El])
-    up = grouped_matmul(x, jnp.swapaxes(w_up, 1, 2), counts[:El])
-    y = grouped_matmul(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), counts[:El])
+    gate = grouped_matmul(x, jnp.swapaxes(w_gate, 1, 2), counts[:El], impl=impl)
+    up = grouped_matmul(x, jnp.swapaxes(w_up, 1, 2), counts[:El], impl=impl)
+    y = grouped_matmul(jax.nn.silu(gate) * up, jnp.swapaxes(w_down, 1, 2), counts[:El], impl=impl)
     w = jnp.where(ids >= 0, weights, 0.0).reshape(-1)[order]
     y = y.astype(jnp.float32) * w[:, None]
     return jnp.zeros((M, rows.shape[1]), jnp.float32).at[order // k].add(y), counts[:El], jnp.bool_(False)
@@ -287,20 +292,20 @@ def ep_dispatch(x, ids, weights, valid, ep: EPConfig, experts_local: int) -> Dis
     return Dispatched(*body(x, ids, weights, valid), n_dp=n_dp, n=n, capacity=C)
 
 
-def ep_experts(d: Dispatched, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "auto"):
+def ep_experts(d: Dispatched, w_gate, w_up, w_down, ep: EPConfig):
     """Each device's received rows through its local experts -> (rows out [R * R*C, D] float32,
-    tokens per physical expert [P], overflow per device [R]). ffn "auto": the grouped GEMM over
-    rows sorted by expert on GPU (no capacity padding), the padded einsum elsewhere (XLA:CPU
-    computes ragged_dot densely: DESIGN.md)."""
-    if ffn == "auto":
-        ffn = "ragged" if jax.default_backend() == "gpu" else "padded"
+    tokens per physical expert [P], overflow per device [R]), by ep.expert_gemm: the grouped GEMM
+    over rows sorted by expert (no capacity padding; GPU) or the padded einsum (CPU, where XLA
+    computes ragged_dot densely: docs/DESIGN_NOTES.md)."""
+    gemm = ep.kernels.expert_gemm
     El = w_gate.shape[0] // ep.ranks  # w_gate is the global [P, F, D]
     _, Ce = capacities(d.n, d.ids.shape[1], ep.ranks, El, ep.capacity_factor)
 
     def local(x, ids, w, w_gate, w_up, w_down):
         with jax.named_scope("ep_experts"):
-            if ffn == "ragged":
-                out, counts, overflow = grouped_ffn_ragged(x, ids, w, w_gate, w_up, w_down)
+            if gemm != "padded":
+                impl = "pallas" if gemm == "pallas" else "xla"
+                out, counts, overflow = grouped_ffn_ragged(x, ids, w, w_gate, w_up, w_down, impl)
             else:
                 out, counts, overflow = grouped_ffn_padded(x, ids, w, w_gate, w_up, w_down, Ce)
         return out, counts, overflow[None]
@@ -330,13 +335,13 @@ def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
                          check_vma=False)(out, d.recv_counts, d.src_token)
 
 
-def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig, ffn: str = "auto"):
+def ep_routed_experts(x, ids, weights, valid, w_gate, w_up, w_down, ep: EPConfig):
     """x [N, D] (sharded over the batch axis), ids int32[N, k] physical experts, weights [N, k],
     valid bool[N]; expert weights [P, ...] sharded over ep.axes.
     Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank
     sent [R], overflow (the step must re-run at the next capacity bucket)."""
     d = ep_dispatch(x, ids, weights, valid, ep, w_gate.shape[0] // ep.ranks)
-    out, counts, expert_overflow = ep_experts(d, w_gate, w_up, w_down, ep, ffn)
+    out, counts, expert_overflow = ep_experts(d, w_gate, w_up, w_down, ep)
     y = ep_combine(d, out, ep, x.dtype)
     return y[:x.shape[0]], ep_stats(d, counts, expert_overflow)
 
