@@ -106,7 +106,7 @@ class Setup:
     prompts: int  # prefill
     prompt_len: int  # prefill
     attn_chunk: int  # prefill: query rows per naive-attention call
-    attn_kernel: str  # decode attention: pallas | xla | interpret (PagedCache.kernel)
+    attn_kernel: str  # decode attention: pallas | xla | interpret (MLA.decode_kernel)
     gemm_impl: str  # routed-expert grouped GEMM: pallas | xla | interpret
     expert_dtype: str  # fp8 | bf16
 
@@ -292,7 +292,8 @@ def decode_step(dense, moe, experts, pool, x, page_table, positions, *, graphdef
             state, layer, m, experts_xs = xs
             block = nnx.merge(graphdef, state)
             with jax.named_scope("attention"):
-                cache = PagedCache(pool, page_table + layer * NB, kernel=setup.attn_kernel)
+                cache = PagedCache(pool, page_table + layer * NB)
+                block.self_attn.decode_kernel = setup.attn_kernel  # (a deployment sets it with set_kernels)
                 h, cache = block.self_attn(block.input_layernorm(x), cos, sin, cache, 0, positions, mask,
                                            absorbed=True)
             x = ffn(block, x + h, experts, experts_xs, m if moe_layers else None, setup)
@@ -473,7 +474,8 @@ def time_steps(compiled, args: dict, steps: int, donated: str | None):
 
 
 def resolve(choice: str, platform: str) -> str:
-    return ("pallas" if platform == "gpu" else "xla") if choice == "auto" else choice
+    from sharding.kernels import default_impl  # the one platform rule behind "auto"
+    return default_impl(platform) if choice == "auto" else choice
 
 
 def make_setup(args, platform: str):
