@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -23,8 +24,8 @@ class DenseCache:
         """rows [B, S, C] at positions slots int32[B, S] (-1: padding, not written). A slot past the
         cache is refused where it can be seen (outside jit); the host-facing calls check first."""
         T = self.data.shape[2]
-        if not isinstance(slots, jax.core.Tracer) and slots.size and int(jnp.max(slots)) >= T:
-            raise ValueError(f"position {int(jnp.max(slots))} is past the cache of {T} slots per sequence")
+        if not isinstance(slots, jax.core.Tracer) and np.size(slots) and int(np.asarray(slots).max()) >= T:
+            raise ValueError(f"position {int(np.asarray(slots).max())} is past the cache of {T} slots per sequence")
         batch = jnp.arange(rows.shape[0])[:, None]
         return DenseCache(self.data.at[layer, batch, jnp.where(slots < 0, T, slots)].set(
             rows.astype(self.data.dtype), mode="drop"))

@@ -259,7 +259,7 @@ class DeepseekV3(nnx.Module):
     def check_positions(positions, cache) -> jax.Array:
         """Refuses a position past the cache (its row would have nowhere to go) rather than drop it."""
         if not isinstance(positions, jax.core.Tracer) and positions.size:
-            last = int(positions.max())
+            last = int(np.asarray(positions).max())  # (host numpy: a concrete array stays concrete in a trace)
             if last >= cache.max_len:
                 raise ValueError(f"position {last} is past the cache of {cache.max_len} slots per sequence")
         return positions
