@@ -39,20 +39,25 @@ def replay_ms(engine, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def narrowed(path, batch: int, prompt_len: int):
-    """The deployment with only the serving buckets this workload can use: every decode bucket from
-    the one holding its requests per rank up, the prefill token bucket of its prompts."""
+def narrowed(path, batch: int, prompt_len: int, max_tokens: int):
+    """The deployment with only the serving buckets this workload uses (the step shapes it runs are
+    those of the full deployment): its decode bucket, its prompts' chunk and rows buckets, and a
+    context just long enough for prompt + output, so warm-up compiles only what runs."""
     import dataclasses
 
+    from serving.kv_cache import pow2
     from serving.runner import bucket
     from sharding.deployment import Deployment
     dep = Deployment.from_json(path)
     s = dep.serving
-    per_rank = bucket(-(-batch // dep.dp), s.decode_batch)
-    chunk = bucket(min(prompt_len, s.prefill_tokens[-1]), s.prefill_tokens)
+    per_rank = -(-batch // dep.dp)
+    blocks = pow2(-(-(prompt_len + max_tokens) // s.block_size))
     return dataclasses.replace(dep, serving=dataclasses.replace(
-        s, decode_batch=tuple(b for b in s.decode_batch if b >= per_rank),
-        prefill_tokens=tuple(t for t in s.prefill_tokens if t <= chunk)))
+        s, decode_batch=(bucket(per_rank, s.decode_batch),),
+        prefill_rows=(bucket(min(per_rank, s.prefill_rows[-1]), s.prefill_rows),),
+        prefill_tokens=tuple(t for t in s.prefill_tokens if t <= bucket(min(prompt_len, s.prefill_tokens[-1]),
+                                                                          s.prefill_tokens)),
+        max_model_len=blocks * s.block_size))
 
 
 def main(argv=None) -> int:
@@ -78,15 +83,16 @@ def main(argv=None) -> int:
     from demo import default_model
 
     import jax.numpy as jnp
-    llm = LLM(args.model or default_model(), deployment=narrowed(args.deployment, args.batch, args.prompt_len),
-              dtype=getattr(jnp, args.dtype) if args.dtype else None)
+    max_tokens = args.steps + 8
+    deployment = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
+    llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None)
     engine = llm.engine
     warmup_s = time.perf_counter()
     warmup_compilations = engine.warmup()
     warmup_s = time.perf_counter() - warmup_s
     rng = np.random.default_rng(0)
     vocab = engine.net.config.vocab_size
-    params = SamplingParams(max_tokens=args.steps + 8, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     # Two identical rounds: the first runs the workload once through (prefix cache, EP capacity level),
     # the second is measured.
     for _ in range(args.batch):
