@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         engine.add_request(rng.integers(2, vocab, args.prompt_len).tolist(), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
         engine.step()
-    compiled = engine.compilations
+    compiled, retries = engine.compilations, engine.counters["ep_overflow_retries"]
     walls, hosts = [], []
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -126,6 +126,8 @@ def main(argv=None) -> int:
         "host_overhead_ms": 1e3 * float(np.median(hosts)),
         "wall_minus_replay_ms": 1e3 * float(np.median(walls)) - device,
         "recompilations_during_measurement": engine.compilations - compiled,
+        "ep_overflow_retries_during_measurement": engine.counters["ep_overflow_retries"] - retries,
+        "ep_capacity_level_at_end": engine.stats()["ep_capacity_level"],
         "warmup_compilations": warmup_compilations, "warmup_s": warmup_s,
     }
     if args.json:
