@@ -1,9 +1,13 @@
-"""The DeepSeek-V3 network: pure JAX math in Flax NNX modules; knows nothing about serving."""
+"""The DeepSeek-V3 network: pure JAX math in Flax NNX modules; knows nothing about serving.
+
+May import: sharding. (The logical-axis rules, the deployment, the kernel choices, and for now the
+expert-parallel MoE stages and overlap schedules in sharding/ep.py and sharding/overlap.py.)
+"""
 
 import os
 
-# The emulated CPU mesh deadlocks in collectives with XLA:CPU's default thread pool (DESIGN.md,
-# measured facts); this must be in the environment before the CPU backend starts.
+# The emulated CPU mesh deadlocks in collectives with XLA:CPU's default thread pool
+# (docs/DESIGN_NOTES.md); this must be in the environment before the CPU backend starts.
 os.environ.setdefault("PJRT_NPROC", "16")
 
 from model.config import ConfigError, ModelConfig  # noqa: E402

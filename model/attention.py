@@ -43,6 +43,7 @@ class MLA(nnx.Module):
         self.kv_b_proj = Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("heads", "kv_latent"), dtype, rngs,
                                 fp8)
         self.o_proj = Linear(H * cfg.v_head_dim, D, ("embed", "heads"), dtype, rngs, fp8)
+        self.decode_kernel = "xla"  # sharding.kernels.Kernels.attention_decode, set by DeepseekV3.set_kernels
 
     def queries(self, x, cos, sin):
         """x [B, S, D] -> q_nope [B, S, H, K], q_pe [B, S, H, P] (roped)."""
@@ -98,12 +99,17 @@ class MLA(nnx.Module):
         """
         q_nope, q_pe = self.queries(x, cos, sin)
         cache = cache.write(layer, slots, self.latents(x, cos, sin))
-        if absorbed and cache.kernel != "xla":  # decode attention by a kernel over the cache in place
+        if self.reads_in_place(cache, absorbed):
             out = self.attend_in_cache(q_nope, q_pe, cache, layer, slots)
         else:
             attend = self.attend_absorbed if absorbed else self.attend_naive
             out = attend(q_nope, q_pe, cache.read(layer).astype(x.dtype), mask)
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), cache
+
+    def reads_in_place(self, cache, absorbed: bool) -> bool:
+        """Decode attention by the deployment's kernel over the cache's own layout, where the cache
+        offers it (the serving engine's paged pool; the dense cache always gathers rows)."""
+        return absorbed and self.decode_kernel != "xla" and cache.in_place_decode
 
     def attend_in_cache(self, q_nope, q_pe, cache, layer, slots):
         """attend_absorbed for one new token per row (decode), with the cache's own kernel reading its
@@ -111,5 +117,6 @@ class MLA(nnx.Module):
         w_k, w_v = self._kv_b(q_nope.dtype)
         q_latent = jnp.einsum("bhk,hkr->bhr", q_nope[:, 0], w_k)
         lengths = jnp.maximum(slots[:, 0] + 1, 1)  # padding rows (-1) read one row; their output is unused
-        context = cache.absorbed_context(layer, q_latent, q_pe[:, 0], lengths, self.cfg.softmax_scale)
+        context = cache.absorbed_context(layer, q_latent, q_pe[:, 0], lengths, self.cfg.softmax_scale,
+                                         self.decode_kernel)
         return jnp.einsum("bhr,hvr->bhv", context.astype(q_nope.dtype), w_v)[:, None]

@@ -220,7 +220,8 @@ def load(cls, path, dtype=jnp.float32, mesh=None, deployment=None, quantization=
     if mesh is not None or deployment is not None:
         from sharding.deployment import resolve
         deployment, mesh = resolve(deployment, mesh)
-        ep = deployment.ep_config(mesh)
+        kernels = deployment.kernels_for(mesh)
+        ep = deployment.ep_config(mesh, kernels)
         n_physical = deployment.n_physical_experts(cfg.n_routed_experts) if cfg.n_routed_experts else None
         quantization = quantization or deployment.quantization
     if (path / ORBAX_DIR).is_dir():
@@ -228,6 +229,8 @@ def load(cls, path, dtype=jnp.float32, mesh=None, deployment=None, quantization=
     else:
         net = _load_hf(cls, path, cfg, dtype, mesh, n_physical, quantization)
     net.set_expert_parallel(ep)
+    if deployment is not None:
+        net.set_kernels(kernels)
     return net
 
 

@@ -83,7 +83,7 @@ class Experts(nnx.Module):
 
 def expert_layout(impl: str, expert_parallel: bool) -> tuple[str, str]:
     """-> (layout, GEMM impl). A GPU (or a Pallas impl) runs the contiguous layout, the grouped GEMM
-    kernels' own; elsewhere XLA computes ragged_dot densely (DESIGN.md), so expert parallelism uses
+    kernels' own; elsewhere XLA computes ragged_dot densely (docs/DESIGN_NOTES.md), so expert parallelism uses
     the masked layout (per-expert capacity buckets, as the dispatch has) and one device the tiles."""
     if impl not in IMPLS:
         raise ValueError(f"expert GEMM impl {impl!r} must be one of {IMPLS}.")

@@ -119,6 +119,7 @@ class DeepseekV3(nnx.Module):
         self.dtype = dtype
         self.quantization = quantization
         self.ep = None  # sharding.ep.EPConfig once the experts are spread over a mesh
+        self.kernels = None  # sharding.kernels.Kernels: a deployment's resolved choices (set_kernels)
         D, P, fp8 = cfg.hidden_size, n_physical_experts, quantization == "fp8"
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
         self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r, fp8=fp8), cfg.n_dense_layers, rngs)
@@ -126,6 +127,15 @@ class DeepseekV3(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
         self.lm_head = None if cfg.tie_word_embeddings else Linear(D, cfg.vocab_size, ("vocab", "embed"), dtype, rngs)
         self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r, P, fp8, placement), cfg.n_mtp_layers, rngs)
+
+    def set_kernels(self, kernels) -> None:
+        """The deployment's resolved kernel choices (sharding.kernels.Kernels): decode attention and the
+        routed experts' GEMMs here; the all-to-all transport travels on the EPConfig."""
+        self.kernels = kernels
+        for stack in (self.dense_layers, self.moe_layers, self.mtp):
+            if stack is not None:
+                stack.self_attn.decode_kernel = kernels.attention_decode
+        self.set_expert_impl(kernels.expert_gemm)
 
     def set_expert_parallel(self, ep) -> None:
         """Routes every MoE layer through sharding.ep with this EPConfig (None: single device)."""
@@ -260,15 +270,24 @@ class DeepseekV3(nnx.Module):
         start = jnp.zeros((B,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
         offsets = jnp.arange(S, dtype=jnp.int32)[None]
         positions = jnp.where(offsets < jnp.asarray(lengths)[:, None], start[:, None] + offsets, -1)
-        return self.run("_step_logits", tokens, positions, cache, absorbed=False)[:2]
+        return self.run("_step_logits", tokens, self.check_positions(positions, cache), cache, absorbed=False)[:2]
 
     def decode(self, tokens, positions, cache):
         """One token per sequence with the absorbed MLA form. tokens, positions int32[B] (-1: idle row).
         Returns logits [B, V] and the cache."""
         tokens = self.check_tokens(jnp.asarray(tokens)[:, None])
-        logits, cache, _ = self.run("_step_logits", tokens, jnp.asarray(positions, jnp.int32)[:, None], cache,
-                                    absorbed=True)
+        positions = self.check_positions(jnp.asarray(positions, jnp.int32)[:, None], cache)
+        logits, cache, _ = self.run("_step_logits", tokens, positions, cache, absorbed=True)
         return logits[:, 0], cache
+
+    @staticmethod
+    def check_positions(positions, cache) -> jax.Array:
+        """Refuses a position past the cache (its row would have nowhere to go) rather than drop it."""
+        if not isinstance(positions, jax.core.Tracer) and positions.size:
+            last = int(np.asarray(positions).max())  # (host numpy: a concrete array stays concrete in a trace)
+            if last >= cache.max_len:
+                raise ValueError(f"position {last} is past the cache of {cache.max_len} slots per sequence")
+        return positions
 
     def check_tokens(self, tokens) -> jax.Array:
         tokens = jnp.asarray(tokens)

@@ -2,8 +2,8 @@
 
 Drives the engine's own schedulers (serving/scheduler.py + serving/balance.py) of a disaggregated
 deployment — a prefill slice and a decode slice of --ranks dp ranks each — through a stream of
-requests, without the model: a prefill chunk advances its request by the tokens it computes, a
-decode step by one token, exactly as the engine's step does. Prompts are 16..2,048 tokens, 20% of
+requests, without the model: each step's batch advances its requests through the engine's own
+Scheduler.update_from_output, with token 0 standing in for every sampled token. Prompts are 16..2,048 tokens, 20% of
 them long (1,024..2,048); outputs 16..128 tokens. Prints, per load and policy, the balancedness
 (max / mean over ranks over time: sum of maxima / sum of means) of the prefill balancer's core-attention work and input tokens
 (sampled at every placement) and of the decode balancer's KV-cache tokens and requests (sampled at
@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from serving.config import ServingConfig  # noqa: E402
+from serving.request import Request  # noqa: E402
 from serving.sampling import SamplingParams  # noqa: E402
-from serving.scheduler import Request, Scheduler  # noqa: E402
+from serving.scheduler import Scheduler  # noqa: E402
+from sharding.deployment import ServingConfig  # noqa: E402
 
 
 def workload(n: int, seed: int) -> list[tuple[int, int]]:
@@ -43,36 +44,30 @@ def simulate(policy: str, n: int = 2000, ranks: int = 4, seed: int = 0, load: fl
     cfg = ServingConfig(block_size=16, max_model_len=4096, prefill_tokens=(256,), prefill_rows=(4,),
                         decode_batch=(128,), placement=policy)
     blocks = 64 * 4096 // 16  # enough for every queue: placement, not memory, is under test
-    prefill = Scheduler(cfg, ranks, blocks, max_running=blocks)
-    decode = Scheduler(cfg, ranks, blocks)
+    prefill = Scheduler(cfg, ranks, blocks, max_running=blocks, role="prefill")
+    decode = Scheduler(cfg, ranks, blocks, role="decode")
     rng = np.random.default_rng(seed + 1)
-    pending = [Request(f"r{i}", rng.integers(2, 100, p).tolist(), SamplingParams(max_tokens=o), 0, o)
+    params = [SamplingParams(max_tokens=o, ignore_eos=True) for _, o in workload(n, seed)]
+    pending = [Request(f"r{i}", rng.integers(2, 100, p).tolist(), params[i], 0, o)
                for i, (p, o) in enumerate(workload(n, seed))]
     pending.reverse()
-    handoff, due = [], 0.0
+    due = 0.0
     capacity = ranks * cfg.prefill_rows[-1] * cfg.prefill_tokens[-1]  # prompt tokens per prefill step
-    while pending or not prefill.idle or not decode.idle or handoff:
+    while pending or not prefill.idle or not decode.idle:
         due += load * capacity
         while pending and due >= len(pending[-1].prompt):
             due -= len(pending[-1].prompt)
             prefill.add(pending.pop())
-        batch = prefill.schedule()
-        for rows in batch.rows if batch else []:
-            for req, pos, k in rows:
-                req.computed = pos + k
-                if not req.in_prefill:
-                    req.output.append(0)  # the first token, sampled on the prefill slice
-                    prefill.release(req)
-                    handoff.append(req)
-        while handoff and decode.receive(handoff[0]):
-            handoff.pop(0)
-        batch = decode.schedule()
-        for rows in batch.rows if batch else []:
-            for req, pos, _ in rows:
-                req.computed = pos + 1
-                req.output.append(0)
-                if len(req.output) >= req.max_tokens:
-                    decode.finish(req, "length")
+        for scheduler in (prefill, decode):
+            batch = scheduler.schedule()
+            if batch:  # (the first token of a prompt is sampled on the prefill slice)
+                scheduler.update_from_output(batch, np.zeros(ranks * max(map(len, batch.rows)), np.int32))
+            while scheduler is prefill and prefill.outbox:  # FIFO hand-over, as serving/disagg.py does
+                req = prefill.outbox[0]
+                source = req.rank, req.blocks
+                if not decode.receive(req):  # (on success req.rank, req.blocks are the decode side's)
+                    break
+                prefill.handed_over(req, *source)
     balance = {**{k: v for k, v in prefill.balance.items() if k.startswith("prefill")},
                **{k: v for k, v in decode.balance.items() if k.startswith("decode")}}
     return {k: v.summary() for k, v in balance.items()}

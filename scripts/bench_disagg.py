@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if os.environ["JAX_PLATFORMS"] == "cpu":  # the emulated 8-device mesh (DESIGN.md: PJRT_NPROC with it)
+if os.environ["JAX_PLATFORMS"] == "cpu":  # the emulated 8-device mesh (docs/DESIGN_NOTES.md: PJRT_NPROC with it)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     os.environ["PJRT_NPROC"] = "16"
 

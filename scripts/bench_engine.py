@@ -5,7 +5,11 @@ building the batch arrays before the jitted call, advancing the requests after i
 wall time minus the same jitted step replayed on prebuilt arrays with block_until_ready, which
 also charges the dispatch. On a shared CPU (2) is noisy: both cores also run the "device".
 
-    python scripts/bench_engine.py --batch 64 --steps 50 --json
+Nothing compiles while measuring: the deployment's serving buckets are narrowed to the ones this
+workload uses (the step shapes are those of the full deployment) and Engine.warmup compiles each
+at every EP capacity level the steps may move between.
+
+    python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -26,15 +30,34 @@ def replay_ms(engine, repeats: int) -> float:
     import numpy as np
     batch = engine.scheduler.schedule()
     assert batch.kind == "decode", "the replay measures a decode step"
-    arrays = engine._arrays(batch)
+    arrays = engine.runner.pack(batch, engine.requests.__contains__)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out, engine.pool, engine.expert_load, engine.penalties.device = engine._step(
-            engine.leaves, engine.pool, engine.expert_load, engine.penalties.device, *arrays, absorbed=True)
-        jax.block_until_ready(out)
+        jax.block_until_ready(engine.runner.dispatch("decode", arrays))
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
+
+
+def narrowed(path, batch: int, prompt_len: int, max_tokens: int):
+    """The deployment with only the serving buckets this workload uses (the step shapes it runs are
+    those of the full deployment): its decode bucket, its prompts' chunk and rows buckets, and a
+    context just long enough for prompt + output, so warm-up compiles only what runs."""
+    import dataclasses
+
+    from serving.kv_cache import pow2
+    from serving.runner import bucket
+    from sharding.deployment import Deployment
+    dep = Deployment.from_json(path)
+    s = dep.serving
+    per_rank = -(-batch // dep.dp)
+    blocks = pow2(-(-(prompt_len + max_tokens) // s.block_size))
+    return dataclasses.replace(dep, serving=dataclasses.replace(
+        s, decode_batch=(bucket(per_rank, s.decode_batch),),
+        prefill_rows=(bucket(min(per_rank, s.prefill_rows[-1]), s.prefill_rows),),
+        prefill_tokens=tuple(t for t in s.prefill_tokens if t <= bucket(min(prompt_len, s.prefill_tokens[-1]),
+                                                                          s.prefill_tokens)),
+        max_model_len=blocks * s.block_size))
 
 
 def main(argv=None) -> int:
@@ -45,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=50, help="measured decode steps (after warm-up)")
     ap.add_argument("--cpu-devices", type=int, default=8)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights, compute and KV cache (default: the LLM's, float32 on CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
@@ -57,12 +82,19 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "scripts"))
     from demo import default_model
 
-    llm = LLM(args.model or default_model(), deployment=args.deployment)
+    import jax.numpy as jnp
+    max_tokens = args.steps + 8
+    deployment = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
+    llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None)
     engine = llm.engine
+    warmup_s = time.perf_counter()
+    warmup_compilations = engine.warmup()
+    warmup_s = time.perf_counter() - warmup_s
     rng = np.random.default_rng(0)
     vocab = engine.net.config.vocab_size
-    params = SamplingParams(max_tokens=args.steps + 8, ignore_eos=True)
-    # Two identical rounds: the first compiles every bucket, the second is measured.
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    # Two identical rounds: the first runs the workload once through (prefix cache, EP capacity level),
+    # the second is measured.
     for _ in range(args.batch):
         engine.add_request(rng.integers(2, vocab, args.prompt_len).tolist(), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
@@ -75,7 +107,7 @@ def main(argv=None) -> int:
         engine.add_request(rng.integers(2, vocab, args.prompt_len).tolist(), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
         engine.step()
-    compiled = engine.compilations
+    compiled, retries = engine.compilations, engine.counters["ep_overflow_retries"]
     walls, hosts = [], []
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -87,13 +119,16 @@ def main(argv=None) -> int:
     device = replay_ms(engine, repeats=args.steps)
     result = {
         "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-        "deployment": llm.deployment.name, "batch": running, "steps": args.steps,
+        "deployment": llm.deployment.name, "dtype": str(engine.pool.dtype), "batch": running, "steps": args.steps,
         "decode_tokens_per_s": running * args.steps / elapsed,
         "step_ms_median": 1e3 * float(np.median(walls)),
         "device_step_ms_median": device,
         "host_overhead_ms": 1e3 * float(np.median(hosts)),
         "wall_minus_replay_ms": 1e3 * float(np.median(walls)) - device,
         "recompilations_during_measurement": engine.compilations - compiled,
+        "ep_overflow_retries_during_measurement": engine.counters["ep_overflow_retries"] - retries,
+        "ep_capacity_level_at_end": engine.stats()["ep_capacity_level"],
+        "warmup_compilations": warmup_compilations, "warmup_s": warmup_s,
     }
     if args.json:
         print(json.dumps(result))

@@ -151,13 +151,15 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    print("MODEL (a timeline from estimated H800 stage times and DeepEP's published latencies; not measured):")
     for name in ("prefill_ep32", "decode_ep144"):
         m = result["model"][name]
-        print(f"{name}: sequential {m['sequential_us']:.0f} us/layer, two_batch {m['two_batch_us']:.0f} "
+        print(f"  {name}: sequential {m['sequential_us']:.0f} us/layer, two_batch {m['two_batch_us']:.0f} "
               f"({m['gain_two_batch']:.2f}x), five_stage {m['five_stage_us']:.0f} ({m['gain_five_stage']:.2f}x)")
     if "measured" in result:
-        print("measured on", result["measured"]["device"], {k: round(v, 2) for k, v in result["measured"].items()
-                                                            if k.endswith("_ms")}, result["measured"]["hlo"])
+        print("MEASURED on", result["measured"]["device"], "(one forward, ms):",
+              {k: round(v, 2) for k, v in result["measured"].items() if k.endswith("_ms")})
+        print("  compiled program (counted in the HLO text):", result["measured"]["hlo"])
     return 0
 
 

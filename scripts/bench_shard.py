@@ -72,7 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# DeepSeek's deployment (day-6 overview; MISSION.md): ranks per EP group and routed slots per rank.
+# DeepSeek's deployment (docs/DESIGN_NOTES.md, its day-6 overview): ranks per EP group, routed slots per rank.
 EXPERT_SLOTS = 256 + 32  # routed experts + redundant replicas = 32 * 9 = 144 * 2
 DEPLOYMENT = {"decode": {"ranks": 144, "experts_local": 2}, "prefill": {"ranks": 32, "experts_local": 9}}
 KV_LEN = 4_989  # average KV length per output token (production figures)
@@ -114,7 +114,7 @@ class Setup:
     prompts: int  # prefill
     prompt_len: int  # prefill
     attn_chunk: int  # prefill: query rows per naive-attention call
-    attn_kernel: str  # decode attention: pallas | xla | interpret (PagedCache.kernel)
+    attn_kernel: str  # decode attention: pallas | xla | interpret (MLA.decode_kernel)
     gemm_impl: str  # routed-expert GEMMs (DeepseekV3.set_expert_impl): pallas | xla | interpret
     quantization: str  # fp8 | none
     dtype: str = "bf16"  # activations, KV pool and non-FP8 weights: bf16 | fp32
@@ -188,7 +188,8 @@ def rank_model(setup: Setup, seed: int, abstract: bool):
                                  nnx.state(stack))
         nnx.update(stack, tiled)
     net.config = cfg  # the whole model's layer counts (the stacks' offsets, the cache's layers)
-    net.set_expert_impl(setup.gemm_impl)
+    from sharding.kernels import Kernels
+    net.set_kernels(Kernels(attention_decode=setup.attn_kernel, expert_gemm=setup.gemm_impl).resolve())
     return nnx.split(net)
 
 
@@ -218,8 +219,7 @@ def decode_step(state, pool, tokens, page_table, positions, *, graphdef, setup: 
     from serving.kv_cache import PagedCache
 
     net = nnx.merge(graphdef, state)
-    hidden, cache, _ = net.forward_step(tokens, positions, PagedCache(pool, page_table, kernel=setup.attn_kernel),
-                                        absorbed=True)
+    hidden, cache, _ = net.forward_step(tokens, positions, PagedCache(pool, page_table), absorbed=True)
     return hidden, cache.pool
 
 
@@ -363,7 +363,8 @@ def time_steps(compiled, args: dict, steps: int, donated: str | None):
 
 
 def resolve(choice: str, platform: str) -> str:
-    return ("pallas" if platform == "gpu" else "xla") if choice == "auto" else choice
+    from sharding.kernels import default_impl  # the one platform rule behind "auto"
+    return default_impl(platform) if choice == "auto" else choice
 
 
 def make_setup(args, platform: str):

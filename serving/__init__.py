@@ -1,4 +1,7 @@
-"""The host side: engine, scheduler, paged KV cache, sampling, the Python API (built on model and sharding)."""
+"""The host side: engine, scheduler, model runner, paged KV cache, sampling, the Python API.
+
+May import: model, sharding. (Nothing below serving imports it.)
+"""
 
 import os
 

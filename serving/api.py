@@ -12,10 +12,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from serving.config import ServingConfig
 from serving.detokenizer import Detokenizer, text_ids
-from serving.engine import Engine, Rebalancing
+from serving.disagg import DisaggEngine, build
+from serving.engine import build_engine
 from serving.sampling import SamplingParams
+from sharding.deployment import Deployment, Disaggregated, read
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "jaxseek-tiny"
@@ -39,14 +40,6 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-
-
-def default_deployment(n_routed_experts: int):
-    """All devices present: DP attention over them, EP over them, the fewest redundant experts that
-    make the physical experts divide evenly."""
-    from sharding.deployment import Deployment
-    n = len(jax.devices())
-    return Deployment(name=f"auto-{n}", dp=n, redundant_experts=(-n_routed_experts) % n)
 
 
 class Tokenizer:
@@ -79,18 +72,6 @@ class Tokenizer:
                                                 eos_token=self.config.get("eos_token", ""))
 
 
-def build_engine(path, deployment, dtype, devices=None, role: str = "mixed", quantization=None) -> Engine:
-    """One engine: the checkpoint loaded onto the deployment's mesh (over `devices`, default all)."""
-    from model import DeepseekV3
-    from sharding.deployment import resolve
-    deployment, mesh = resolve(deployment, deployment.make_mesh(devices))
-    serving = ServingConfig.from_dict(deployment.serving, deployment.source)
-    net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment, quantization=quantization)
-    rebalancing = Rebalancing(deployment.rebalance_interval, deployment.rebalance_window,
-                              deployment.rebalance_threshold, deployment.gpus_per_node)
-    return Engine(net, serving, mesh, rebalancing, role)
-
-
 class LLM:
     def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None):
         """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
@@ -100,19 +81,17 @@ class LLM:
         FP8 checkpoint, none otherwise)."""
         from model import ModelConfig
         from model.quant import check_quantization
-        from sharding.deployment import Deployment, Disaggregated, read
         if quantization is not None:
             check_quantization(quantization)
         path = Path(model_path) if model_path is not None else DEFAULT_MODEL
         cfg = ModelConfig.from_json(path / "config.json")
-        if deployment is None:
-            deployment = default_deployment(cfg.n_routed_experts)
+        if deployment is None:  # every device present
+            deployment = Deployment.for_devices(len(jax.devices()), cfg.n_routed_experts)
         elif not isinstance(deployment, (Deployment, Disaggregated)):
             deployment = read(deployment)
         dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
         self.deployment = deployment
         if isinstance(deployment, Disaggregated):
-            from serving.disagg import build
             self.engine = build(path, deployment, dtype, quantization=quantization)
             self.spare = self.engine.spare
         else:
@@ -199,7 +178,6 @@ class LLM:
         """Elastic capacity while serving: dp ranks for a single-slice deployment, or per slice for a
         disaggregated one. Leaving ranks stop taking requests and move theirs (KV blocks included) to
         the staying ranks; their devices become spare. No request is lost or changes a token."""
-        from serving.disagg import DisaggEngine
         if isinstance(self.engine, DisaggEngine):
             if dp is not None:
                 raise ValueError("a disaggregated deployment resizes per slice: resize(prefill=..., decode=...)")

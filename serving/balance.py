@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-POLICIES = ("balanced", "round_robin")
+from sharding.deployment import PLACEMENTS as POLICIES  # the deployment file's serving.placement
 
 
 def core_attention(prompt_len: int, cached: int) -> int:

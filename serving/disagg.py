@@ -21,10 +21,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from serving.engine import Engine, Event, statistics_record, summarize
+from serving.engine import Engine, build_engine
 from serving.kv_cache import copy_blocks, copy_round, pow2, read_rank, write_rank, zeros_on
+from serving.request import Event, Request
+from serving.runner import finish_steps
 from serving.sampling import SamplingParams, row_width
-from serving.scheduler import Request
+from serving.stats import statistics_record, summarize
 
 # counters that belong to requests as a whole: kept by the prefill slice, where requests arrive
 ARRIVAL_COUNTERS = ("requests", "rejected", "prompt_tokens", "cached_prompt_tokens", "disk_cached_prompt_tokens")
@@ -32,7 +34,6 @@ ARRIVAL_COUNTERS = ("requests", "rejected", "prompt_tokens", "cached_prompt_toke
 
 def build(path, deployment, dtype, devices=None, quantization=None) -> "DisaggEngine":
     """Loads the checkpoint once per slice, each onto its own devices with its own deployment."""
-    from serving.api import build_engine
     devices = list(jax.devices() if devices is None else devices)
     n_prefill, need = deployment.prefill.ep_size, deployment.devices
     if need > len(devices):
@@ -68,10 +69,10 @@ class DisaggEngine:
             raise ValueError(f"request {request_id}: id already in use")
         req = self.prefill.add_request(prompt, params, request_id)
         need = self.decode.scheduler.blocks_needed(req)
-        if need > self.decode.blocks_per_rank:  # it could be prefilled but never decoded
+        if need > self.decode.scheduler.blocks_per_rank:  # it could be prefilled but never decoded
             self.prefill.abort(req.id)
             raise ValueError(f"request {req.id}: needs {need} KV blocks, more than a decode rank's pool of "
-                             f"{self.decode.blocks_per_rank} (raise the decode slice's serving.kv_cache_mb)")
+                             f"{self.decode.scheduler.blocks_per_rank} (raise the decode slice's serving.kv_cache_mb)")
         return req
 
     def abort(self, request_id: str) -> None:
@@ -122,12 +123,10 @@ class DisaggEngine:
         if self.across is not None:
             self.across.copy(moves)
         else:
-            self.decode.pool = copy_blocks(self.prefill.pool, self.prefill.cache_mesh, self.decode.pool,
-                                           self.decode.cache_mesh, moves)
+            p, d = self.prefill.runner, self.decode.runner
+            d.pool = copy_blocks(p.pool, p.cache_mesh, d.pool, d.cache_mesh, moves)
         for req, rank, blocks in sent:
-            self.prefill.outbox.remove(req)
-            del self.prefill.requests[req.id]
-            self.prefill.scheduler.pools[rank].release(blocks)
+            self.prefill.scheduler.handed_over(req, rank, blocks)
         self.handover["requests"] += len(sent)
         self.handover["blocks"] += sum(n)
         self.handover["s"] += time.perf_counter() - start
@@ -141,11 +140,11 @@ class DisaggEngine:
 
     # ---- elastic capacity --------------------------------------------------------------------------
     def resize(self, prefill: int | None = None, decode: int | None = None) -> None:
-        if self.across is not None:
-            raise ValueError("resizing a disaggregated deployment that spans processes is not supported yet")
         """New dp sizes for the slices (None: unchanged). A shrinking slice moves its leaving ranks'
         requests to its staying ranks and returns the devices to the spare pool; a growing one takes
         spare devices."""
+        if self.across is not None:
+            raise ValueError("resizing a disaggregated deployment that spans processes is not supported yet")
         for engine, dp in ((self.prefill, prefill), (self.decode, decode)):
             if dp is not None:
                 engine.resize_dp(dp, self.spare)
@@ -195,12 +194,13 @@ class Across:
     Both slices must be tp = 1 (one device per dp rank)."""
 
     def __init__(self, prefill: Engine, decode: Engine):
-        if prefill.mesh.shape["tp"] != 1 or decode.mesh.shape["tp"] != 1:
+        if prefill.mesh.size != prefill.ranks or decode.mesh.size != decode.ranks:
             raise ValueError("a disaggregated deployment across processes needs tp = 1 in both slices")
-        self.prefill, self.decode = prefill, decode
+        self.prefill, self.decode = prefill.runner, decode.runner
         self.mesh = Mesh(np.array([*prefill.mesh.devices.flat, *decode.mesh.devices.flat]), ("all",))
         self.n_prefill = prefill.mesh.size
         rows = max(prefill.cfg.prefill_rows[-1] * prefill.ranks, decode.cfg.decode_batch[-1] * decode.ranks)
+        self.engines = prefill, decode
         # the longest step output: each row's token and logprob data, then the overflow flag
         self.width = rows * row_width(prefill.net.config.vocab_size) + 1
 
@@ -226,15 +226,9 @@ class Across:
         return [None if o is None else host[row, :o.shape[0]] for o, row in zip(outs, (0, self.n_prefill))]
 
     def step(self) -> list[Event]:
-        engines = (self.prefill, self.decode)
+        engines = self.engines
         launched = [e.launch() for e in engines]
-        hosts = self.read([l.out if l else None for l in launched])
-        while True:
-            redo = [l is not None and e.retry_if_overflowed(l, h) for e, l, h in zip(engines, launched, hosts)]
-            if not any(redo):
-                break
-            again = self.read([l.out if r else None for l, r in zip(launched, redo)])
-            hosts = [a if r else h for a, h, r in zip(again, hosts, redo)]
+        hosts = finish_steps([e.runner for e in engines], launched, self.read)
         return [event for e, l, h in zip(engines, launched, hosts) if l for event in e.land(l, h)]
 
     def copy(self, moves) -> None:

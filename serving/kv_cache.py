@@ -11,13 +11,19 @@ import collections
 import dataclasses
 import functools
 import hashlib
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from sharding.mesh import logical_sharding, logical_size, logical_to_spec
+
+# Logical axes (sharding/mesh.py's rule table places them): the pool [L, R * NB, BS, C] is split
+# over its blocks, a batch [B, ...] over its rows, both by dp rank.
+POOL_AXES = ("layers", "kv_blocks")
+POOL, ROWS, REPLICATED = logical_to_spec(POOL_AXES), logical_to_spec(("batch",)), logical_to_spec(())
 
 
 @jax.tree_util.register_dataclass
@@ -26,19 +32,16 @@ class PagedCache:
     """What attention sees during one engine step (model.cache.DenseCache's interface).
 
     Rank r's rows of the batch (B / R contiguous rows) address only rank r's blocks, by local id,
-    so reads and writes stay on the device that holds them (a shard_map over the dp axis)."""
-    pool: jax.Array  # [L, R * NB, BS, C], sharded over dp on axis 1
+    so reads and writes stay on the device that holds them (a shard_map over the dp ranks)."""
+    pool: jax.Array  # [L, R * NB, BS, C], split over dp ranks on axis 1 (POOL_AXES)
     page_table: jax.Array  # int32[B, MB], local block ids (unused entries: any block, masked by position)
     mesh: Any = dataclasses.field(default=None, metadata={"static": True})
-    axis: str = dataclasses.field(default="dp", metadata={"static": True})
-    # decode attention: "xla" (attention gathers the rows) | "pallas" (the paged MLA kernel) |
-    # "interpret" (that kernel run by the Pallas interpreter: CPU tests of the GPU path)
-    kernel: str = dataclasses.field(default="xla", metadata={"static": True})
+    in_place_decode: ClassVar[bool] = True  # absorbed_context: the paged MLA kernel reads the pages
 
     def _per_rank(self, fn, out_spec, *args):
         if self.mesh is None:
             return fn(*args)
-        specs = (P(None, self.axis), P(self.axis)) + tuple(P(self.axis) for _ in args[2:-1]) + (P(),)
+        specs = (POOL, ROWS) + (ROWS,) * len(args[2:-1]) + (REPLICATED,)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)
 
     def write(self, layer, slots, rows) -> "PagedCache":
@@ -48,18 +51,19 @@ class PagedCache:
             blk = jnp.take_along_axis(table, jnp.maximum(slots, 0) // block, axis=1)
             blk = jnp.where(slots < 0, n_blocks, blk)  # out of range: dropped
             return pool.at[layer, blk, slots % block].set(rows.astype(pool.dtype), mode="drop")
-        pool = self._per_rank(local, P(None, self.axis), self.pool, self.page_table, slots, rows, layer)
+        pool = self._per_rank(local, POOL, self.pool, self.page_table, slots, rows, layer)
         return dataclasses.replace(self, pool=pool)
 
     @property
     def max_len(self) -> int:
         return self.page_table.shape[1] * self.pool.shape[2]
 
-    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float) -> jax.Array:
+    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float, kernel: str) -> jax.Array:
         """Decode attention read straight from the pages: q_latent [B, H, R], q_pe [B, H, P], lengths
-        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks."""
+        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks. kernel: the
+        deployment's kernels.attention_decode (pallas | interpret: the same in the Pallas interpreter)."""
         from model.kernels.mla_decode import mla_decode
-        impl, interpret = ("pallas", True) if self.kernel == "interpret" else (self.kernel, False)
+        impl, interpret = ("pallas", True) if kernel == "interpret" else (kernel, False)
 
         def local(pool, table, q_latent, q_pe, lengths, layer):
             # every layer's blocks as one [L * NB, BS, C] pool (a free reshape) and the table offset to
@@ -67,7 +71,7 @@ class PagedCache:
             L, NB, BS, C = pool.shape
             return mla_decode(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool.reshape(L * NB, BS, C),
                               table + layer * NB, lengths, scale, block_size=BS, impl=impl, interpret=interpret)
-        return self._per_rank(local, P(self.axis), self.pool, self.page_table, q_latent, q_pe, lengths, layer)
+        return self._per_rank(local, ROWS, self.pool, self.page_table, q_latent, q_pe, lengths, layer)
 
     def select_rows(self, pick) -> "PagedCache":
         """A view of some batch rows: pick maps the page table [B, MB] to the rows wanted (reads only)."""
@@ -78,14 +82,14 @@ class PagedCache:
         def local(pool, table, layer):
             rows = pool[layer, table]  # [b, MB, BS, C]
             return rows.reshape(rows.shape[0], -1, rows.shape[-1])
-        return self._per_rank(local, P(self.axis), self.pool, self.page_table, layer)
+        return self._per_rank(local, ROWS, self.pool, self.page_table, layer)
 
 
 def new_pool(layers: int, ranks: int, blocks_per_rank: int, block_size: int, width: int, dtype, mesh) -> jax.Array:
     shape = (layers, ranks * blocks_per_rank, block_size, width)
     if mesh is None:
         return jnp.zeros(shape, dtype)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(mesh, P(None, "dp")))()
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=logical_sharding(mesh, *POOL_AXES))()
 
 
 def block_hashes(tokens, block_size: int) -> list[bytes]:
@@ -175,7 +179,7 @@ def rank_devices(pool: jax.Array, mesh) -> list[list]:
     """Each dp rank's devices (one per tp replica of the pool's rank slice)."""
     if mesh is None:
         return [list(pool.devices())]
-    return [list(row) for row in mesh.devices.reshape(mesh.shape["dp"], -1)]
+    return [list(row) for row in mesh.devices.reshape(logical_size(mesh, "kv_blocks"), -1)]
 
 
 def pow2(n: int) -> int:
@@ -187,8 +191,8 @@ def pow2(n: int) -> int:
 def _gather(pool, idx, mesh):  # idx int32[R, K] local ids -> [L, R * K, BS, C]
     if mesh is None:
         return pool[:, idx[0]]
-    return jax.shard_map(lambda p, i: p[:, i[0]], mesh=mesh, in_specs=(P(None, "dp"), P("dp")),
-                         out_specs=P(None, "dp"), check_vma=False)(pool, idx)
+    return jax.shard_map(lambda p, i: p[:, i[0]], mesh=mesh, in_specs=(POOL, ROWS), out_specs=POOL,
+                         check_vma=False)(pool, idx)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("pool",))
@@ -197,8 +201,8 @@ def _scatter(pool, idx, rows, mesh):  # idx int32[R, K] (>= NB: not written), ro
         return p.at[:, i[0]].set(r.astype(p.dtype), mode="drop")
     if mesh is None:
         return local(pool, idx, rows)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, "dp"), P("dp"), P(None, "dp")),
-                         out_specs=P(None, "dp"), check_vma=False)(pool, idx, rows)
+    return jax.shard_map(local, mesh=mesh, in_specs=(POOL, ROWS, POOL), out_specs=POOL,
+                         check_vma=False)(pool, idx, rows)
 
 
 def zeros_on(device, shape, dtype) -> jax.Array:
@@ -237,7 +241,7 @@ def write_rank(pool: jax.Array, mesh, writes: dict[int, tuple[list[int], Any]], 
                    for d in devs if d.process_index == jax.process_index()]
     if mesh is None:
         return _scatter(pool, idx, arrays[0], mesh)
-    rows = jax.make_array_from_single_device_arrays((L, len(devices) * K, BS, C), NamedSharding(mesh, P(None, "dp")),
+    rows = jax.make_array_from_single_device_arrays((L, len(devices) * K, BS, C), NamedSharding(mesh, POOL),
                                                     arrays, dtype=pool.dtype)
     return _scatter(pool, idx, rows, mesh)
 

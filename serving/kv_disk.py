@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import math
 import os
 import queue
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"JSKVBLK\0"
 FORMAT_VERSION = 1
@@ -271,6 +274,7 @@ class DiskKVCache:
                 for j, h in enumerate([hashes] if isinstance(hashes, bytes) else hashes):
                     self.store(h, rows if isinstance(hashes, bytes) else rows[:, j])
             except Exception:  # a cache write must never kill the writer (disk full, bad block, ...)
+                log.exception("disk KV tier: a block write to %s failed (counted in write_errors)", self.dir)
                 with self._lock:
                     self._counts["write_errors"] += 1
             finally:

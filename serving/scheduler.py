@@ -1,6 +1,9 @@
-"""Continuous batching: requests join and leave at any step. Each step is a prefill step (chunks of
-prompts, in token-count buckets) or a decode step (one token per running request, in batch-size
-buckets); each rank's rows form a contiguous slice of the batch, because attention is data-parallel.
+"""Continuous batching: the scheduler owns the requests. Requests join and leave at any step. Each
+step is a prefill step (chunks of prompts, in token-count buckets) or a decode step (one token per
+running request, in batch-size buckets); each rank's rows form a contiguous slice of the batch,
+because attention is data-parallel. After a step, `update_from_output` advances every request of
+the batch by its sampled token: the one place requests advance (the engine, the disaggregated
+engine and scripts/bench_balance.py all go through it).
 
 Where a request runs is the balancers' choice (serving/balance.py): new prompts by the prefill
 balancer, prefilled requests handed over from a prefill slice by the decode balancer.
@@ -9,7 +12,6 @@ balancer, prefilled requests handed over from a prefill slice by the decode bala
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -17,40 +19,11 @@ from collections.abc import Callable
 import numpy as np
 
 from serving.balance import Balancedness, Balancer, core_attention
-from serving.config import ServingConfig
 from serving.kv_cache import BlockPool, block_hashes
-from serving.sampling import SamplingParams
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    max_tokens: int  # params.max_tokens, capped so the sequence fits the context
-    rank: int = -1
-    blocks: list[int] = dataclasses.field(default_factory=list)
-    hashes: list[bytes] = dataclasses.field(default_factory=list)  # full prompt blocks
-    cached: int = 0  # prompt tokens found in the prefix cache (device or disk)
-    computed: int = 0  # tokens whose KV rows are in the cache
-    output: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.computed < len(self.prompt)
-
-
-@dataclasses.dataclass
-class Batch:
-    kind: str  # "prefill" | "decode"
-    rows: list[list[tuple[Request, int, int]]]  # per rank: (request, first position, token count)
-    slots: list[list[int]] = dataclasses.field(default_factory=list)  # per rank: each row's place in the batch
-
+from serving.request import Batch, Event, Request, finish_reason
+from serving.sampling import row_logprobs
+from serving.stats import new_counters
+from sharding.deployment import ServingConfig
 
 # The disk tier's two questions: how many leading blocks it holds (no read), and "load these
 # blocks into (rank, block ids)" -> how many loaded and verified, in order.
@@ -58,12 +31,25 @@ DiskPrefix = Callable[[list[bytes]], int]
 DiskFetch = Callable[[int, list[bytes], list[int]], int]
 
 
+ROLES = ("mixed", "prefill", "decode")
+
+
 class Scheduler:
     def __init__(self, cfg: ServingConfig, ranks: int, blocks_per_rank: int,
-                 disk: tuple[DiskPrefix, DiskFetch] | None = None, max_running: int | None = None):
+                 disk: tuple[DiskPrefix, DiskFetch] | None = None, max_running: int | None = None,
+                 role: str = "mixed", eos_token_ids=(), counters: dict | None = None):
         """max_running: requests per rank (default: the largest decode batch; a prefill slice's
-        queue is bounded by its KV blocks alone)."""
-        self.cfg = cfg
+        queue is bounded by its KV blocks alone). role: mixed (prefill and decode here), prefill
+        (finished prompts wait in `outbox` for a decode slice) or decode (takes prefilled requests
+        through `receive`). counters: shared with the engine (serving/stats.py)."""
+        if role not in ROLES:
+            raise ValueError(f"engine role {role!r} is not one of {ROLES}")
+        self.cfg, self.role, self.eos_token_ids = cfg, role, tuple(eos_token_ids)
+        self.counters = counters if counters is not None else new_counters()
+        self.requests: dict[str, Request] = {}  # every request not yet finished (or handed over)
+        self.finished: collections.deque[Request] = collections.deque(maxlen=4096)  # recent ones, for stats
+        self.outbox: list[Request] = []  # prefill role: prompts done, KV still here, waiting for a decode rank
+        self.on_prompt_done: Callable[[Request], None] | None = None  # (the disk tier stores its blocks)
         self.max_running = max_running or cfg.decode_batch[-1]
         self.blocks_per_rank = blocks_per_rank
         self.pools = [BlockPool(blocks_per_rank) for _ in range(ranks)]
@@ -81,11 +67,31 @@ class Scheduler:
         return len(self.pools)
 
     def add(self, req: Request) -> None:
+        if req.id in self.requests:
+            raise ValueError(f"request {req.id}: id already in use")
         need = self.blocks_needed(req)
         if need > self.blocks_per_rank:
             raise ValueError(f"request {req.id}: needs {need} KV blocks, more than a rank's pool of "
                              f"{self.blocks_per_rank} (raise serving.kv_cache_mb or lower max_tokens)")
         self.waiting.append(req)
+        self.requests[req.id] = req
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(req.prompt)
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a request (a client went away): its blocks are freed now."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.finish_reason is not None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+            req.finish_reason = "abort"
+        elif req in self.outbox:  # prefilled, not yet handed over
+            self.outbox.remove(req)
+            self.pools[req.rank].release(req.blocks)
+            req.finish_reason = "abort"
+        else:
+            self.finish(req, "abort")
 
     def blocks_needed(self, req: Request) -> int:
         # every prompt token and every generated token but the last gets a cache row
@@ -161,7 +167,14 @@ class Scheduler:
             return False
         req.rank, req.blocks = rank, self.pools[rank].allocate(need)
         self.running[rank].append(req)
+        self.requests[req.id] = req
         return True
+
+    def handed_over(self, req: Request, rank: int, blocks: list[int]) -> None:
+        """Prefill role: the request now decodes elsewhere; its blocks here (on `rank`) are free."""
+        self.outbox.remove(req)
+        del self.requests[req.id]
+        self.pools[rank].release(blocks)
 
     # ---- steps -------------------------------------------------------------------------------------
     def schedule(self) -> Batch | None:
@@ -190,6 +203,44 @@ class Scheduler:
             self.balance["decode_requests"].record([len(decode[r]) for r in active])
             return Batch("decode", decode)
         return None
+
+    def update_from_output(self, batch: Batch, tokens, logprobs=None) -> list[Event]:
+        """Advances every request of the batch by its row's sampled token (tokens: one per batch row,
+        rank r's rows at [r * rows_per_rank, ...); logprobs: the rows' (logprob, top ids, top
+        logprobs), serving/sampling.py `unpack`): a prompt chunk that ends mid-prompt samples
+        nothing; a finished prompt's blocks join the prefix cache; a request that stops or reaches
+        its length finishes and frees its blocks; on a prefill slice the others move to the outbox."""
+        rows_b = len(tokens) // self.ranks
+        counters, events, now = self.counters, [], time.perf_counter()
+        for rank, rows in enumerate(batch.rows):
+            for (req, pos, n), slot in zip(rows, batch.slots[rank] if batch.slots else range(len(rows))):
+                req.computed = pos + n
+                if req.in_prefill:  # a middle chunk of a long prompt: its sample is not a token
+                    continue
+                if batch.kind == "prefill":
+                    self.register_prompt_blocks(req)
+                    if self.on_prompt_done is not None:
+                        self.on_prompt_done(req)
+                    counters["cached_prompt_tokens"] += req.cached
+                    req.first_token_at = now
+                row = rank * rows_b + slot
+                token = int(tokens[row])
+                req.output.append(token)
+                counters["generated_tokens"] += 1
+                counters["kv_tokens_read"] += pos + n  # the context this token attended over
+                reason = finish_reason(req, token, self.eos_token_ids)
+                if reason:
+                    self.finish(req, reason)
+                    counters["finished"] += 1
+                    self.finished.append(self.requests.pop(req.id))
+                elif self.role == "prefill":  # decode happens on the decode slice; the blocks stay until sent
+                    self.running[req.rank].remove(req)
+                    self.outbox.append(req)
+                lp = None
+                if req.params.logprobs is not None:
+                    lp = [row_logprobs(req.params, token, *(a[row] for a in logprobs))]
+                events.append(Event(req, [token], reason is not None, lp))
+        return events
 
     def finish(self, req: Request, reason: str) -> None:
         req.finish_reason, req.finished_at = reason, time.perf_counter()
@@ -244,4 +295,4 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not any(self.running)
+        return not self.waiting and not any(self.running) and not self.outbox

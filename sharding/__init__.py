@@ -1,4 +1,9 @@
-"""How the network is laid over devices: the mesh, the logical-axis rules, expert parallelism."""
+"""How the network is laid over devices: the mesh, the logical-axis rules, the deployment tree,
+the kernel choices, EPLB placement, and (for now) the expert-parallel stages.
+
+May import: model.quant, model.experts, model.kernels. (Only sharding/ep.py's expert compute does:
+FP8 payloads and the one routed-expert FFN. Nothing here imports the network itself.)
+"""
 
 import os
 

@@ -1,8 +1,15 @@
-"""Deployment files (configs/deploy/*.json): the mesh, expert parallelism, dispatch precision and
-the weights' quantization.
+"""Deployment files (configs/deploy/*.json), parsed once into one frozen tree, `Deployment`:
 
-    {"name": "cpu8", "mesh": {"dp": 8, "tp": 1}, "experts": {"redundant": 8}, "quantization": "fp8",
-     "dispatch": {"dtype": "auto", "combine_dtype": "auto", "capacity_factors": [2.0, 4.0, null]}}
+    {"name": "cpu8",
+     "quantization": "fp8",
+     "mesh": {"dp": 8, "tp": 1, "gpus_per_node": 8},
+     "experts": {"redundant": 8, "rebalance_interval": 0, "rebalance_window": 4, "rebalance_threshold": 1.1},
+     "dispatch": {"dtype": "auto", "combine_dtype": "auto", "capacity_factors": [2.0, 4.0, null],
+                  "capacity_window": 64, "overlap": "none"},
+     "kernels": {"attention_decode": "auto", "attention_prefill": "auto", "expert_gemm": "auto",
+                 "transport": "auto"},
+     "serving": {"block_size": 16, "kv_cache_mb": 64, "prefill_tokens": [16, 64, 256], ...},
+     "speculative": {"method": "mtp", "num_tokens": 1}}
 
 quantization: "fp8" | "none"; left out, the default rule (fp8 on a GPU for an FP8 checkpoint, none
 otherwise; a `quantization` argument or flag overrides the file). dispatch.dtype "auto" (default)
@@ -11,8 +18,11 @@ otherwise; "fp8" before non-FP8 experts quantises for the wire alone, which lose
 explicit choice: half the bytes of BF16). combine_dtype "auto" (default) returns the activations'
 dtype; "bf16" is DeepSeek's (their activations are BF16).
 
-EP spans every device of the mesh (dp x tp); routed experts + redundant replicas must divide
-evenly over it (DeepSeek: 256 + 32 = 288 = 32 x 9 for prefill, 144 x 2 for decode).
+Every section but `name` is optional. EP spans every device of the mesh (dp x tp); routed experts
++ redundant replicas must divide evenly over it (DeepSeek: 256 + 32 = 288 = 32 x 9 for prefill,
+144 x 2 for decode). The model loader and the serving engine read this one object; the run-time
+EPConfig is derived from it on a mesh (`ep_config`), the kernels resolved for the mesh's platform
+(`kernels_for`).
 
 A disaggregated deployment is two such deployments, {"prefill": {...}, "decode": {...}}: the
 prefill slice takes the first devices, the decode slice the next (configs/deploy/cpu8-disagg.json).
@@ -22,44 +32,145 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from model.quant import check_quantization
 from sharding.ep import EPConfig
+from sharding.kernels import Kernels
 from sharding.mesh import make_mesh
 
-SECTIONS = {"name": None, "description": None, "quantization": None, "mesh": {"dp", "tp", "gpus_per_node"},
-            "experts": {"redundant", "rebalance_interval", "rebalance_window", "rebalance_threshold"},
-            "dispatch": {"dtype", "combine_dtype", "capacity_factors", "overlap"},
-            "serving": None}  # read by serving.config.ServingConfig
+# file section -> {key in the file: (Deployment field, type)}; kernels, serving and speculative are
+# sections of their own dataclasses
+FLAT_SECTIONS = {
+    "mesh": {"dp": ("dp", int), "tp": ("tp", int), "gpus_per_node": ("gpus_per_node", int)},
+    "experts": {"redundant": ("redundant_experts", int), "rebalance_interval": ("rebalance_interval", int),
+                "rebalance_window": ("rebalance_window", int), "rebalance_threshold": ("rebalance_threshold", float)},
+    "dispatch": {"dtype": ("dispatch_dtype", str), "combine_dtype": ("combine_dtype", str),
+                 "capacity_factors": ("capacity_factors", tuple), "capacity_window": ("capacity_window", int),
+                 "overlap": ("overlap", str)},
+}
+SECTIONS = ("name", "description", "quantization", *FLAT_SECTIONS, "kernels", "serving", "speculative")
+PLACEMENTS = ("balanced", "round_robin")  # serving/balance.py
+KV_DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """The `serving` section: shape buckets, KV-cache budget, limits, placement, disk tier."""
+    block_size: int = 16  # tokens per KV block: the prefix-cache granularity
+    kv_cache_mb: float = 64.0  # per dp rank; the pool holds as many blocks as fit
+    kv_dtype: str = "auto"  # auto = the model's dtype
+    max_model_len: int | None = None  # default: min(the model's max positions, 2048)
+    # Shape buckets, each compiled once: prefill chunk lengths (the largest is the chunk size for
+    # long prompts), prefill rows per rank, decode rows per rank.
+    prefill_tokens: tuple[int, ...] = (16, 64, 256)
+    prefill_rows: tuple[int, ...] = (1, 4)
+    decode_batch: tuple[int, ...] = (1, 4, 16, 64)
+    placement: str = "balanced"  # requests on dp ranks: balanced (serving/balance.py) | round_robin
+    # Disk tier of the prefix cache (serving/kv_disk.py): one checksummed file per full block.
+    disk_cache_dir: str | None = None
+    disk_cache_mb: float = 1024.0
+
+    def __post_init__(self):
+        for name in ("prefill_tokens", "prefill_rows", "decode_batch"):
+            value = tuple(getattr(self, name))
+            if not value or any(not isinstance(v, int) or v < 1 for v in value):
+                raise ValueError(f"serving.{name} must be a non-empty list of positive integers, got {value}")
+            object.__setattr__(self, name, tuple(sorted(value)))
+        if self.block_size < 1 or self.kv_cache_mb <= 0:
+            raise ValueError(f"serving.block_size={self.block_size} and kv_cache_mb={self.kv_cache_mb} must be > 0")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"serving.placement {self.placement!r} is not one of {PLACEMENTS}")
+        if self.disk_cache_mb <= 0:
+            raise ValueError(f"serving.disk_cache_mb={self.disk_cache_mb} must be > 0")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"serving.kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES}")
+
+    def context_len(self, model_max: int) -> int:
+        return self.max_model_len or min(model_max, 2048)
+
+    def blocks_per_rank(self, layers: int, width: int, itemsize: int) -> int:
+        per_block = layers * self.block_size * width * itemsize
+        return max(1, math.floor(self.kv_cache_mb * 2 ** 20 / per_block))
+
+
+@dataclasses.dataclass(frozen=True)
+class Speculative:
+    """The `speculative` section: draft tokens per step proposed by the checkpoint's MTP module."""
+    method: str = "mtp"
+    num_tokens: int = 1
+
+    def __post_init__(self):
+        if self.method != "mtp":
+            raise ValueError(f"speculative.method {self.method!r} is not one of ('mtp',)")
+        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"speculative.num_tokens must be a positive integer, got {self.num_tokens!r}")
+
+
+def _section(cls, raw, source: str, section: str):
+    """A section's dict -> its frozen dataclass; unknown fields and bad values fail in one sentence."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: section '{section}' must be an object, got {raw!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{source}: unknown {section} field(s) {sorted(unknown)} (known: {sorted(known)})")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
 class Deployment:
     name: str
+    # mesh
     dp: int
     tp: int = 1
-    redundant_experts: int = 0
-    dispatch_dtype: str = "auto"
-    combine_dtype: str = "auto"
-    capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
-    overlap: str = "none"  # none | auto (two_batch prefill, five_stage decode) | two_batch | five_stage
     gpus_per_node: int = 8  # EPLB's hierarchical policy packs expert groups onto nodes
+    # experts
+    redundant_experts: int = 0
     # Live EPLB: every `rebalance_interval` engine steps (0: never) look at the loads of the last
     # `rebalance_window` intervals; re-place the experts if max/mean GPU load exceeds the threshold.
     rebalance_interval: int = 0
     rebalance_window: int = 4
     rebalance_threshold: float = 1.1
+    # dispatch (sharding/ep.py)
+    dispatch_dtype: str = "auto"
+    combine_dtype: str = "auto"
+    capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
+    # After an overflow raised the EP capacity level, this many steps in a row without one bring it
+    # back down a level: one skewed batch must not make every later step pay for a larger bucket.
+    capacity_window: int = 64
+    overlap: str = "none"  # none | auto (two_batch prefill, five_stage decode) | two_batch | five_stage
+    kernels: Kernels = Kernels()  # (a dict is taken as the file's section)
+    serving: ServingConfig = ServingConfig()  # (a dict is taken as the file's section)
+    speculative: Speculative | None = None  # (a dict is taken as the file's section)
     quantization: str | None = None  # fp8 | none | None (the default rule, model.quant.default_quantization)
-    serving: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
     source: str = "<deployment>"  # the file, for error messages
+    _ep: EPConfig = dataclasses.field(init=False, repr=False, compare=False)  # the dispatch section, validated
 
     def __post_init__(self):
+        for name, cls in (("kernels", Kernels), ("serving", ServingConfig), ("speculative", Speculative)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, _section(cls, getattr(self, name), self.source, name))
         if self.dp < 1 or self.tp < 1 or self.redundant_experts < 0:
             raise ValueError(f"{self.source}: mesh dp={self.dp}, tp={self.tp} must be >= 1 and "
                              f"experts.redundant={self.redundant_experts} >= 0")
         if self.quantization is not None:
-            check_quantization(self.quantization)
+            try:
+                check_quantization(self.quantization)
+            except ValueError as e:
+                raise ValueError(f"{self.source}: {e}") from None
+        if self.capacity_window < 1:
+            raise ValueError(f"{self.source}: dispatch.capacity_window={self.capacity_window} must be >= 1")
+        try:
+            ep = EPConfig(mesh=None, dispatch_dtype=self.dispatch_dtype, combine_dtype=self.combine_dtype,
+                          capacity_factors=tuple(self.capacity_factors), overlap=self.overlap)
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
+        object.__setattr__(self, "_ep", ep)
 
     @property
     def ep_size(self) -> int:
@@ -67,7 +178,16 @@ class Deployment:
 
     @property
     def nodes(self) -> int:
-        return max(1, -(-self.ep_size // self.gpus_per_node))
+        return self.nodes_for(self.ep_size)
+
+    def nodes_for(self, ranks: int) -> int:
+        return max(1, -(-ranks // self.gpus_per_node))
+
+    @classmethod
+    def for_devices(cls, n: int, n_routed_experts: int) -> "Deployment":
+        """n devices: DP attention over them, EP over them, the fewest redundant experts that make
+        the physical experts divide evenly."""
+        return cls(name=f"auto-{n}", dp=n, redundant_experts=(-n_routed_experts) % n)
 
     @classmethod
     def from_json(cls, path) -> "Deployment":
@@ -79,30 +199,23 @@ class Deployment:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str, name: str | None = None) -> "Deployment":
+        fields = {}
         for key, value in raw.items():
             if key not in SECTIONS:
                 raise ValueError(f"{source}: unknown section '{key}' (known: {', '.join(SECTIONS)})")
-            allowed = SECTIONS[key]
-            if allowed is not None and (not isinstance(value, dict) or set(value) - allowed):
+            allowed = FLAT_SECTIONS.get(key)
+            if allowed is None:
+                continue
+            if not isinstance(value, dict) or set(value) - set(allowed):
                 raise ValueError(f"{source}: section '{key}' may hold only {sorted(allowed)}, got {value!r}")
-        mesh, experts, dispatch = raw.get("mesh", {}), raw.get("experts", {}), raw.get("dispatch", {})
-        factors = dispatch.get("capacity_factors", [2.0, 4.0, None])
-        try:
-            dep = cls(name=raw.get("name", name), dp=int(mesh.get("dp", 1)), tp=int(mesh.get("tp", 1)),
-                      redundant_experts=int(experts.get("redundant", 0)),
-                      dispatch_dtype=dispatch.get("dtype", "auto"),
-                      combine_dtype=dispatch.get("combine_dtype", "auto"), quantization=raw.get("quantization"),
-                      capacity_factors=tuple(factors), overlap=dispatch.get("overlap", "none"),
-                      gpus_per_node=int(mesh.get("gpus_per_node", 8)),
-                      rebalance_interval=int(experts.get("rebalance_interval", 0)),
-                      rebalance_window=int(experts.get("rebalance_window", 4)),
-                      rebalance_threshold=float(experts.get("rebalance_threshold", 1.1)),
-                      serving=raw.get("serving", {}), source=source)
-            EPConfig(mesh=None, dispatch_dtype=dep.dispatch_dtype, combine_dtype=dep.combine_dtype,
-                     capacity_factors=dep.capacity_factors, overlap=dep.overlap)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
-        return dep
+            try:
+                fields.update({allowed[k][0]: allowed[k][1](v) for k, v in value.items()})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: section '{key}': {e}") from None
+        fields.setdefault("dp", 1)
+        sections = {k: raw[k] for k in ("kernels", "serving", "speculative") if raw.get(k) is not None}
+        return cls(name=raw.get("name", name), **fields, **sections, quantization=raw.get("quantization"),
+                   source=source)
 
     def n_physical_experts(self, n_routed_experts: int) -> int:
         """Routed experts + redundant replicas, checked to divide over the EP group."""
@@ -116,12 +229,17 @@ class Deployment:
     def make_mesh(self, devices=None):
         return make_mesh(self.dp, self.tp, devices)
 
-    def ep_config(self, mesh) -> EPConfig | None:
-        """None for a one-device deployment: the MoE layers then run locally, without collectives."""
-        if self.ep_size == 1:
+    def kernels_for(self, mesh) -> Kernels:
+        """The kernels section with every "auto" resolved for the platform of the mesh's devices."""
+        return self.kernels.resolve(None if mesh is None else mesh.devices.flat[0].platform)
+
+    def ep_config(self, mesh, kernels: Kernels | None = None) -> EPConfig | None:
+        """The run-time EP configuration on this mesh; None for one device (the MoE layers then run
+        locally, without collectives)."""
+        if mesh is None or mesh.size == 1:
             return None
-        return EPConfig(mesh=mesh, dispatch_dtype=self.dispatch_dtype, combine_dtype=self.combine_dtype,
-                        capacity_factors=self.capacity_factors, overlap=self.overlap)
+        kernels = kernels or self.kernels_for(mesh)
+        return dataclasses.replace(self._ep, mesh=mesh, transport=kernels.transport)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +272,8 @@ def read(path) -> "Deployment | Disaggregated":
     extra = set(raw) - {"name", "description", "quantization", "prefill", "decode"}
     if extra or not isinstance(raw.get("prefill"), dict) or not isinstance(raw.get("decode"), dict):
         raise ValueError(f"{path}: a disaggregated deployment holds 'prefill' and 'decode' sections (each a "
-                         f"deployment: mesh, experts, dispatch, serving), and may name a 'quantization' for "
-                         f"both, but nothing else{f', not {sorted(extra)}' if extra else ''}")
+                         f"deployment: mesh, experts, dispatch, kernels, serving), and may name a 'quantization' "
+                         f"for both, but nothing else{f', not {sorted(extra)}' if extra else ''}")
     name = raw.get("name", path.stem)
     both = {"quantization": raw["quantization"]} if "quantization" in raw else {}  # a slice may set its own
     return Disaggregated(name, Deployment.from_dict({**both, **raw["prefill"]}, f"{path} [prefill]", f"{name}-prefill"),

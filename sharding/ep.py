@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.experts import ExpertWeights, expert_layout, grouped_ffn, slots_by_key
 from model.quant import FP8, dequantize_activations, quantize_activations
+from sharding.kernels import Kernels
 
 PAYLOAD_DTYPES = {"auto": None, "fp8": FP8, "bf16": jnp.bfloat16, "fp32": jnp.float32}  # auto: see the docstring
 ROW_ALIGN = 8  # capacities are rounded up to this, so nearby batch sizes share one compilation
@@ -49,14 +50,14 @@ class EPConfig:
     # overflow, so the last bucket always completes the step.
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     level: int = 0
-    transport: str = "auto"  # padded | ragged | auto (ragged on GPU; XLA:CPU lacks ragged_all_to_all)
+    # sharding.kernels.Kernels.transport (a deployment passes it resolved; "auto": by the mesh's platform)
+    transport: str = "auto"  # padded | ragged (ragged_all_to_all: GPU; XLA:CPU lacks it)
     overlap: str = "none"  # none | auto | two_batch | five_stage: sharding/overlap.py
 
     def __post_init__(self):
         if self.overlap not in ("none", "auto", "two_batch", "five_stage"):
             raise ValueError(f"overlap {self.overlap!r} must be 'none', 'auto', 'two_batch' or 'five_stage'")
-        if self.transport not in ("auto", "padded", "ragged"):
-            raise ValueError(f"transport {self.transport!r} must be 'auto', 'padded' or 'ragged'")
+        Kernels(transport=self.transport)  # validates it
         if self.dispatch_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"dispatch_dtype {self.dispatch_dtype!r} is not one of {sorted(PAYLOAD_DTYPES)}")
         if self.combine_dtype not in ("auto", "bf16", "fp32"):
@@ -72,9 +73,8 @@ class EPConfig:
 
     @property
     def wire(self) -> str:
-        if self.transport != "auto":
-            return self.transport
-        return "ragged" if self.mesh.devices.flat[0].platform == "gpu" else "padded"
+        """The transport, "auto" resolved for the mesh's platform."""
+        return Kernels(transport=self.transport).resolve(self.mesh.devices.flat[0].platform).transport
 
     @property
     def capacity_factor(self) -> float | None:

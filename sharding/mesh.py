@@ -23,6 +23,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_latent": None,
     "q_lora": None,
     "expert_mlp": None,
+    # activations and caches of the serving engine
+    "kv_blocks": "dp",  # the paged KV pool's block axis: each dp rank holds its own requests' blocks
 }
 
 
@@ -44,6 +46,17 @@ def logical_to_spec(axes, rules=LOGICAL_RULES) -> PartitionSpec:
     if len(used) != len(set(used)):
         raise ValueError(f"logical axes {axes} map two dimensions onto one mesh axis: {spec}")
     return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, *axes) -> NamedSharding:
+    """The sharding of an array whose dimensions carry these logical names (None: replicated)."""
+    return NamedSharding(mesh, logical_to_spec(axes))
+
+
+def logical_size(mesh: Mesh, axis: str) -> int:
+    """How many ways the mesh splits a dimension named `axis` (e.g. "batch": the dp ranks)."""
+    spec = logical_to_spec((axis,))[0]
+    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ())]))
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -55,7 +55,7 @@ def overlapped_layer(layer, x, cos, sin, cache, index, slots, mask, absorbed: bo
     h = layer.input_layernorm(x)
     q_nope, q_pe = attn.queries(h, cos, sin)
     cache = cache.write(index, slots, attn.latents(h, cos, sin))
-    in_cache = absorbed and cache.kernel != "xla"  # a kernel reads each micro-batch's pages in place
+    in_cache = attn.reads_in_place(cache, absorbed)  # a kernel reads each micro-batch's pages in place
     rows = slots if in_cache else cache.read(index).astype(x.dtype)
     attend = attn.attend_absorbed if absorbed else attn.attend_naive
     parts = [halves(a, dp) for a in (x, q_nope, q_pe, rows, mask, slots >= 0)]

@@ -137,3 +137,14 @@ def test_truncated_file(saved, tmp_path):
 def test_token_ids_checked(saved, tokens, message):
     with pytest.raises(ValueError, match=message):
         saved[1](np.array(tokens))
+
+
+def test_positions_past_the_cache_are_refused_not_dropped(saved):
+    net = saved[1]
+    cache = net.init_cache(2, 8)
+    with pytest.raises(ValueError, match="position 8 is past the cache of 8 slots per sequence"):
+        net.decode([3, 4], [2, 8], cache)
+    with pytest.raises(ValueError, match="position 9 is past the cache of 8 slots per sequence"):
+        net.prefill(np.array([[3, 4, 5], [6, 7, 8]]), [3, 2], cache, start=[0, 8])
+    with pytest.raises(ValueError, match="position 8 is past the cache of 8 slots per sequence"):
+        cache.write(0, np.array([[8]]), np.zeros((1, 1, cache.data.shape[-1]), np.float32))

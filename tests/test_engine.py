@@ -195,3 +195,44 @@ def test_warmup_covers_the_first_real_step(hf):
     before = llm.engine.compilations
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert llm.engine.compilations == before
+
+
+def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_warmup(hf):
+    """A capacity bucket far too small: every prefill step overflows after warm-up and re-runs at the
+    next EP capacity level, which warm-up compiled (the compilation counter does not move); the decode
+    steps fit, and a window of them brings the level back down. No token changes."""
+    dep = Deployment(name="capacity", dp=2, dispatch_dtype="fp32", combine_dtype="fp32",
+                     capacity_factors=(0.01, None), capacity_window=2,
+                     serving={"block_size": 32, "max_model_len": 32, "prefill_tokens": [16], "prefill_rows": [1],
+                              "decode_batch": [2], "kv_dtype": "fp32"})
+    capped = LLM(hf[0], deployment=dep)
+    assert capped.engine.warmup() == 2 * 2  # (prefill, decode) x 2 capacity levels, one context bucket
+    compiled = capped.engine.compilations
+    prompts = [list(range(40, 52)), list(range(70, 81))]  # 12 and 11 tokens: ~12 rows per peer, capacity 8
+    outs = capped.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    stats = capped.stats()
+    assert stats["ep_overflow_retries"] >= 1 and stats["ep_capacity_steps_down"] >= 1
+    assert stats["ep_capacity_level"] == 0  # the decode steps since fit the small bucket again
+    assert capped.engine.compilations == compiled
+    assert [o.token_ids for o in outs] == [hf_greedy(hf[1], p, 6) for p in prompts]
+
+
+def test_bf16_cache_write_is_in_place():
+    """The cache write costs what it writes: a bfloat16 pool is scattered into as bfloat16, with no
+    float32 copy of a rank's pool in the compiled program (docs/DESIGN_NOTES.md)."""
+    import jax
+    import jax.numpy as jnp
+
+    from serving.kv_cache import PagedCache, new_pool
+    from sharding import make_mesh
+    mesh = make_mesh(2)
+    pool = new_pool(3, 2, 64, 4, 48, jnp.bfloat16, mesh)  # per rank [3, 64, 4, 48]
+    write = jax.jit(lambda pool, table, slots, rows: PagedCache(pool, table, mesh).write(1, slots, rows).pool,
+                    donate_argnums=0)
+    table, slots = np.arange(8, dtype=np.int32).reshape(4, 2), np.array([[5], [-1], [2], [7]], np.int32)
+    rows = np.ones((4, 1, 48), np.float32)
+    hlo = write.lower(pool, table, slots, rows).compile().as_text()
+    assert "bf16[3,64,4,48]" in hlo and "f32[3,64,4,48]" not in hlo
+    out = np.asarray(write(pool, table, slots, rows).astype(jnp.float32))
+    # row 0 -> rank 0's block 1, offset 1; row 1 is padding; rows 2, 3 -> rank 1's blocks 4 and 7
+    assert out[1, 1, 1].sum() == out[1, 64 + 4, 2].sum() == out[1, 64 + 7, 3].sum() == 48 and out.sum() == 3 * 48

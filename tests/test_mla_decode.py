@@ -192,7 +192,7 @@ def test_engine_decodes_through_the_kernel_path(monkeypatch):
     params = SamplingParams(max_tokens=3, ignore_eos=True)  # 2 decode steps through the interpreted kernel
     outs = {}
     for kernel in ("xla", "interpret"):
-        dep = Deployment(name="kernel", dp=2, overlap="five_stage", serving={**serving, "attention_kernel": kernel})
+        dep = Deployment(name="kernel", dp=2, overlap="five_stage", serving=serving, kernels={"attention_decode": kernel})
         outs[kernel] = [o.token_ids for o in LLM(deployment=dep).generate(prompts, params)]
     assert outs["interpret"] == outs["xla"] and all(len(t) == 3 for t in outs["xla"])
     # a rank's 4 rows (the dense layer) and each micro-batch's 2 (the MoE layers under overlap)

@@ -1,4 +1,5 @@
-"""Hand-written Pallas kernels (GPU hot paths), each with an XLA reference implementation."""
+"""Hand-written Pallas kernels (GPU hot paths), each with an XLA reference implementation. Which
+one runs is the deployment's choice (sharding/kernels.py: Kernels)."""
 
 from __future__ import annotations
 

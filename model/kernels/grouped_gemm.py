@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from model.quant import FP8, WEIGHT_BLOCK, dequantize_blocks
+from sharding.kernels import default_impl
 
 SCALE_BLOCK = WEIGHT_BLOCK[0]  # 128: square weight blocks, one float32 scale each
 IMPLS = ("auto", "pallas", "xla")
@@ -175,7 +176,7 @@ def grouped_matmul(x, w, group_sizes, w_scale=None, *, impl: str = "auto", block
     group_sizes = jnp.asarray(group_sizes)
     _check(x, w, group_sizes, w_scale, impl, block_m, block_n, block_k)
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        impl = default_impl()
     if impl == "xla":
         return _xla(x, w, group_sizes, w_scale)
     return _pallas(x, w, group_sizes, w_scale, block_m=block_m, block_n=block_n, block_k=block_k,

@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from sharding.kernels import default_impl
+
 NUM_WARPS, NUM_STAGES = 8, 2  # Triton launch parameters; a [64, 512] bf16 page is 64 KiB of registers/smem
 
 
@@ -47,7 +49,7 @@ def mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, *, block
     """
     B, H, R, P, NB, BS, MB = _check(q_latent, q_pe, pool, page_table, lengths, block_size, impl)
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        impl = default_impl()
     if impl == "xla":
         return _xla(q_latent, q_pe, pool, page_table, lengths, float(scale))
     if not interpret:  # Triton tensors are power-of-two sized and tl.dot wants every side >= 16

@@ -1,0 +1,61 @@
+"""The disk tier wired to an engine: at admission, blocks found on disk are written into the
+rank's fresh pool blocks; after a prompt is prefilled, its full blocks the disk lacks are gathered
+on device and handed to the background writer (serving/kv_disk.py holds the file format)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+from serving.kv_cache import pow2, read_rank, write_rank
+from serving.kv_disk import DiskKVCache
+from serving.request import Request
+
+
+def model_identity(net) -> bytes:
+    """A digest of the model a KV block was computed by: its config, dtype and a sample of its
+    weights (two models with one config differ there), so a disk block from another model is never
+    taken for ours."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(net.config.to_dict(), sort_keys=True).encode() + jnp.dtype(net.dtype).name.encode()
+             + net.quantization.encode())  # FP8 GEMMs compute other KV rows than the dequantised model
+    head = net.lm_head.weight if net.lm_head is not None else net.embed_tokens.weight
+    for weight in (net.embed_tokens.weight, head, net.norm.weight):
+        h.update(np.asarray(weight[...].addressable_data(0)[:64]).tobytes())
+    return h.digest()
+
+
+class DiskTier:
+    def __init__(self, runner, counters: dict):
+        cfg, serving, bs = runner.net.config, runner.serving, runner.serving.block_size
+        layout = f"block={bs} width={runner.width} kv={jnp.dtype(runner.kv_dtype).name}".encode()
+        self.cache = DiskKVCache(serving.disk_cache_dir, serving.disk_cache_mb, model_identity(runner.net) + layout,
+                                 (cfg.num_hidden_layers, bs, runner.width), runner.kv_dtype)
+        self.runner, self.counters, self.block_size = runner, counters, bs
+
+    def fetch(self, rank: int, hashes: list[bytes], blocks: list[int]) -> int:
+        """Loads the leading blocks the disk holds into this rank's blocks; stops at the first missing
+        or bad one (which the disk tier has counted and deleted: that block is recomputed)."""
+        rows = []
+        for h in hashes:
+            block = self.cache.load(h)
+            if block is None:
+                break
+            rows.append(block)
+        if rows:
+            K, runner = pow2(len(rows)), self.runner
+            padded = np.stack(rows + [np.zeros_like(rows[0])] * (K - len(rows)), 1)  # [L, K, BS, C]
+            runner.pool = write_rank(runner.pool, runner.cache_mesh, {rank: (blocks[:len(rows)], padded)}, K)
+            self.counters["disk_cached_prompt_tokens"] += len(rows) * self.block_size
+        return len(rows)
+
+    def store(self, req: Request) -> None:
+        """Writes the request's full prompt blocks the disk lacks, behind the engine's back."""
+        new = [i for i, h in enumerate(req.hashes) if not self.cache.prefix([h])]
+        if new:
+            runner = self.runner
+            rows = read_rank(runner.pool, runner.cache_mesh, {req.rank: [req.blocks[i] for i in new]}, pow2(len(new)))
+            self.cache.store_async([req.hashes[i] for i in new], rows[req.rank])

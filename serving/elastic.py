@@ -1,0 +1,79 @@
+"""Elastic capacity: an engine's dp ranks change while it serves, between steps.
+
+Shrinking: the leaving ranks (the last ones) stop taking requests; their requests are placed on the
+staying ranks by the decode balancer and their KV blocks copied there; any that find no room finish
+where they are, and the resize completes on the step after the leaving ranks empty. Then the
+weights and the pool move to the new mesh (ModelRunner.move_to). Growing takes effect at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from serving.kv_cache import copy_blocks
+from sharding.mesh import make_mesh
+
+
+class Elastic:
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending: list | None = None  # devices of a resize waiting for leaving ranks to empty
+        self.history: list[dict] = []
+
+    def resize(self, devices) -> None:
+        """Serve on these devices from now on (whole dp ranks: dp x tp devices, the current ranks'
+        devices first, in order)."""
+        engine, runner = self.engine, self.engine.runner
+        devices = list(devices)
+        old = list(runner.mesh.devices.flat)
+        per_rank = len(old) // runner.ranks  # devices of one dp rank (tp)
+        keep = min(len(devices), len(old))
+        if len(devices) % per_rank or not devices or devices[:keep] != old[:keep] or len(set(devices)) < len(devices):
+            raise ValueError(f"resize to {[d.id for d in devices]}: give whole ranks of tp={per_rank} devices, "
+                             f"starting with the current ones in order {[d.id for d in old]}")
+        dp = len(devices) // per_rank
+        if runner.net.moe_layers is not None and runner.net.n_physical_experts % len(devices):
+            raise ValueError(f"resize to {len(devices)} devices: the {runner.net.n_physical_experts} physical "
+                             f"experts per layer do not divide over EP{len(devices)}")
+        self.pending = devices
+        moves = engine.scheduler.migrations(list(range(dp, runner.ranks)))
+        if moves:
+            runner.pool = copy_blocks(runner.pool, runner.cache_mesh, runner.pool, runner.cache_mesh,
+                                      [(req.rank, req.blocks, rank, blocks) for req, rank, blocks in moves])
+            for req, rank, blocks in moves:
+                engine.scheduler.move(req, rank, blocks)
+        self.history.append({"from_dp": runner.ranks, "to_dp": dp, "migrated": len(moves),
+                             "requested_at": time.perf_counter() - engine.started})
+        self.advance()
+
+    def resize_dp(self, dp: int, spare: list) -> None:
+        """Resize to dp ranks: leaving devices go to `spare`, new ranks come from it (in order)."""
+        runner = self.engine.runner
+        current = list(runner.mesh.devices.flat)
+        want = dp * (len(current) // runner.ranks)
+        if dp < 1 or want - len(current) > len(spare):
+            raise ValueError(f"resize the {self.engine.role} engine to dp={dp}: needs {want} devices, "
+                             f"{len(current)} held and {len(spare)} spare")
+        if want < len(current):
+            self.resize(current[:want])
+            spare[:0] = current[want:]  # the most recently released are handed out first
+        elif want > len(current):
+            self.resize(current + spare[:want - len(current)])
+            del spare[:want - len(current)]
+
+    def advance(self) -> None:
+        """Completes the pending resize once the leaving ranks hold no requests (called before each step)."""
+        engine, runner, devices = self.engine, self.engine.runner, self.pending
+        dp = len(devices) // (runner.mesh.size // runner.ranks)
+        scheduler = engine.scheduler
+        if any(scheduler.running[dp:]) or any(r.rank >= dp for r in scheduler.outbox):
+            return  # leaving ranks still finish requests that found no room elsewhere
+        started = time.perf_counter()
+        runner.move_to(make_mesh(dp, runner.mesh.size // runner.ranks, devices))
+        scheduler.resize(dp)
+        if engine.eplb is not None:
+            engine.eplb.reset()
+        engine.clock.hold(runner.mesh.size)
+        self.pending = None
+        engine.counters["resizes"] += 1
+        self.history[-1].update(done_at=time.perf_counter() - engine.started, reshard_s=time.perf_counter() - started)

@@ -1,0 +1,285 @@
+"""The model runner: the device side of the engine.
+
+It owns the weights (the flat list of arrays the jitted step takes), the paged KV pool, the
+accumulated expert loads and the compiled steps, one per (devices, EP capacity level). It packs a
+scheduled batch into bucketed arrays, dispatches the step, re-runs a step whose rows overflowed an
+EP capacity bucket at the next level (`finish_steps`: the one overflow retry), brings the level
+back down after `dispatch.capacity_window` steps without an overflow, and warms up every shape
+bucket at every capacity level, so serving never compiles.
+
+A step is one pure function of (weights, pool, expert loads, penalty table, batch arrays): forward
+over the paged cache, logits at each row's sampled position, sampling on device (penalties and
+logit_bias from the table's rows, logprobs). It returns the sampled tokens with their logprob data
+plus the overflow flag as one array (the only device-to-host read per step), the new pool and
+table (donated) and the accumulated expert loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from serving.aot import AotStep, aot_directory, program_key
+from serving.kv_cache import POOL_AXES, PagedCache, new_pool
+from serving.request import Batch
+from serving.sampling import PenaltyTable, sample, sampling_arrays
+from sharding.mesh import logical_sharding, logical_size, param_shardings
+from sharding.overlap import balanced_slots
+
+
+def bucket(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest bucket holding n (sizes sorted); n must not exceed the largest."""
+    for s in sizes:
+        if n <= s:
+            return s
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def compile_step(net, mesh, cache_mesh, slots: int):
+    """The jitted step for this model as it stands (EP capacity level included). The weights go in as
+    a flat list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
+    milliseconds of host time per step (docs/DESIGN_NOTES.md)."""
+    graphdef, state = nnx.split(net)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def step(leaves, pool, expert_load, table, page_table, tokens, positions, sample_at, sampling, absorbed: bool):
+        net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
+        last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
+        rows, next_tokens = sample(net.logits(last), sampling, table)  # rows: tokens + logprob data
+        overflow = stats["overflow"] if stats else jnp.bool_(False)
+        table = table.count(sampling.slot, next_tokens, ~overflow)  # an overflowed step runs again
+        if stats:
+            expert_load = expert_load + stats["expert_load"]
+        # one array to read back per step: the tokens and logprobs, then the EP overflow flag
+        return jnp.concatenate([rows.reshape(-1), overflow.astype(jnp.int32)[None]]), cache.pool, expert_load, table
+
+    shardings = None
+    if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
+        replicated, by_rank = logical_sharding(mesh), logical_sharding(mesh, "batch")
+        shardings = (replicated, logical_sharding(mesh, *POOL_AXES), replicated,
+                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh))
+    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
+                           out_shardings=shardings)
+
+
+@dataclasses.dataclass
+class Launched:
+    """A dispatched step: its batch, the arrays it ran on, its output (still on device)."""
+    batch: Batch
+    arrays: tuple
+    out: jax.Array
+    start: float
+    prepared: float
+
+
+def finish_steps(runners: list, launched: list, read) -> list:
+    """The one overflow retry. Reads the launched steps' outputs (read: their device outputs, None
+    where nothing was launched -> host arrays) and re-runs each step that overflowed at its runner's
+    next EP capacity level until none does. One runner (Engine.step), or both slices of a
+    disaggregated deployment across processes, whose outputs one collective reads (serving/disagg.py)."""
+    hosts = read([l.out if l else None for l in launched])
+    while True:
+        redo = [l is not None and r.retry_if_overflowed(l, h) for r, l, h in zip(runners, launched, hosts)]
+        if not any(redo):
+            return hosts
+        again = read([l.out if x else None for l, x in zip(launched, redo)])
+        hosts = [a if x else h for a, h, x in zip(again, hosts, redo)]
+
+
+class ModelRunner:
+    def __init__(self, net, deployment, mesh, counters: dict, role: str = "mixed"):
+        cfg, serving = net.config, deployment.serving
+        self.net, self.deployment, self.serving, self.counters = net, deployment, serving, counters
+        self.context_len = serving.context_len(cfg.max_position_embeddings)
+        self.max_blocks = math.ceil(self.context_len / serving.block_size)
+        self.context_buckets = tuple(sorted({min(2 ** i, self.max_blocks) for i in
+                                             range(math.ceil(math.log2(self.max_blocks)) + 1)}))
+        self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.kv_dtype = {"auto": net.dtype, "bf16": jnp.bfloat16, "fp32": jnp.float32}[serving.kv_dtype]
+        self.blocks_per_rank = serving.blocks_per_rank(cfg.num_hidden_layers, self.width,
+                                                       jnp.dtype(self.kv_dtype).itemsize)
+        self._place(mesh)
+        self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size,
+                             self.width, self.kv_dtype, mesh)
+        moe = net.moe_layers
+        self._load_shape = (0, 0) if moe is None else moe.mlp.phy2log.shape  # [MoE layers, P]
+        self.reset_expert_load()
+        # penalties / logit_bias rows: one per request that samples on a rank (a prefill slice's
+        # requests leave after one step, so a batch's rows are enough there)
+        slots = serving.prefill_rows[-1] if role == "prefill" else serving.decode_batch[-1]
+        self.penalties = PenaltyTable(self.ranks, slots, cfg.vocab_size, mesh)
+        # One jitted step per (devices, EP capacity level): a resize back to devices served before,
+        # or a capacity level seen before, finds its compiled programs again.
+        self._steps: dict[tuple, object] = {}
+        self._clean_steps = 0  # steps landed since the last overflow
+        self._use_step()
+
+    def _place(self, mesh) -> None:
+        self.mesh = mesh
+        self.ranks = 1 if mesh is None else logical_size(mesh, "batch")
+        # a one-device mesh still fixes the arrays' layout (so warm-up and serving share compilations)
+        # but needs no per-rank shard_map around cache reads and writes
+        self.cache_mesh = mesh if mesh is not None and mesh.size > 1 else None
+
+    def reset_expert_load(self) -> None:
+        """Tokens per physical expert slot [MoE layers, P], summed over steps (for EPLB and /metrics)."""
+        sharding = logical_sharding(self.mesh) if self.mesh is not None else None
+        self.expert_load = jax.device_put(np.zeros(self._load_shape, np.int32), sharding)
+
+    def refresh_weights(self) -> None:
+        """After the weights changed in place (EPLB moved experts): same tree, same compiled step."""
+        self.leaves = jax.tree.leaves(nnx.state(self.net))
+
+    def _use_step(self) -> None:
+        devices = (None,) if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
+        ep = self.net.ep
+        key = (devices, None if ep is None else ep.level)
+        leaves, step = compile_step(self.net, self.mesh, self.cache_mesh, self.penalties.slots)
+        if key not in self._steps:  # compiled programs kept on disk between starts (serving/aot.py)
+            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, self.penalties.slots))
+            placed = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
+            self._steps[key] = AotStep(step, aot_directory(), program_key(identity, leaves), placed,
+                                       out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
+        self.leaves, self._step = leaves, self._steps[key]
+
+    @property
+    def compilations(self) -> int:
+        return sum(step._cache_size() for step in self._steps.values())
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def pack(self, batch: Batch, live) -> tuple:
+        """The batch as bucketed arrays: rows per rank (prefill_rows / decode_batch), tokens per row
+        (prefill_tokens; decode: the most any row runs), page-table width (power-of-two block counts).
+        Rank r's rows are rows [r*b, (r+1)*b), which the mesh splits over the dp ranks.
+        live(request id): still served here (PenaltyTable.slot reclaims the rows of the others)."""
+        cfg = self.serving
+        per_rank = max(len(rows) for rows in batch.rows)
+        width = max(n for rows in batch.rows for _, _, n in rows)
+        if batch.kind == "prefill":
+            rows_b, width = bucket(per_rank, cfg.prefill_rows), bucket(width, cfg.prefill_tokens)
+        else:
+            rows_b = bucket(per_rank, cfg.decode_batch)
+        need = max(math.ceil((p + n) / cfg.block_size) for rows in batch.rows for _, p, n in rows)
+        blocks = bucket(need, self.context_buckets)
+        B = rows_b * self.ranks
+        tokens = np.zeros((B, width), np.int32)
+        positions = np.full((B, width), -1, np.int32)
+        table = np.zeros((B, blocks), np.int32)
+        sample_at = np.zeros(B, np.int32)
+        params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
+        overlap = self.net.ep is not None and self.net.ep.overlap != "none"
+        batch.slots = []
+        for rank, rows in enumerate(batch.rows):
+            # Under overlap each rank's rows form two micro-batches: balance core-attention work
+            # (prefill: new tokens x context) or KV length (decode) between them.
+            slots = (balanced_slots([n * (p + n) for _, p, n in rows], rows_b) if overlap
+                     else list(range(len(rows))))
+            batch.slots.append(slots)
+            for (req, pos, n), slot in zip(rows, slots):
+                b = rank * rows_b + slot
+                seq = req.prompt + req.output
+                tokens[b, :n] = seq[pos:pos + n]
+                positions[b, :n] = np.arange(pos, pos + n)
+                used = req.blocks[:blocks]
+                table[b, :len(used)] = used
+                sample_at[b] = n - 1
+                params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
+                if req.params.needs_table and pos + n >= len(req.prompt):  # it samples (not a middle chunk)
+                    rows_slot[b] = self.penalties.slot(req, rank, live)
+        return (table, tokens, positions, sample_at,
+                sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots))
+
+    def dispatch(self, kind: str, arrays: tuple) -> jax.Array:
+        """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag)."""
+        out, self.pool, self.expert_load, self.penalties.device = self._step(
+            self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays, absorbed=kind == "decode")
+        return out
+
+    def retry_if_overflowed(self, launched: Launched, host: np.ndarray) -> bool:
+        """If rows did not fit the EP capacity bucket (the step's last value), re-dispatches the step
+        at the next level and returns True. Re-running on the returned pool is safe: every cache row
+        the step reads it first writes again."""
+        if not host[-1]:
+            return False
+        self._set_level(self.net.ep.level + 1)
+        self._clean_steps = 0
+        self.counters["ep_overflow_retries"] += 1
+        launched.out = self.dispatch(launched.batch.kind, launched.arrays)
+        return True
+
+    def landed(self) -> None:
+        """After a step completed: a window of steps without overflow at a raised capacity level brings
+        the level down one (the next overflow, if the load is still skewed, raises it again)."""
+        ep = self.net.ep
+        if ep is None or ep.level == 0:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.deployment.capacity_window:
+            self._set_level(ep.level - 1)
+            self._clean_steps = 0
+            self.counters["ep_capacity_steps_down"] += 1
+
+    def _set_level(self, level: int) -> None:
+        ep = self.net.ep
+        if not 0 <= level < len(ep.capacity_factors):
+            raise RuntimeError(f"EP capacity level {level} does not exist (the last bucket cannot overflow)")
+        self.net.set_expert_parallel(dataclasses.replace(ep, level=level))
+        self._use_step()
+
+    # ---- warm-up -----------------------------------------------------------------------------------
+    def warmup(self, kinds: tuple[str, ...]) -> int:
+        """Compiles every shape bucket of these step kinds at every EP capacity level a step can reach,
+        on all-padding batches (they write nothing), so serving never compiles; returns the number
+        of compilations this took."""
+        before = self.compilations
+        cfg, level = self.serving, None if self.net.ep is None else self.net.ep.level
+        shapes = [("prefill", r, t) for r in cfg.prefill_rows for t in cfg.prefill_tokens if "prefill" in kinds]
+        shapes += [("decode", b, 1) for b in cfg.decode_batch if "decode" in kinds]
+        for lvl in [None] if level is None else range(len(self.net.ep.capacity_factors)):
+            if lvl is not None:
+                self._set_level(lvl)
+            for kind, rows, width in shapes:
+                for blocks in self.context_buckets:
+                    B = rows * self.ranks
+                    arrays = (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
+                              np.full((B, width), -1, np.int32), np.zeros(B, np.int32),
+                              sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
+                    out = self.dispatch(kind, arrays)
+        if level is not None:
+            self._set_level(level)
+        self.penalties.warm_up()
+        jax.block_until_ready(out)
+        return self.compilations - before
+
+    # ---- elastic capacity --------------------------------------------------------------------------
+    def move_to(self, mesh) -> None:
+        """Serve on this mesh from now on: every parameter re-placed by the same logical-axis rules it
+        was loaded with (routed experts' slots spread over the new EP group, the rest replicated),
+        the pool rebuilt from the staying devices' shards (no copy) plus zero shards for new ones."""
+        state = nnx.state(self.net)
+        shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+        nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), shardings))
+        nnx.update(self.net, state)
+        ep = self.net.ep
+        if mesh.size > 1:
+            self.net.set_expert_parallel(dataclasses.replace(ep, mesh=mesh) if ep is not None
+                                         else self.deployment.ep_config(mesh, self.net.kernels))
+        else:
+            self.net.set_expert_parallel(None)
+        L, _, BS, C = self.pool.shape
+        shards = {s.device: s.data for s in self.pool.addressable_shards}
+        ranks = logical_size(mesh, "batch")
+        self.pool = jax.make_array_from_single_device_arrays(
+            (L, ranks * self.blocks_per_rank, BS, C), logical_sharding(mesh, *POOL_AXES),
+            [shards[d] if d in shards else jnp.zeros((L, self.blocks_per_rank, BS, C), self.pool.dtype, device=d)
+             for d in mesh.devices.flat])
+        self._place(mesh)
+        self.penalties.resize(self.ranks, mesh)
+        self.reset_expert_load()
+        self._use_step()
