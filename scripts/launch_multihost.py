@@ -29,9 +29,11 @@ def free_port() -> int:
 
 def process_env(index: int, count: int, cpu_devices: int, coordinator: str) -> dict:
     env = dict(os.environ)
+    # the caller's other XLA flags carry over; the device count is this process's
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env.update(JAXSEEK_COORDINATOR=coordinator, JAXSEEK_NUM_PROCESSES=str(count), JAXSEEK_PROCESS_ID=str(index),
                PYTHONUNBUFFERED="1", PJRT_NPROC=str(2 * cpu_devices),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={cpu_devices}")
+               XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={cpu_devices}"]))
     return env
 
 
