@@ -14,7 +14,8 @@ from model.quant import ACTIVATION_BLOCK, dequantize_blocks, quantize_blocks
 from sharding import make_mesh
 from sharding.deployment import Deployment
 from model.experts import ExpertWeights, grouped_ffn
-from sharding.ep import EPConfig, ep_routed_experts, plan_dispatch, slots_by_key
+from model.ep import ep_routed_experts, plan_dispatch, slots_by_key
+from sharding.ep import EPConfig
 
 
 
@@ -210,7 +211,7 @@ def _emulate_ragged_all_to_all(operands, outputs, args):
 def test_ragged_transport_offsets_reproduce_the_padded_layout():
     """CPU sibling of the GPU transport test: the offsets ragged_exchange passes to
     ragged_all_to_all put every used row where padded_exchange puts it."""
-    from sharding.ep import padded_exchange, ragged_offsets
+    from model.ep import padded_exchange, ragged_offsets
     R, C, D = 8, 5, 3
     rng = np.random.default_rng(9)
     rows = rng.normal(size=(R, R, C, D)).astype(np.float32)  # [source, dest, slot, D]

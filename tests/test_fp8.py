@@ -20,7 +20,8 @@ from model.quant import (FP8, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul,
                          quantize_blocks)
 from sharding import make_mesh
 from sharding.deployment import Deployment
-from sharding.ep import EPConfig, ep_routed_experts
+from model.ep import ep_routed_experts
+from sharding.ep import EPConfig
 
 ROOT_MODEL = "models/jaxseek-tiny"
 

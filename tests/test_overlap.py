@@ -18,7 +18,7 @@ from model.layers import rope_cos_sin
 from model.transformer import causal_mask
 from serving import LLM, SamplingParams
 from sharding.deployment import Deployment
-from sharding.overlap import balanced_slots, overlapped_layer
+from model.overlap import balanced_slots, overlapped_layer
 
 EXACT = Deployment(name="ep8", dp=8, redundant_experts=8, dispatch_dtype="fp32", combine_dtype="fp32")
 
