@@ -31,7 +31,6 @@ from model.moe import MoE
 from model.overlap import overlapped_layer
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerState:
     """One (micro-)batch's values between stages (SGLang's per-batch state); a stage fills what it
@@ -49,7 +48,7 @@ class LayerState:
     sent: object = None  # model.ep.Dispatched (EP) or the Routed tokens (one device)
     experts_out: tuple | None = None  # (rows out, tokens per physical expert, overflow)
     stats: dict | None = None  # the routed experts' (MoE layers)
-    absorbed: bool = dataclasses.field(default=False, metadata={"static": True})
+    absorbed: bool = False  # decode's MLA form
 
 
 class DecoderLayer(nnx.Module):

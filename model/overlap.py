@@ -4,8 +4,8 @@ Each dp rank's rows are split into two micro-batches (the first and second half 
 engine orders rows with `balanced_slots` so the halves carry equal work). A layer then runs the
 decoder layer's stages (model/decoder.py: attention, gate, dispatch, experts, combine) for both
 micro-batches, interleaved. A schedule is a list of steps; between steps an optimization_barrier
-joins both micro-batches' state, so what one step holds runs together: one micro-batch's
-all-to-all in flight while the other computes. Written as SGLang writes its operation lists:
+joins both micro-batches' latest products (PRODUCTS), so what one step holds runs together: one
+micro-batch's all-to-all in flight while the other computes. Written as SGLang writes its operation lists:
 
     two_batch:  0.attention 0.gate 0.dispatch 1.attention | 1.gate 1.dispatch 0.experts
                 | 0.combine 1.experts | 1.combine
@@ -71,16 +71,32 @@ def split_state(s, dp: int):
     return parts
 
 
+# What each stage hands on: the values a barrier joins (a micro-batch's latest product), so that
+# both are computed before either is used while the rest stays free for XLA to schedule.
+PRODUCTS = {"attention": ("core",), "gate": ("routed",), "dispatch": ("sent",), "experts": ("experts_out",),
+            "combine": ("x",), "mlp": ("x",)}
+
+
 def run_schedule(layer, states: list, schedule: list[Step]) -> list:
-    """The layer's stages over the micro-batches' states, step by step (a barrier between steps)."""
-    stages = layer.stages()
+    """The layer's stages over the micro-batches' states, step by step; between steps an
+    optimization_barrier joins each micro-batch's latest product."""
+    stages, latest = layer.stages(), [None] * len(states)
     for i, step in enumerate(schedule):
         if i:
-            states = list(jax.lax.optimization_barrier(tuple(states)))
+            _barrier(states, latest)
         for mb, name in step:
             with jax.named_scope(f"mb{mb}/{name}"):
                 stages[name](states[mb])
+            latest[mb] = name
     return states
+
+
+def _barrier(states: list, latest: list) -> None:
+    fields = [PRODUCTS[name] if name else () for name in latest]
+    joined = jax.lax.optimization_barrier(tuple(tuple(getattr(s, f) for f in fs) for s, fs in zip(states, fields)))
+    for s, fs, values in zip(states, fields, joined):
+        for f, v in zip(fs, values):
+            setattr(s, f, v)
 
 
 def overlapped_layer(layer, x, cos, sin, cache, index, slots, mask, absorbed: bool, schedule: str):
