@@ -1,7 +1,8 @@
 """The DeepSeek-V3 network: pure JAX math in Flax NNX modules; knows nothing about serving.
 
-May import: sharding. (The logical-axis rules, the deployment, the kernel choices, and for now the
-expert-parallel MoE stages and overlap schedules in sharding/ep.py and sharding/overlap.py.)
+May import: sharding. (Its data: the logical-axis rules, the deployment, the kernel choices, the
+expert-parallel layout EPConfig. The expert-parallel compute is model/ep.py, the overlap schedules
+model/overlap.py.)
 """
 
 import os

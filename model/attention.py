@@ -17,6 +17,8 @@ kv_b_proj into other products and so uses it dequantised, as DeepSeek's inferenc
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -97,14 +99,33 @@ class MLA(nnx.Module):
         Writes this layer's new rows into the cache, then attends over the layer's cache
         (earlier chunks and this one alike), so prefill, chunked prefill and decode share one path.
         """
+        q_nope, q_pe, cache = self.prepare(x, cos, sin, cache, layer, slots)
+        core = self.core(q_nope, q_pe, self.keys(cache, layer, absorbed, x.dtype), slots, mask, absorbed)
+        return self.output(core), cache
+
+    # ---- stages (the decoder layer's schedules call them one by one: model/decoder.py) --------------
+    def prepare(self, x, cos, sin, cache, layer, slots):
+        """Queries, and this call's latent rows written into the cache -> (q_nope, q_pe, cache)."""
         q_nope, q_pe = self.queries(x, cos, sin)
-        cache = cache.write(layer, slots, self.latents(x, cos, sin))
+        return q_nope, q_pe, cache.write(layer, slots, self.latents(x, cos, sin))
+
+    def keys(self, cache, layer, absorbed: bool, dtype):
+        """What core attention reads: the layer's rows [B, T, C], or the cache itself (InCache) when
+        the deployment's kernel reads its pages in place."""
         if self.reads_in_place(cache, absorbed):
-            out = self.attend_in_cache(q_nope, q_pe, cache, layer, slots)
-        else:
-            attend = self.attend_absorbed if absorbed else self.attend_naive
-            out = attend(q_nope, q_pe, cache.read(layer).astype(x.dtype), mask)
-        return self.o_proj(out.reshape(*x.shape[:-1], -1)), cache
+            return InCache(cache, jnp.asarray(layer, jnp.int32))
+        return cache.read(layer).astype(dtype)
+
+    def core(self, q_nope, q_pe, keys, slots, mask, absorbed: bool):
+        """Core attention -> [B, S, H, V]."""
+        if isinstance(keys, InCache):
+            return self.attend_in_cache(q_nope, q_pe, keys.cache, keys.layer, slots)
+        attend = self.attend_absorbed if absorbed else self.attend_naive
+        return attend(q_nope, q_pe, keys, mask)
+
+    def output(self, core):
+        """[B, S, H, V] -> o_proj -> [B, S, D]."""
+        return self.o_proj(core.reshape(*core.shape[:-2], -1))
 
     def reads_in_place(self, cache, absorbed: bool) -> bool:
         """Decode attention by the deployment's kernel over the cache's own layout, where the cache
@@ -120,3 +141,14 @@ class MLA(nnx.Module):
         context = cache.absorbed_context(layer, q_latent, q_pe[:, 0], lengths, self.cfg.softmax_scale,
                                          self.decode_kernel)
         return jnp.einsum("bhr,hvr->bhv", context.astype(q_nope.dtype), w_v)[:, None]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class InCache:
+    """Keys read in place: the cache (or a view of some of its rows, `select_rows`) and the layer."""
+    cache: object  # a cache whose in_place_decode is true (serving/kv_cache.py's PagedCache)
+    layer: jax.Array  # int32[]
+
+    def select_rows(self, pick) -> "InCache":
+        return InCache(self.cache.select_rows(pick), self.layer)

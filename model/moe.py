@@ -2,9 +2,17 @@
 
 Axis legend: N tokens, D hidden, E logical routed experts, P physical experts (E + redundant
 replicas of hot experts), G expert groups, k experts per token, F moe_intermediate_size.
+
+The block runs as four stages, which the decoder layer's schedules compose (model/decoder.py,
+model/overlap.py): route (gate + physical slots), dispatch (under EP: the all-to-all to the ranks
+holding the chosen experts, model/ep.py), run_experts (the grouped FFN), combine (the reverse
+all-to-all, each token's returns summed, plus the shared expert). On one device dispatch passes
+the routed tokens through and combine only adds the shared expert.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
+from model.ep import Dispatched, ep_combine, ep_dispatch, ep_experts, ep_stats
 from model.experts import Experts, expert_layout, grouped_ffn
 from model.layers import MLP, param
-from sharding import ep as expert_parallel  # a module handle: sharding.ep imports model.experts
 
 
 class Gate(nnx.Module):
@@ -73,7 +81,7 @@ class MoE(nnx.Module):
         for name, value in placement.items():
             setattr(self, name, ExpertMap(jnp.asarray(value), out_sharding=(None,) * value.ndim,
                                           eager_sharding=False))
-        self.ep = None  # sharding.ep.EPConfig when the experts are spread over a mesh
+        self.ep = None  # sharding.ep.EPConfig when the experts are spread over a mesh (model/ep.py)
 
     def to_physical(self, ids):
         """Logical ids [N, k] -> physical slots, spreading the tokens of a replicated expert
@@ -83,17 +91,72 @@ class MoE(nnx.Module):
         return self.log2phy[...][ids, turn]
 
     def __call__(self, x, valid):
-        """x [B, S, D], valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
+        """x [B, S, D] (normalised), valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
+        sent = self.dispatch(self.route(x, valid))
+        return self.combine(sent, self.run_experts(sent), x)
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def route(self, x, valid) -> "Routed":
+        """x [B, S, D], valid bool[B, S] -> each token's experts (physical slots) and gate weights."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)
-        phys = self.to_physical(ids)
-        valid = valid.reshape(-1)
+        return Routed(flat, weights, self.to_physical(ids), valid.reshape(-1))
+
+    def dispatch(self, routed: "Routed") -> "Routed | Dispatched":
+        """Under EP: the all-to-all, -> every device's received rows; on one device: the tokens as they are."""
         if self.ep is None:
-            layout, impl = expert_layout(self.experts.impl, expert_parallel=False)
-            routed, load, _ = grouped_ffn(flat, jnp.where(valid[:, None], phys, -1), weights, self.experts.weights(),
-                                          layout, impl=impl)
-            stats = {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": jnp.bool_(False)}
+            return routed
+        w = self.experts.weights()
+        return ep_dispatch(routed.x, routed.ids, routed.weights, routed.valid, self.ep,
+                           w.gate.shape[0] // self.ep.ranks, w.fp8)
+
+    def run_experts(self, sent):
+        """The routed-expert FFN over what dispatch delivered -> (rows out, tokens per physical expert
+        [P], overflow)."""
+        if self.ep is not None:
+            return ep_experts(sent, self.experts.weights(), self.ep, self.experts.impl)
+        layout, impl = expert_layout(self.experts.impl, expert_parallel=False)
+        out, load, _ = grouped_ffn(sent.x, jnp.where(sent.valid[:, None], sent.ids, -1), sent.weights,
+                                   self.experts.weights(), layout, impl=impl)
+        return out, load, jnp.bool_(False)
+
+    def combine(self, sent, experts_out, x):
+        """Under EP: the rows back to their senders, summed per token; plus the shared expert on x
+        [B, S, D] -> ([B, S, D], stats: expert_load [P], rows_sent [R], overflow)."""
+        out, load, overflow = experts_out
+        if self.ep is None:
+            stats = {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": overflow}
         else:
-            routed, stats = expert_parallel.ep_routed_experts(flat, phys, weights, valid, self.experts.weights(),
-                                                              self.ep, self.experts.impl)
-        return routed.astype(x.dtype).reshape(x.shape) + self.shared_experts(x), stats
+            out = ep_combine(sent, out, self.ep, x.dtype)[:x.size // x.shape[-1]]  # less the dp padding
+            stats = ep_stats(sent, load, overflow)
+        return out.astype(x.dtype).reshape(x.shape) + self.shared_experts(x), stats
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Routed:
+    """Tokens with their routing, flattened: what the dispatch sends."""
+    x: jax.Array  # [N, D]
+    weights: jax.Array  # float32[N, k] gate weights
+    ids: jax.Array  # int32[N, k] physical expert slots
+    valid: jax.Array  # bool[N] (padding tokens are not sent)
+
+
+def move_experts(moe_stack, phy2log, log2phy, logcnt) -> None:
+    """Re-places a stacked MoE module's routed experts: slot p of layer l takes logical expert
+    phy2log[l, p]'s weights (and, for FP8 experts, their scales), copied from a slot that holds that
+    expert now. The gather keeps each weight's sharding, so XLA moves the rows between devices;
+    replicas are exact copies, so no output changes."""
+    mlp = moe_stack.mlp
+    src = np.take_along_axis(np.asarray(mlp.log2phy[...])[:, :, 0], np.asarray(phy2log), axis=1)  # [L, R]
+    for proj in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj):
+        for var in (proj.weight, proj.weight_scale_inv):  # [L, R, out, in], float32 [L, R, out/128, in/128]
+            if var is None:
+                continue
+            w = var[...]
+            gather = jax.jit(lambda w, s: jnp.take_along_axis(w, s[:, :, None, None], axis=1),
+                             out_shardings=w.sharding)
+            var[...] = gather(w, jnp.asarray(src, jnp.int32))
+    for name, value in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
+        var = getattr(mlp, name)
+        var[...] = jax.device_put(np.asarray(value, np.int32), var[...].sharding)

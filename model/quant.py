@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from sharding.deployment import QUANTIZATIONS, check_quantization  # noqa: F401 (a deployment field; re-exported)
+
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
 BLOCK = 128  # DeepSeek's block edge: weights 128x128, activations 1x128
 WEIGHT_BLOCK = (BLOCK, BLOCK)
 ACTIVATION_BLOCK = (1, BLOCK)
-QUANTIZATIONS = ("fp8", "none")
 HIGHEST = jax.lax.Precision.HIGHEST  # the reference must not run its float32 dots in TF32 on a GPU
 
 
@@ -69,12 +70,6 @@ def dequantize_blocks(q, scale_inv, block=WEIGHT_BLOCK, dtype=np.float32, xp=np)
 def scale_shape(shape, block=WEIGHT_BLOCK) -> tuple[int, ...]:
     *lead, M, N = shape
     return (*lead, math.ceil(M / block[0]), math.ceil(N / block[1]))
-
-
-def check_quantization(quantization) -> None:
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization {quantization!r} is not one of 'fp8', 'none' (leave it unset for the "
-                         f"default: fp8 on a GPU for an FP8 checkpoint, none otherwise)")
 
 
 def default_quantization(requested: str | None, fp8_checkpoint: bool) -> str:

@@ -17,43 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.attention import MLA
 from model.cache import DenseCache
 from model.checkpoint import load, save_orbax  # checkpoint takes the model class as an argument: no cycle
 from model.config import ModelConfig
-from model.layers import MLP, Linear, RMSNorm, param, rope_cos_sin
-from model.moe import MoE
+from model.decoder import DecoderLayer  # the layer's stages and plain forward
+from model.layers import Linear, RMSNorm, param, rope_cos_sin
 from model.quant import check_quantization
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs, n_physical: int | None = None, fp8: bool = False,
-                 placement: dict | None = None):
-        D = cfg.hidden_size
-        self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-        self.self_attn = MLA(cfg, dtype, rngs, fp8)
-        self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
-        self.mlp = (MoE(cfg, dtype, rngs, n_physical, fp8, placement) if moe
-                    else MLP(D, cfg.intermediate_size, dtype, rngs, fp8))
-
-    def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed):
-        """-> (x, cache, routed-expert stats or None for a dense layer)."""
-        ep = self.mlp.ep if isinstance(self.mlp, MoE) else None
-        if ep is not None and ep.overlap != "none":
-            from sharding.overlap import overlapped_layer
-            out = overlapped_layer(self, x, cos, sin, cache, layer, slots, mask, absorbed, ep.overlap)
-            if out is not None:
-                return out
-        with jax.named_scope("attention"):
-            h, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, slots, mask, absorbed)
-        x = x + h
-        with jax.named_scope("ffn"):
-            h = self.post_attention_layernorm(x)
-            if isinstance(self.mlp, MoE):
-                h, stats = self.mlp(h, slots >= 0)
-            else:
-                h, stats = self.mlp(h), None
-        return x + h, cache, stats
 
 
 class Embedding(nnx.Module):
@@ -138,7 +107,7 @@ class DeepseekV3(nnx.Module):
         self.set_expert_impl(kernels.expert_gemm)
 
     def set_expert_parallel(self, ep) -> None:
-        """Routes every MoE layer through sharding.ep with this EPConfig (None: single device)."""
+        """Routes every MoE layer through model/ep.py with this EPConfig (None: single device)."""
         self.ep = ep
         for stack in (self.moe_layers, self.mtp):
             if stack is not None:

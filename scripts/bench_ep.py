@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from model.moe import MoE
     from sharding.deployment import Deployment
     from model.experts import grouped_ffn
-    from sharding.ep import PAYLOAD_DTYPES, capacities, ep_routed_experts, payload
+    from model.ep import PAYLOAD_DTYPES, ep_routed_experts
+    from sharding.ep import capacities, payload
     from sharding.mesh import param_shardings
 
     cfg = ModelConfig.from_json(args.model_config)

@@ -11,7 +11,8 @@ import collections
 import jax.numpy as jnp
 import numpy as np
 
-from sharding.eplb import balancedness, gpu_loads, logical_loads, move_experts, rebalance_experts
+from model.moe import move_experts
+from sharding.eplb import balancedness, gpu_loads, logical_loads, rebalance_experts
 
 
 class LiveEPLB:

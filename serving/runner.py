@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.overlap import balanced_slots
 from serving.aot import AotStep, aot_directory, program_key
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool
 from serving.request import Batch
 from serving.sampling import PenaltyTable, sample, sampling_arrays
 from sharding.mesh import logical_sharding, logical_size, param_shardings
-from sharding.overlap import balanced_slots
 
 
 def bucket(n: int, sizes: tuple[int, ...]) -> int:

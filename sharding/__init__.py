@@ -1,8 +1,8 @@
-"""How the network is laid over devices: the mesh, the logical-axis rules, the deployment tree,
-the kernel choices, EPLB placement, and (for now) the expert-parallel stages.
+"""How the network is laid over devices, as data: the mesh, the logical-axis rules, the deployment
+tree, the kernel choices, the expert-parallel layout (EPConfig) and EPLB placement.
 
-May import: model.quant, model.experts, model.kernels. (Only sharding/ep.py's expert compute does:
-FP8 payloads and the one routed-expert FFN. Nothing here imports the network itself.)
+May import: nothing. (It is data: model/ and serving/ read it; the expert-parallel compute and the
+overlap schedules that use it live with the model, in model/ep.py and model/overlap.py.)
 """
 
 import os

@@ -35,7 +35,6 @@ import json
 import math
 from pathlib import Path
 
-from model.quant import check_quantization
 from sharding.ep import EPConfig
 from sharding.kernels import Kernels
 from sharding.mesh import make_mesh
@@ -53,6 +52,13 @@ FLAT_SECTIONS = {
 SECTIONS = ("name", "description", "quantization", *FLAT_SECTIONS, "kernels", "serving", "speculative")
 PLACEMENTS = ("balanced", "round_robin")  # serving/balance.py
 KV_DTYPES = ("auto", "bf16", "fp32")
+QUANTIZATIONS = ("fp8", "none")  # model/quant.py: FP8 e4m3 weights with 128x128 scales, or none
+
+
+def check_quantization(quantization) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of 'fp8', 'none' (leave it unset for the "
+                         f"default: fp8 on a GPU for an FP8 checkpoint, none otherwise)")
 
 
 @dataclasses.dataclass(frozen=True)

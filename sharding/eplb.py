@@ -232,7 +232,7 @@ def _log2phy(phy2log, logcnt, width) -> np.ndarray:
     return out
 
 
-# ---- live rebalancing: from measured loads to moved weights --------------------------------------
+# ---- live rebalancing: measured loads (the weights are moved by model.moe.move_experts) -------------
 
 def logical_loads(physical, phy2log, num_logical: int) -> np.ndarray:
     """Tokens per physical slot [L, R] -> per logical expert [L, E] (replicas summed)."""
@@ -240,25 +240,3 @@ def logical_loads(physical, phy2log, num_logical: int) -> np.ndarray:
     out = np.zeros((len(physical), num_logical))
     np.add.at(out, (np.arange(len(physical))[:, None], phy2log), physical)
     return out
-
-
-def move_experts(moe_stack, phy2log, log2phy, logcnt) -> None:
-    """Re-places a stacked MoE module's routed experts: slot p of layer l takes logical expert
-    phy2log[l, p]'s weights (and, for FP8 experts, their scales), copied from a slot that holds that
-    expert now. The gather keeps each weight's sharding, so XLA moves the rows between devices;
-    replicas are exact copies, so no output changes."""
-    import jax
-    import jax.numpy as jnp
-    mlp = moe_stack.mlp
-    src = np.take_along_axis(np.asarray(mlp.log2phy[...])[:, :, 0], np.asarray(phy2log), axis=1)  # [L, R]
-    for proj in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj):
-        for var in (proj.weight, proj.weight_scale_inv):  # [L, R, out, in], float32 [L, R, out/128, in/128]
-            if var is None:
-                continue
-            w = var[...]
-            gather = jax.jit(lambda w, s: jnp.take_along_axis(w, s[:, :, None, None], axis=1),
-                             out_shardings=w.sharding)
-            var[...] = gather(w, jnp.asarray(src, jnp.int32))
-    for name, value in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
-        var = getattr(mlp, name)
-        var[...] = jax.device_put(np.asarray(value, np.int32), var[...].sharding)

@@ -1,5 +1,6 @@
 """Expert parallelism on the 8-device CPU mesh, against the single-device model."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +14,38 @@ from model.moe import MoE
 from model.quant import ACTIVATION_BLOCK, dequantize_blocks, quantize_blocks
 from sharding import make_mesh
 from sharding.deployment import Deployment
-from model.experts import ExpertWeights, grouped_ffn
-from sharding.ep import EPConfig, ep_routed_experts, plan_dispatch, slots_by_key
+from model.experts import ExpertWeights
+from model.experts import grouped_ffn as ffn
+from model.ep import ep_routed_experts, plan_dispatch, slots_by_key
+from sharding.ep import EPConfig
 
 
 
-def exact(name, dp, tp=1, redundant=8):
+def exact(name, dp, tp=1, redundant=8, capacity_factors=(None,)):
+    """fp32 on the wire. One capacity bucket by default, the worst case (it cannot overflow): a test
+    of the numbers then compiles each program once; the buckets and their escalation are tested
+    where they are the point (EP8 below, the skewed routing)."""
     return Deployment(name=name, dp=dp, tp=tp, redundant_experts=redundant, dispatch_dtype="fp32",
-                      combine_dtype="fp32")
+                      combine_dtype="fp32", capacity_factors=capacity_factors)
+
+
+BUCKETED = (2.0, 4.0, None)  # the default buckets: level 0 can overflow
+
+
+@pytest.fixture(scope="module")
+def nets(saved):
+    """Nets loaded on a deployment's mesh, shared by the tests of this module (compiled programs are
+    cached per net's structure, so reusing a net reuses its programs)."""
+    path, _ = saved
+    loaded = {}
+
+    def get(deployment, devices=8):
+        key = repr(deployment)
+        if key not in loaded:
+            mesh = make_mesh(deployment.dp, deployment.tp, jax.devices()[:devices])
+            loaded[key] = DeepseekV3.from_pretrained(path, mesh=mesh, deployment=deployment)
+        return loaded[key]
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +60,12 @@ def tokens():
 
 
 @pytest.mark.parametrize("deployment,devices", [
-    (exact("ep8", 8), 8), (exact("ep4", 4), 4), (exact("dp4xtp2", 4, 2), 8), (exact("ep8-no-redundant", 8, 1, 0), 8),
+    (exact("ep8", 8, capacity_factors=BUCKETED), 8), (exact("ep4", 4), 4), (exact("dp4xtp2", 4, 2), 8),
+    (exact("ep8-no-redundant", 8, 1, 0), 8),
 ], ids=["EP8", "EP4", "dp4xtp2", "EP8-no-redundant"])
-def test_ep_logits_equal_single_device(saved, tokens, deployment, devices):
-    path, reference = saved
-    mesh = make_mesh(deployment.dp, deployment.tp, jax.devices()[:devices])
-    net = DeepseekV3.from_pretrained(path, mesh=mesh, deployment=deployment)
+def test_ep_logits_equal_single_device(saved, nets, tokens, deployment, devices):
+    _, reference = saved
+    net = nets(deployment, devices)
     assert net.n_physical_experts == 16 + deployment.redundant_experts
     ref = np.asarray(reference(tokens))
     err = np.abs(np.asarray(net(tokens)) - ref).max()
@@ -48,11 +73,11 @@ def test_ep_logits_equal_single_device(saved, tokens, deployment, devices):
     assert err <= 1e-5
 
 
-def test_ep_odd_batch_prefill_and_absorbed_decode(saved, tokens):
+def test_ep_odd_batch_prefill_and_absorbed_decode(saved, nets, tokens):
     """dp4 x tp2: the tp ranks of a dp group split its tokens; a batch that is not a multiple of
     dp, and prefill + absorbed decode over a batch-sharded cache."""
-    path, reference = saved
-    net = DeepseekV3.from_pretrained(path, deployment=exact("dp4xtp2", 4, 2))
+    _, reference = saved
+    net = nets(exact("dp4xtp2", 4, 2))
     ref = np.asarray(reference(tokens))
     np.testing.assert_allclose(np.asarray(net(tokens[:3, :5])), ref[:3, :5], atol=1e-5, rtol=0)
     cache = net.init_cache(4, 16)
@@ -71,7 +96,8 @@ def _skew(net, experts):
 def test_skewed_routing_overflows_retries_and_matches(saved, tokens):
     path, reference = saved
     ref_net = DeepseekV3.from_pretrained(path)
-    net = DeepseekV3.from_pretrained(path, deployment=exact("ep8", 8))
+    skewed = exact("ep8", 8, capacity_factors=(2.0, None))  # one bucket that overflows, then the worst case
+    net = DeepseekV3.from_pretrained(path, deployment=skewed)
     _skew(ref_net, [0, 1, 2, 3])  # group 0: every token takes all four (top-4)
     _skew(net, [0, 1, 2, 3])
     # At the first bucket the hot rank's rows do not fit: the step reports it rather than drop.
@@ -80,7 +106,7 @@ def test_skewed_routing_overflows_retries_and_matches(saved, tokens):
     _, _, stats = net.run("_step_logits", jnp.asarray(tokens), jnp.asarray(positions), net.init_cache(B, S),
                           absorbed=False)
     assert net.ep.level > 0  # run() escalated past the overflowing bucket
-    first = DeepseekV3.from_pretrained(path, deployment=exact("ep8", 8))
+    first = DeepseekV3.from_pretrained(path, deployment=skewed)
     _skew(first, [0, 1, 2, 3])
     from model.transformer import _jit_method
     _, _, first_stats = _jit_method(first, "_step_logits", jnp.asarray(tokens), jnp.asarray(positions),
@@ -94,9 +120,8 @@ def test_skewed_routing_overflows_retries_and_matches(saved, tokens):
     np.testing.assert_allclose(np.asarray(net(tokens)), np.asarray(ref_net(tokens)), atol=1e-5, rtol=0)
 
 
-def test_rows_sent_are_deduplicated(saved, tokens):
-    path, _ = saved
-    net = DeepseekV3.from_pretrained(path, deployment=exact("ep8", 8))
+def test_rows_sent_are_deduplicated(nets, tokens):
+    net = nets(exact("ep8", 8))
     B, S = tokens.shape
     positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
     _, _, stats = net.run("_step_logits", jnp.asarray(tokens), jnp.asarray(positions), net.init_cache(B, S),
@@ -110,7 +135,7 @@ def test_plan_dispatch_sends_one_row_per_token_and_rank():
     rng = np.random.default_rng(3)
     ids = np.stack([rng.choice(24, 4, replace=False) for _ in range(50)]).astype(np.int32)
     valid = rng.random(50) > 0.1
-    pair_dest, pair_ids = plan_dispatch(jnp.asarray(ids), jnp.asarray(valid), 3, 8)
+    pair_dest, pair_ids = jax.jit(plan_dispatch, static_argnums=(2, 3))(jnp.asarray(ids), jnp.asarray(valid), 3, 8)
     pair_dest, pair_ids = np.asarray(pair_dest), np.asarray(pair_ids).reshape(50, 4, 4)
     for t in range(50):
         dests = {int(e) // 3 for e in ids[t]} if valid[t] else set()
@@ -120,7 +145,7 @@ def test_plan_dispatch_sends_one_row_per_token_and_rank():
             if pair_dest[t * 4 + j] < 8:
                 carried = sorted(int(i) for i in pair_ids[t, j] if i >= 0)
                 assert carried == sorted(int(e) % 3 for e in ids[t] if e // 3 == pair_dest[t * 4 + j])
-    slots, counts = slots_by_key(jnp.asarray(pair_dest), 8)
+    slots, counts = jax.jit(slots_by_key, static_argnums=1)(jnp.asarray(pair_dest), 8)
     assert np.asarray(counts).sum() == sum(1 for d in pair_dest if d < 8)
     for d in range(8):  # slots within one destination are 0..count-1
         assert sorted(np.asarray(slots)[pair_dest == d]) == list(range(int(counts[d])))
@@ -135,6 +160,7 @@ def test_padded_grouped_ffn_equals_ragged_and_flags_overflow():
     wg, wu = (jnp.asarray(rng.normal(size=(El, F, D)), jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.normal(size=(El, D, F)), jnp.float32)
     experts = ExpertWeights(wg, wu, wd)
+    grouped_ffn = jax.jit(ffn, static_argnums=4, static_argnames="capacity")  # one program, not op by op
     ref, ref_counts, _ = grouped_ffn(rows, ids, w, experts, "contiguous")  # lax.ragged_dot
     out, counts, overflow = grouped_ffn(rows, ids, w, experts, "masked", capacity=M)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
@@ -155,10 +181,13 @@ def test_fp8_dispatch_is_exactly_quantised_input_and_within_e4m3_bound(saved):
     valid = jnp.ones(64, bool)
     mesh = make_mesh(8)
 
-    def routed(inp, dispatch, combine):
+    @functools.cache
+    def program(dispatch, combine):  # one per wire precision, reused for both inputs
         ep = EPConfig(mesh=mesh, dispatch_dtype=dispatch, combine_dtype=combine)
-        run = jax.jit(lambda a, w: ep_routed_experts(a, ids, weights, valid, w, ep)[0])
-        return np.asarray(run(inp, block.experts.weights()))
+        return jax.jit(lambda a, w: ep_routed_experts(a, ids, weights, valid, w, ep)[0])
+
+    def routed(inp, dispatch, combine):
+        return np.asarray(program(dispatch, combine)(inp, block.experts.weights()))
 
     q, s = quantize_blocks(x, ACTIVATION_BLOCK, jnp)
     x_q = dequantize_blocks(q, s, ACTIVATION_BLOCK, jnp.float32, jnp)
@@ -210,7 +239,7 @@ def _emulate_ragged_all_to_all(operands, outputs, args):
 def test_ragged_transport_offsets_reproduce_the_padded_layout():
     """CPU sibling of the GPU transport test: the offsets ragged_exchange passes to
     ragged_all_to_all put every used row where padded_exchange puts it."""
-    from sharding.ep import padded_exchange, ragged_offsets
+    from model.ep import padded_exchange, ragged_offsets
     R, C, D = 8, 5, 3
     rng = np.random.default_rng(9)
     rows = rng.normal(size=(R, R, C, D)).astype(np.float32)  # [source, dest, slot, D]

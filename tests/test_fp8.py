@@ -20,7 +20,8 @@ from model.quant import (FP8, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul,
                          quantize_blocks)
 from sharding import make_mesh
 from sharding.deployment import Deployment
-from sharding.ep import EPConfig, ep_routed_experts
+from model.ep import ep_routed_experts
+from sharding.ep import EPConfig
 
 ROOT_MODEL = "models/jaxseek-tiny"
 
@@ -221,7 +222,8 @@ def test_fp8_weights_stay_fp8_on_device_and_cost_no_more_than_the_checkpoint():
 
 
 def test_live_eplb_moves_fp8_experts_with_their_scales(tmp_path):
-    from sharding.eplb import move_experts, rebalance_experts
+    from model.moe import move_experts
+    from sharding.eplb import rebalance_experts
     # the deployment asks for fp8 (as a deployment file's "quantization" does)
     net = DeepseekV3.from_pretrained(ROOT_MODEL, deployment=Deployment(name="ep8", dp=8, redundant_experts=8,
                                                                        quantization="fp8"))
