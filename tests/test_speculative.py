@@ -23,7 +23,7 @@ from demo import expected, questions  # noqa: E402  (the demo's prompts: the tin
 
 # one block per request: one context bucket, so each engine compiles one prefill and one decode step
 SERVING = {"block_size": 64, "decode_batch": [8], "prefill_tokens": [32], "prefill_rows": [8], "max_model_len": 48}
-PROMPTS = questions(12, 0)
+PROMPTS = questions(12, 0) + ["sort 3141=1134 reverse 2718=8172 add 5+5="]  # the last: two prefill chunks
 
 
 def deployment(dp: int, speculative="auto") -> Deployment:
