@@ -78,11 +78,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", choices=("random", "tasks"), default="random",
                     help="random token ids, or the tiny model's demo questions (scripts/demo.py)")
     ap.add_argument("--json", action="store_true")
+    # the emulated devices must be set before serving is imported (its flags' helper lives there)
+    devices = ap.parse_known_args(argv)[0].cpu_devices
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+    os.environ.setdefault("PJRT_NPROC", str(2 * devices))
     from serving.api import add_speculative_flags
     add_speculative_flags(ap)
     args = ap.parse_args(argv)
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
-    os.environ.setdefault("PJRT_NPROC", str(2 * args.cpu_devices))
 
     import jax
     import numpy as np
