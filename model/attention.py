@@ -133,14 +133,19 @@ class MLA(nnx.Module):
         return absorbed and self.decode_kernel != "xla" and cache.in_place_decode
 
     def attend_in_cache(self, q_nope, q_pe, cache, layer, slots):
-        """attend_absorbed for one new token per row (decode), with the cache's own kernel reading its
-        pages in place (model/kernels/mla_decode.py) instead of gathering rows -> [B, 1, H, V]."""
+        """attend_absorbed for decode, with the cache's own kernel reading its pages in place
+        (model/kernels/mla_decode.py) instead of gathering rows -> [B, S, H, V]. Several query positions
+        per row (a speculative step's last token and drafts) run as S rows sharing the page table, each
+        over the keys up to its own position."""
+        B, S = slots.shape
         w_k, w_v = self._kv_b(q_nope.dtype)
-        q_latent = jnp.einsum("bhk,hkr->bhr", q_nope[:, 0], w_k)
-        lengths = jnp.maximum(slots[:, 0] + 1, 1)  # padding rows (-1) read one row; their output is unused
-        context = cache.absorbed_context(layer, q_latent, q_pe[:, 0], lengths, self.cfg.softmax_scale,
-                                         self.decode_kernel)
-        return jnp.einsum("bhr,hvr->bhv", context.astype(q_nope.dtype), w_v)[:, None]
+        q_latent = jnp.einsum("bshk,hkr->bshr", q_nope, w_k).reshape(B * S, *q_nope.shape[2:3], -1)
+        lengths = jnp.maximum(slots.reshape(-1) + 1, 1)  # padding rows (-1) read one row; their output is unused
+        if S > 1:  # (row b's S queries stay within its rank's contiguous rows)
+            cache = cache.select_rows(lambda table: jnp.repeat(table, S, axis=0))
+        context = cache.absorbed_context(layer, q_latent, q_pe.reshape(B * S, *q_pe.shape[2:]), lengths,
+                                         self.cfg.softmax_scale, self.decode_kernel)
+        return jnp.einsum("bhr,hvr->bhv", context.astype(q_nope.dtype), w_v).reshape(B, S, *w_v.shape[:2])
 
 
 @jax.tree_util.register_dataclass

@@ -179,19 +179,28 @@ class DeepseekV3(nnx.Module):
         """Next-next-token logits [B, S, V] from the main model's hidden states [B, S, D] (after the
         final norm, as vLLM and SGLang feed DeepSeek's MTP) and the tokens [B, S] of the sequence:
         position i sees token i+1 and predicts token i+2. Uses the first MTP module. -> (logits, stats)"""
+        next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        B, S = tokens.shape
+        cache = DenseCache(jnp.zeros((1, B, S, self.config.kv_lora_rank + self.config.qk_rope_head_dim), hidden.dtype))
+        _, logits, _, stats = self.mtp_step(hidden, next_tokens, positions, cache, 0)
+        return logits, stats
+
+    def mtp_step(self, hidden, next_tokens, positions, cache, layer, absorbed: bool = False):
+        """The first MTP module at positions int32[B, S] over its own KV rows (cache layer `layer`):
+        hidden [B, S, D] is the main model's final-norm hidden state at each position (or, to draft one
+        more token, this call's own output at the position before), next_tokens [B, S] the token after
+        each position. -> (its hidden states [B, S, D] before the head's norm, logits [B, S, V] float32
+        of the token after next, the cache, routed-expert stats)."""
         assert self.mtp is not None, "this model has no MTP module"
         graphdef, stacked = nnx.split(self.mtp)
         mtp = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
-        next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
         e = mtp.enorm(mtp.embed_tokens(next_tokens))
         x = mtp.eh_proj(jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1))
-        B, S = tokens.shape
-        cache = DenseCache(jnp.zeros((1, B, S, self.config.kv_lora_rank + self.config.qk_rope_head_dim), x.dtype))
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
-        x, _, stats = mtp(x, cos, sin, cache, 0, positions, causal_mask(positions, S), False)
+        x, cache, stats = mtp(x, cos, sin, cache, layer, positions, causal_mask(positions, cache.max_len), absorbed)
         head = mtp.shared_head
         logits = jnp.einsum("...d,vd->...v", head.norm(x), head.head.weight[...], preferred_element_type=jnp.float32)
-        return logits, stats
+        return x, logits, cache, stats
 
     def _full(self, tokens):
         B, S = tokens.shape

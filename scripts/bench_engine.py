@@ -9,7 +9,12 @@ Nothing compiles while measuring: the deployment's serving buckets are narrowed 
 workload uses (the step shapes are those of the full deployment) and Engine.warmup compiles each
 at every EP capacity level the steps may move between.
 
-    python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16]
+    python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16] [--no-speculative]
+
+With MTP speculative decoding (on by default for a checkpoint with MTP weights) a step gives each
+request 1 + its accepted drafts: the tokens counted are the tokens generated, and the acceptance
+rate and tokens per step of the measured steps are reported. --prompts tasks uses the tiny model's
+demo questions (what it was trained on: its drafts are accepted) instead of random token ids.
 """
 
 from __future__ import annotations
@@ -70,22 +75,31 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-devices", type=int, default=8)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="weights, compute and KV cache (default: the LLM's, float32 on CPU)")
+    ap.add_argument("--prompts", choices=("random", "tasks"), default="random",
+                    help="random token ids, or the tiny model's demo questions (scripts/demo.py)")
     ap.add_argument("--json", action="store_true")
+    # the emulated devices must be set before serving is imported (its flags' helper lives there)
+    devices = ap.parse_known_args(argv)[0].cpu_devices
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+    os.environ.setdefault("PJRT_NPROC", str(2 * devices))
+    from serving.api import add_speculative_flags
+    add_speculative_flags(ap)
     args = ap.parse_args(argv)
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
-    os.environ.setdefault("PJRT_NPROC", str(2 * args.cpu_devices))
 
     import jax
     import numpy as np
 
     from serving import LLM, SamplingParams
+    from serving.api import speculative_flag
     sys.path.insert(0, str(ROOT / "scripts"))
-    from demo import default_model
+    from demo import default_model, questions
 
     import jax.numpy as jnp
-    max_tokens = args.steps + 8
+    # room for every measured step to give each request up to 1 + k tokens (MTP drafts accepted)
+    max_tokens = (args.steps + 8) * (1 if args.no_speculative else 1 + (args.speculative_tokens or 1))
     deployment = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
-    llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None)
+    llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None,
+              speculative=speculative_flag(args))
     engine = llm.engine
     warmup_s = time.perf_counter()
     warmup_compilations = engine.warmup()
@@ -93,21 +107,27 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     vocab = engine.net.config.vocab_size
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+    def prompt(i):
+        if args.prompts == "tasks":  # the demo's question (cut to --prompt-len)
+            return llm._ids(questions(i + 1, 0)[i])[:args.prompt_len]
+        return rng.integers(2, vocab, args.prompt_len).tolist()
     # Two identical rounds: the first runs the workload once through (prefix cache, EP capacity level),
     # the second is measured.
-    for _ in range(args.batch):
-        engine.add_request(rng.integers(2, vocab, args.prompt_len).tolist(), params)
+    for i in range(args.batch):
+        engine.add_request(prompt(i), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
         engine.step()
     for _ in range(args.steps + 3):  # warm-up: every context bucket the measured steps will reach
         engine.step()
     for req in list(engine.requests.values()):
         engine.abort(req.id)
-    for _ in range(args.batch):
-        engine.add_request(rng.integers(2, vocab, args.prompt_len).tolist(), params)
+    for i in range(args.batch):
+        engine.add_request(prompt(i), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
         engine.step()
     compiled, retries = engine.compilations, engine.counters["ep_overflow_retries"]
+    before = dict(engine.counters)
     walls, hosts = [], []
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -116,11 +136,16 @@ def main(argv=None) -> int:
         hosts.append(engine.last_step["host_s"])
     elapsed = time.perf_counter() - start
     running = sum(len(r) for r in engine.scheduler.running)
+    c = {k: engine.counters[k] - before[k] for k in ("generated_tokens", "spec_drafts", "spec_draft_tokens",
+                                                     "spec_accepted_tokens")}
     device = replay_ms(engine, repeats=args.steps)
     result = {
         "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
         "deployment": llm.deployment.name, "dtype": str(engine.pool.dtype), "batch": running, "steps": args.steps,
-        "decode_tokens_per_s": running * args.steps / elapsed,
+        "decode_tokens_per_s": c["generated_tokens"] / elapsed,
+        "speculative_tokens": engine.drafts,
+        "acceptance_rate": c["spec_accepted_tokens"] / max(c["spec_draft_tokens"], 1),
+        "tokens_per_step": (c["spec_drafts"] + c["spec_accepted_tokens"]) / c["spec_drafts"] if c["spec_drafts"] else 1.0,
         "step_ms_median": 1e3 * float(np.median(walls)),
         "device_step_ms_median": device,
         "host_overhead_ms": 1e3 * float(np.median(hosts)),

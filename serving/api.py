@@ -72,13 +72,31 @@ class Tokenizer:
                                                 eos_token=self.config.get("eos_token", ""))
 
 
+def add_speculative_flags(ap) -> None:
+    """--speculative-tokens K / --no-speculative (python -m serving.generate and serving.server)."""
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--speculative-tokens", type=int, metavar="K",
+                       help="MTP speculative decoding: draft K tokens per step, verified in the next (default: "
+                            "the deployment's; 1 where the checkpoint has MTP weights)")
+    group.add_argument("--no-speculative", action="store_true", help="decode without MTP drafts")
+
+
+def speculative_flag(args):
+    """The flags above -> LLM's `speculative` argument."""
+    if args.no_speculative:
+        return None
+    return "auto" if args.speculative_tokens is None else {"method": "mtp", "num_tokens": args.speculative_tokens}
+
+
 class LLM:
-    def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None):
+    def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None, speculative="auto"):
         """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
         tiny model). deployment: a deployment file or sharding.deployment.Deployment (default: every
         device present). dtype: activations and non-FP8 weights (default float32 on CPU, bfloat16
         elsewhere). quantization: "fp8" | "none" (default: the deployment's, else fp8 on a GPU for an
-        FP8 checkpoint, none otherwise)."""
+        FP8 checkpoint, none otherwise). speculative: {"method": "mtp", "num_tokens": k} (MTP drafts k
+        tokens per step, verified in the next), None (off) or "auto" (the deployment's section; by
+        default 1 token where the checkpoint has MTP weights)."""
         from model import ModelConfig
         from model.quant import check_quantization
         if quantization is not None:
@@ -89,6 +107,10 @@ class LLM:
             deployment = Deployment.for_devices(len(jax.devices()), cfg.n_routed_experts)
         elif not isinstance(deployment, (Deployment, Disaggregated)):
             deployment = read(deployment)
+        if speculative != "auto":  # both slices of a disaggregated deployment
+            deployment = (dataclasses.replace(deployment, prefill=dataclasses.replace(deployment.prefill, speculative=speculative),
+                                              decode=dataclasses.replace(deployment.decode, speculative=speculative))
+                          if isinstance(deployment, Disaggregated) else dataclasses.replace(deployment, speculative=speculative))
         dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
         self.deployment = deployment
         if isinstance(deployment, Disaggregated):

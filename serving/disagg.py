@@ -54,6 +54,9 @@ class DisaggEngine:
         if layout[0] != layout[1]:
             raise ValueError(f"the prefill and decode slices must share one KV layout (dtype, layers, block "
                              f"size, width) for the hand-over; got {layout[0]} and {layout[1]}")
+        if prefill.drafts != decode.drafts:  # the prefill slice drafts the first tokens the decode slice verifies
+            raise ValueError(f"the prefill and decode slices must draft as many MTP tokens (speculative."
+                             f"num_tokens); got {prefill.drafts} and {decode.drafts}")
         self.prefill, self.decode = prefill, decode
         self.spare = list(spare_devices)  # devices neither slice uses now (elastic capacity)
         self.net = prefill.net  # tokenizer-side facts (vocabulary, bos/eos) are the model's
@@ -202,7 +205,7 @@ class Across:
         rows = max(prefill.cfg.prefill_rows[-1] * prefill.ranks, decode.cfg.decode_batch[-1] * decode.ranks)
         self.engines = prefill, decode
         # the longest step output: each row's token and logprob data, then the overflow flag
-        self.width = rows * row_width(prefill.net.config.vocab_size) + 1
+        self.width = rows * row_width(prefill.net.config.vocab_size, prefill.drafts) + 1
 
     def _local(self):
         return [(i, d) for i, d in enumerate(self.mesh.devices.flat) if d.process_index == jax.process_index()]

@@ -30,10 +30,11 @@ def model_identity(net) -> bytes:
 
 class DiskTier:
     def __init__(self, runner, counters: dict):
-        cfg, serving, bs = runner.net.config, runner.serving, runner.serving.block_size
-        layout = f"block={bs} width={runner.width} kv={jnp.dtype(runner.kv_dtype).name}".encode()
+        serving, bs = runner.serving, runner.serving.block_size
+        layers = runner.pool.shape[0]  # the main layers, and the MTP module's rows when it drafts
+        layout = f"block={bs} width={runner.width} kv={jnp.dtype(runner.kv_dtype).name} layers={layers}".encode()
         self.cache = DiskKVCache(serving.disk_cache_dir, serving.disk_cache_mb, model_identity(runner.net) + layout,
-                                 (cfg.num_hidden_layers, bs, runner.width), runner.kv_dtype)
+                                 (layers, bs, runner.width), runner.kv_dtype)
         self.runner, self.counters, self.block_size = runner, counters, bs
 
     def fetch(self, rank: int, hashes: list[bytes], blocks: list[int]) -> int:

@@ -27,6 +27,20 @@ from serving.scheduler import ROLES, Scheduler
 from serving.stats import DeviceClock, new_counters, parameter_bytes, statistics_record, summarize
 
 
+def draft_tokens(net, deployment) -> int:
+    """k, the MTP draft tokens per request and step, from the deployment's `speculative` section:
+    "auto" (the default) drafts 1 where the checkpoint has MTP weights (as DeepSeek serves), None none."""
+    spec = deployment.speculative
+    if spec == "auto":
+        return 1 if net.mtp is not None else 0
+    if spec is None:
+        return 0
+    if net.mtp is None:
+        raise ValueError(f"{deployment.source}: speculative method 'mtp' needs the checkpoint's MTP weights, and "
+                         f"this checkpoint has none (num_nextn_predict_layers = 0); drop the speculative section")
+    return spec.num_tokens
+
+
 def build_engine(path, deployment, dtype, devices=None, role: str = "mixed", quantization=None) -> "Engine":
     """One engine: the checkpoint loaded onto the deployment's mesh (over `devices`, default all).
     quantization: fp8 | none (default: the deployment's, else by the checkpoint and platform)."""
@@ -46,7 +60,8 @@ class Engine:
             raise ValueError(f"engine role {role!r} is not one of {ROLES}")
         self.net, self.deployment, self.cfg, self.role = net, deployment, deployment.serving, role
         self.counters = new_counters()
-        self.runner = ModelRunner(net, deployment, mesh, self.counters, role)
+        self.drafts = draft_tokens(net, deployment)
+        self.runner = ModelRunner(net, deployment, mesh, self.counters, role, self.drafts)
         self.context_len = self.runner.context_len
         local = mesh is None or any(d.process_index == jax.process_index() for d in mesh.devices.flat)
         self.disk_tier = DiskTier(self.runner, self.counters) if self.cfg.disk_cache_dir and local else None
@@ -54,7 +69,8 @@ class Engine:
         self.scheduler = Scheduler(self.cfg, self.runner.ranks, self.runner.blocks_per_rank,
                                    (self.disk.prefix, self.disk_tier.fetch) if self.disk else None,
                                    max_running=self.runner.blocks_per_rank if role == "prefill" else None,
-                                   role=role, eos_token_ids=net.config.eos_token_ids, counters=self.counters)
+                                   role=role, eos_token_ids=net.config.eos_token_ids, counters=self.counters,
+                                   drafts=self.drafts)
         if self.disk_tier:
             self.scheduler.on_prompt_done = self.disk_tier.store
         self.eplb = LiveEPLB(self.runner, deployment) if net.moe_layers is not None else None
@@ -161,8 +177,8 @@ class Engine:
         """Advances the requests by the step's sampled tokens (host: the step's output, read back)."""
         batch, start = launched.batch, launched.start
         returned = time.perf_counter()
-        tokens, *logprobs = unpack(host[:-1], self.net.config.vocab_size)
-        events = self.scheduler.update_from_output(batch, tokens, logprobs)
+        tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
+        events = self.scheduler.update_from_output(batch, tokens, logprobs, accepted, drafts)
         for e in events:  # a request that leaves this engine gives back its penalty row
             if e.finished or self.role == "prefill":
                 self.runner.penalties.release(e.request.id)
@@ -225,4 +241,5 @@ class Engine:
             eplb=self.eplb.stats() if self.eplb is not None else {},
             quantization=self.net.quantization, **parameter_bytes(self.net),
         )
+        c["speculative"]["num_tokens"] = self.drafts
         return c

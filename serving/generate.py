@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from serving.api import add_speculative_flags, speculative_flag
+
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serving.generate", description="Generate with the jaxseek engine.")
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
+    add_speculative_flags(ap)
     ap.add_argument("--quantization", choices=("fp8", "none"),
                     help="weights: fp8 (FP8 GEMMs, DeepSeek's serving form) or none (default: the deployment's, "
                          "else fp8 on a GPU for an FP8 checkpoint, none otherwise)")
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
         print("[generate] loading the model and compiling (first run takes a while)...", file=sys.stderr)
-        llm = LLM(args.model, deployment=args.deployment, quantization=args.quantization)
+        llm = LLM(args.model, deployment=args.deployment, quantization=args.quantization, speculative=speculative_flag(args))
         prompts = ([llm.chat_prompt([{"role": "user", "content": p}]) for p in args.prompt] if args.chat
                    else list(args.prompt)) + prompt_ids
     except ValueError as e:

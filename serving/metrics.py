@@ -104,6 +104,11 @@ class EngineCollector:
                     s["parameter_bytes_per_device"])
         yield counter("compilations", "XLA compilations of the engine step (shape buckets, EP capacity levels).",
                       s["compilations"])
+        # speculative decoding, vLLM's names (vllm:spec_decode_*) under our prefix
+        yield counter("spec_decode_num_drafts", "Verify windows of MTP drafts run (one per request and step).",
+                      s["spec_drafts"])
+        yield counter("spec_decode_num_draft_tokens", "MTP draft tokens verified.", s["spec_draft_tokens"])
+        yield counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted.", s["spec_accepted_tokens"])
         yield counter("ep_overflow_retries",
                       "Engine steps re-run at a larger EP capacity bucket because rows overflowed.",
                       s["ep_overflow_retries"])

@@ -23,6 +23,7 @@ class Request:
     cached: int = 0  # prompt tokens found in the prefix cache (device or disk)
     computed: int = 0  # tokens whose KV rows are in the cache
     output: list[int] = dataclasses.field(default_factory=list)
+    drafts: list[int] = dataclasses.field(default_factory=list)  # MTP's proposals for the next step to verify
     finish_reason: str | None = None
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None

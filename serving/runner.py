@@ -28,7 +28,7 @@ from model.overlap import balanced_slots
 from serving.aot import AotStep, aot_directory, program_key
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool
 from serving.request import Batch
-from serving.sampling import PenaltyTable, sample, sampling_arrays
+from serving.sampling import PenaltyTable, sampling_arrays, verify
 from sharding.mesh import logical_sharding, logical_size, param_shardings
 
 
@@ -40,24 +40,52 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
-def compile_step(net, mesh, cache_mesh, slots: int):
+def compile_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
     """The jitted step for this model as it stands (EP capacity level included). The weights go in as
     a flat list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
-    milliseconds of host time per step (docs/DESIGN_NOTES.md)."""
+    milliseconds of host time per step (docs/DESIGN_NOTES.md). drafts: k, the MTP draft tokens per
+    request and step (0: no speculative decoding)."""
     graphdef, state = nnx.split(net)
     leaves, treedef = jax.tree.flatten(state)
+    k, mtp_layer = drafts, net.config.num_hidden_layers  # the MTP module's KV rows: the pool's last layer
 
-    def step(leaves, pool, expert_load, table, page_table, tokens, positions, sample_at, sampling, absorbed: bool):
+    def step(leaves, pool, expert_load, table, page_table, tokens, positions, sample_at, n_drafts, next_tokens,
+             sampling, absorbed: bool):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
-        last = hidden[jnp.arange(tokens.shape[0]), sample_at]  # [B, D]: each row's sampled position
-        rows, next_tokens = sample(net.logits(last), sampling, table)  # rows: tokens + logprob data
+        B, W = tokens.shape
+        rows, j = jnp.arange(B), jnp.arange(k + 1)
+        base = sample_at - n_drafts  # [B]: the window's first position (the row's last sampled token)
+        at = jnp.minimum(base[:, None] + j, W - 1)  # [B, k + 1]
+        drafts = jnp.take_along_axis(tokens, at[:, 1:], axis=1)  # [B, k]: the drafts being verified
+        out, accepted, data = verify(net.logits(hidden[rows[:, None], at]), drafts, n_drafts, sampling, table)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
-        table = table.count(sampling.slot, next_tokens, ~overflow)  # an overflowed step runs again
+        head = [accepted[:, None]]
+        if k:
+            # Draft the next k tokens: the MTP module sees each position's hidden state and the token
+            # after it (the prompt's, or this step's accepted run), writing its own KV rows; it drafts
+            # from the last accepted position, then from its own output for each further token.
+            w = jnp.arange(W)[None] - base[:, None]
+            after = jnp.take_along_axis(out, jnp.clip(w, 0, k), axis=1)
+            h, logits, cache, s = net.mtp_step(hidden, jnp.where(next_tokens >= 0, next_tokens, after), positions,
+                                               cache, jnp.int32(mtp_layer), absorbed)
+            last = base + accepted
+            h, d, p = h[rows, last], jnp.argmax(logits[rows, last], axis=-1).astype(jnp.int32), positions[rows, last]
+            new, overflow = [d], overflow | s["overflow"]
+            for i in range(1, k):  # positions past the page table (or padding rows) write nothing
+                pos = jnp.where((p >= 0) & (p + i < cache.max_len), p + i, -1)[:, None]
+                h, logits, cache, s = net.mtp_step(h[:, None], d[:, None], pos, cache, jnp.int32(mtp_layer), absorbed)
+                h, d = h[:, 0], jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+                new, overflow = new + [d], overflow | s["overflow"]
+            head.append(jnp.stack(new, axis=1))
+        keep = (j[None] <= accepted[:, None]) & ~overflow  # an overflowed step runs again
+        table = table.count(sampling.slot, out, keep)
         if stats:
             expert_load = expert_load + stats["expert_load"]
-        # one array to read back per step: the tokens and logprobs, then the EP overflow flag
-        return jnp.concatenate([rows.reshape(-1), overflow.astype(jnp.int32)[None]]), cache.pool, expert_load, table
+        # one array to read back per step: per row the tokens accepted, the next drafts, the tokens and
+        # logprobs (serving/sampling.py unpack); then the EP overflow flag
+        rows_out = jnp.concatenate(head + [data.reshape(B, -1)], axis=1)
+        return jnp.concatenate([rows_out.reshape(-1), overflow.astype(jnp.int32)[None]]), cache.pool, expert_load, table
 
     shardings = None
     if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
@@ -93,8 +121,12 @@ def finish_steps(runners: list, launched: list, read) -> list:
 
 
 class ModelRunner:
-    def __init__(self, net, deployment, mesh, counters: dict, role: str = "mixed"):
+    def __init__(self, net, deployment, mesh, counters: dict, role: str = "mixed", drafts: int = 0):
+        """drafts: k, the MTP draft tokens per request and step (0: none); the MTP module's KV rows are
+        one more layer of the pool."""
         cfg, serving = net.config, deployment.serving
+        self.drafts = drafts
+        layers = cfg.num_hidden_layers + (1 if drafts else 0)
         self.net, self.deployment, self.serving, self.counters = net, deployment, serving, counters
         self.context_len = serving.context_len(cfg.max_position_embeddings)
         self.max_blocks = math.ceil(self.context_len / serving.block_size)
@@ -102,10 +134,10 @@ class ModelRunner:
                                              range(math.ceil(math.log2(self.max_blocks)) + 1)}))
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.kv_dtype = {"auto": net.dtype, "bf16": jnp.bfloat16, "fp32": jnp.float32}[serving.kv_dtype]
-        self.blocks_per_rank = serving.blocks_per_rank(cfg.num_hidden_layers, self.width,
+        self.blocks_per_rank = serving.blocks_per_rank(layers, self.width,
                                                        jnp.dtype(self.kv_dtype).itemsize)
         self._place(mesh)
-        self.pool = new_pool(cfg.num_hidden_layers, self.ranks, self.blocks_per_rank, serving.block_size,
+        self.pool = new_pool(layers, self.ranks, self.blocks_per_rank, serving.block_size,
                              self.width, self.kv_dtype, mesh)
         moe = net.moe_layers
         self._load_shape = (0, 0) if moe is None else moe.mlp.phy2log.shape  # [MoE layers, P]
@@ -140,9 +172,9 @@ class ModelRunner:
         devices = (None,) if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
         ep = self.net.ep
         key = (devices, None if ep is None else ep.level)
-        leaves, step = compile_step(self.net, self.mesh, self.cache_mesh, self.penalties.slots)
+        leaves, step = compile_step(self.net, self.mesh, self.cache_mesh, self.penalties.slots, self.drafts)
         if key not in self._steps:  # compiled programs kept on disk between starts (serving/aot.py)
-            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, self.penalties.slots))
+            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, self.penalties.slots, self.drafts))
             placed = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
             self._steps[key] = AotStep(step, aot_directory(), program_key(identity, leaves), placed,
                                        out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
@@ -155,7 +187,8 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------------------
     def pack(self, batch: Batch, live) -> tuple:
         """The batch as bucketed arrays: rows per rank (prefill_rows / decode_batch), tokens per row
-        (prefill_tokens; decode: the most any row runs), page-table width (power-of-two block counts).
+        (prefill_tokens; decode: 1 + k, the last token and the drafts), page-table width (power-of-two
+        block counts, covering the rows the MTP module drafts into).
         Rank r's rows are rows [r*b, (r+1)*b), which the mesh splits over the dp ranks.
         live(request id): still served here (PenaltyTable.slot reclaims the rows of the others)."""
         cfg = self.serving
@@ -164,14 +197,15 @@ class ModelRunner:
         if batch.kind == "prefill":
             rows_b, width = bucket(per_rank, cfg.prefill_rows), bucket(width, cfg.prefill_tokens)
         else:
-            rows_b = bucket(per_rank, cfg.decode_batch)
-        need = max(math.ceil((p + n) / cfg.block_size) for rows in batch.rows for _, p, n in rows)
-        blocks = bucket(need, self.context_buckets)
+            rows_b, width = bucket(per_rank, cfg.decode_batch), 1 + self.drafts
+        need = max(math.ceil((p + n + self.drafts) / cfg.block_size) for rows in batch.rows for _, p, n in rows)
+        blocks = bucket(min(need, self.max_blocks), self.context_buckets)
         B = rows_b * self.ranks
         tokens = np.zeros((B, width), np.int32)
         positions = np.full((B, width), -1, np.int32)
         table = np.zeros((B, blocks), np.int32)
-        sample_at = np.zeros(B, np.int32)
+        sample_at, n_drafts = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        next_tokens = np.full((B, width), -1, np.int32)  # the token after each position, where known
         params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
         overlap = self.net.ep is not None and self.net.ep.overlap != "none"
         batch.slots = []
@@ -184,15 +218,23 @@ class ModelRunner:
             for (req, pos, n), slot in zip(rows, slots):
                 b = rank * rows_b + slot
                 seq = req.prompt + req.output
-                tokens[b, :n] = seq[pos:pos + n]
-                positions[b, :n] = np.arange(pos, pos + n)
                 used = req.blocks[:blocks]
+                if batch.kind == "decode":  # the last token, then its drafts (the next token: this step's)
+                    tokens[b, :n] = [seq[pos]] + req.drafts
+                    n_drafts[b] = n - 1
+                else:
+                    tokens[b, :n] = seq[pos:pos + n]
+                    known = seq[pos + 1:pos + n + 1]
+                    next_tokens[b, :len(known)] = known
+                # rows past what the request holds (a window running past its context) are not written
+                positions[b, :n] = np.where(np.arange(pos, pos + n) < len(used) * cfg.block_size,
+                                            np.arange(pos, pos + n), -1)
                 table[b, :len(used)] = used
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
                 if req.params.needs_table and pos + n >= len(req.prompt):  # it samples (not a middle chunk)
                     rows_slot[b] = self.penalties.slot(req, rank, live)
-        return (table, tokens, positions, sample_at,
+        return (table, tokens, positions, sample_at, n_drafts, next_tokens,
                 sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots))
 
     def dispatch(self, kind: str, arrays: tuple) -> jax.Array:
@@ -240,7 +282,7 @@ class ModelRunner:
         before = self.compilations
         cfg, level = self.serving, None if self.net.ep is None else self.net.ep.level
         shapes = [("prefill", r, t) for r in cfg.prefill_rows for t in cfg.prefill_tokens if "prefill" in kinds]
-        shapes += [("decode", b, 1) for b in cfg.decode_batch if "decode" in kinds]
+        shapes += [("decode", b, 1 + self.drafts) for b in cfg.decode_batch if "decode" in kinds]
         for lvl in [None] if level is None else range(len(self.net.ep.capacity_factors)):
             if lvl is not None:
                 self._set_level(lvl)
@@ -248,8 +290,8 @@ class ModelRunner:
                 for blocks in self.context_buckets:
                     B = rows * self.ranks
                     arrays = (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
-                              np.full((B, width), -1, np.int32), np.zeros(B, np.int32),
-                              sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
+                              np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
+                              np.full((B, width), -1, np.int32), sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
                     out = self.dispatch(kind, arrays)
         if level is not None:
             self._set_level(level)

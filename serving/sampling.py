@@ -145,11 +145,10 @@ def penalize(logits, counts, bias, arrays: SamplingArrays):
     return logits - arrays.frequency[:, None] * out - arrays.presence[:, None] * (out > 0)
 
 
-def draw(logits, arrays: SamplingArrays):
-    """-> int32[B]: greedy where temperature is 0, else temperature, top-k, top-p, per-row seed."""
+def masked_logits(logits, arrays: SamplingArrays):
+    """logits f32[B, V] -> the temperature-scaled logits with what top-k and top-p cut set to -inf."""
     V = logits.shape[-1]
     temperature, top_k, top_p = arrays.temperature, arrays.top_k, arrays.top_p
-    greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
@@ -159,10 +158,18 @@ def draw(logits, arrays: SamplingArrays):
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
     threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(arrays.seed, arrays.counter)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    return jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, -jnp.inf)
+
+
+def row_keys(arrays: SamplingArrays):
+    """Each row's key: its seed folded with the sequence index it samples (independent of neighbours)."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(arrays.seed, arrays.counter)
+
+
+def draw(logits, arrays: SamplingArrays):
+    """-> int32[B]: greedy where temperature is 0, else temperature, top-k, top-p, per-row seed."""
+    drawn = jax.vmap(jax.random.categorical)(row_keys(arrays), masked_logits(logits, arrays))
+    return jnp.where(arrays.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def logprob_data(logits, tokens, want):
@@ -181,26 +188,82 @@ def logprob_data(logits, tokens, want):
 
 
 def sample(logits, arrays: SamplingArrays, table: "PenaltyTable.Device"):
-    """logits f32[B, V] -> (int32[B, 2 + 2K]: each row's token then its logprob data,
-    the table with this step's tokens counted, to apply only if the step is kept: see `count`)."""
+    """logits f32[B, V] -> (int32[B, 2 + 2K]: each row's token then its logprob data, the tokens)."""
+    tokens, _, data = verify(logits[:, None], jnp.zeros((logits.shape[0], 0), jnp.int32),
+                             jnp.zeros(logits.shape[0], jnp.int32), arrays, table)
+    return data[:, 0], tokens[:, 0]
+
+
+def accept_probability(p_draft):
+    """Speculative sampling accepts a draft with probability min(1, p/q); the MTP drafts are the draft
+    module's argmax (q one-hot, as vLLM runs MTP), so that is p(draft). (A test swaps in a biased rule.)"""
+    return p_draft
+
+
+def verify(logits, drafts, n_drafts, arrays: SamplingArrays, table: "PenaltyTable.Device",
+           acceptance=accept_probability):
+    """Samples a step's tokens, checking each row's drafts: speculative sampling, one implementation for
+    plain and speculative steps (no drafts: S = 1, n_drafts = 0).
+
+    logits f32[B, S, V]: the target's logits at the S = k + 1 positions of each row's window (its last
+    token, then its drafts); drafts int32[B, k]: the drafted tokens (drafts[:, j] follows window
+    position j); n_drafts int32[B]: how many of them the row has (0: a plain sample at position 0).
+    Draft j+1 is accepted with probability acceptance(p_j(draft)), p_j the processed target distribution
+    (penalties seeing the output plus the drafts before j, temperature, top-k, top-p); at the first
+    rejection the token is drawn from the residual max(0, p - q) normalised, i.e. p without the draft;
+    if all are accepted, a bonus token is drawn from p at the last position. Greedy rows (p one-hot at the
+    argmax) thus accept the longest agreeing prefix and then the target's token, exactly as decoding
+    without drafts. Keys are the row's seed folded with the sequence index sampled, as `draw`.
+
+    -> tokens int32[B, S] (the accepted drafts, then the row's new token; later entries are junk),
+       accepted int32[B], logprob data int32[B, S, 2 + 2K] (token first, as `logprob_data`)."""
+    B, S, V = logits.shape
+    j = jnp.arange(S)
+    per_pos = jax.tree.map(lambda a: jnp.repeat(a, S, axis=0), arrays)  # one row per (row, position)
+    per_pos.counter = (arrays.counter - n_drafts)[:, None] + j  # the sequence index each position samples
+    per_pos.counter = per_pos.counter.reshape(-1)
+    flat = logits.reshape(B * S, V)
+
+    def penalized(x):
+        counts, bias = table.rows(arrays.slot)  # [B, V]: the output so far
+        before = jnp.cumsum(jax.nn.one_hot(drafts, V, dtype=jnp.int32), axis=1)  # [B, k, V]: drafts before
+        counts = counts[:, None] + jnp.concatenate([jnp.zeros((B, 1, V), jnp.int32), before], axis=1)
+        return penalize(x, counts.reshape(B * S, V), jnp.repeat(bias, S, axis=0), per_pos)
     # most steps have no row with penalties or a bias: they skip reading [B, V] rows of the table
-    processed = jax.lax.cond(jnp.any(arrays.slot < table.slots),
-                             lambda x: penalize(x, *table.rows(arrays.slot), arrays), lambda x: x, logits)
-    tokens = draw(processed, arrays)
-    return logprob_data(logits, tokens, arrays.logprobs), tokens
+    processed = jax.lax.cond(jnp.any(arrays.slot < table.slots), penalized, lambda x: x, flat)
+    masked = masked_logits(processed, per_pos)  # [B * S, V]
+    keys = row_keys(per_pos)
+    target = jnp.concatenate([drafts, jnp.zeros((B, 1), jnp.int32)], axis=1).reshape(-1)  # draft after each position
+    checks = (j[None] < n_drafts[:, None]).reshape(-1)  # a draft follows this position
+    greedy = (arrays.temperature <= 0)[:, None]
+    best = jnp.argmax(processed, axis=-1)
+    # sampled rows: accept with the rule's probability, else draw from p without the draft
+    p_draft = jnp.take_along_axis(jax.nn.softmax(masked, axis=-1), target[:, None], axis=1)[:, 0]
+    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys)
+    residual = jnp.where(checks[:, None] & (jnp.arange(V)[None] == target[:, None]), -jnp.inf, masked)
+    drawn = jax.vmap(jax.random.categorical)(keys, residual)
+    ok = jnp.where(greedy, (best == target).reshape(B, S), (u < acceptance(p_draft)).reshape(B, S))
+    token = jnp.where(greedy, best.reshape(B, S), drawn.reshape(B, S)).astype(jnp.int32)
+    accepted = jnp.sum(jnp.cumprod(ok & checks.reshape(B, S), axis=1), axis=1).astype(jnp.int32)
+    tokens = jnp.where(j[None] < accepted[:, None], target.reshape(B, S), token)
+    data = logprob_data(flat, tokens.reshape(-1), per_pos.logprobs)
+    return tokens, accepted, data.reshape(B, S, -1)
 
 
-def row_width(vocab: int) -> int:
-    """int32 values per row in the step's read-back: the token, its logprob, K top ids and logprobs."""
-    return 2 + 2 * min(MAX_LOGPROBS, vocab)
+def row_width(vocab: int, drafts: int = 0) -> int:
+    """int32 values per row in the step's read-back: tokens accepted, the k next drafts, then per window
+    position (k + 1) the token, its logprob, K top ids and logprobs."""
+    return 1 + drafts + (drafts + 1) * (2 + 2 * min(MAX_LOGPROBS, vocab))
 
 
-def unpack(host: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The step's read-back (int32[B * row_width]) -> tokens [B], logprob [B], top ids [B, K],
-    top logprobs [B, K]."""
-    K = min(MAX_LOGPROBS, vocab)
-    data = host.reshape(-1, row_width(vocab))
-    return (data[:, 0], data[:, 1].view(np.float32), data[:, 2:2 + K], data[:, 2 + K:].view(np.float32))
+def unpack(host: np.ndarray, vocab: int, drafts: int = 0) -> tuple:
+    """The step's read-back (int32[B * row_width]) -> tokens [B, S], accepted [B], next drafts [B, k],
+    logprob [B, S], top ids [B, S, K], top logprobs [B, S, K] (S = k + 1)."""
+    K, S = min(MAX_LOGPROBS, vocab), drafts + 1
+    rows = host.reshape(-1, row_width(vocab, drafts))
+    data = rows[:, 1 + drafts:].reshape(len(rows), S, 2 + 2 * K)
+    return (data[..., 0], rows[:, 0], rows[:, 1:1 + drafts], data[..., 1].view(np.float32), data[..., 2:2 + K],
+            data[..., 2 + K:].view(np.float32))
 
 
 def row_logprobs(params: SamplingParams, token: int, lp, top_ids, top_lps) -> tuple:
@@ -232,11 +295,12 @@ class _TableArrays:
         return self._per_rank(local, (P("dp"), P("dp")), self.counts, self.bias, slot)
 
     def count(self, slot, tokens, keep):
-        """Adds each row's sampled token to its slot's counts; keep: False (an EP overflow: the step
-        re-runs) adds nothing, so a re-run does not count twice."""
+        """Adds each row's new tokens (tokens [B, S]) to its slot's counts where keep bool[B, S]: False
+        for tokens not emitted (rejected drafts' junk) and on an EP overflow (the step re-runs), so a
+        re-run does not count twice."""
         def local(counts, slot, tokens, keep):
-            return counts.at[slot, tokens].add(keep.astype(jnp.int32), mode="drop")
-        counts = self._per_rank(local, P("dp"), self.counts, slot, tokens, keep, replicated=1)
+            return counts.at[slot[:, None], tokens].add(keep.astype(jnp.int32), mode="drop")
+        counts = self._per_rank(local, P("dp"), self.counts, slot, tokens, keep)
         return dataclasses.replace(self, counts=counts)
 
 

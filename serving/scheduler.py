@@ -37,14 +37,15 @@ ROLES = ("mixed", "prefill", "decode")
 class Scheduler:
     def __init__(self, cfg: ServingConfig, ranks: int, blocks_per_rank: int,
                  disk: tuple[DiskPrefix, DiskFetch] | None = None, max_running: int | None = None,
-                 role: str = "mixed", eos_token_ids=(), counters: dict | None = None):
+                 role: str = "mixed", eos_token_ids=(), counters: dict | None = None, drafts: int = 0):
         """max_running: requests per rank (default: the largest decode batch; a prefill slice's
         queue is bounded by its KV blocks alone). role: mixed (prefill and decode here), prefill
         (finished prompts wait in `outbox` for a decode slice) or decode (takes prefilled requests
-        through `receive`). counters: shared with the engine (serving/stats.py)."""
+        through `receive`). counters: shared with the engine (serving/stats.py). drafts: k, the MTP
+        draft tokens a decode row verifies (0: none)."""
         if role not in ROLES:
             raise ValueError(f"engine role {role!r} is not one of {ROLES}")
-        self.cfg, self.role, self.eos_token_ids = cfg, role, tuple(eos_token_ids)
+        self.cfg, self.role, self.eos_token_ids, self.drafts = cfg, role, tuple(eos_token_ids), drafts
         self.counters = counters if counters is not None else new_counters()
         self.requests: dict[str, Request] = {}  # every request not yet finished (or handed over)
         self.finished: collections.deque[Request] = collections.deque(maxlen=4096)  # recent ones, for stats
@@ -94,8 +95,11 @@ class Scheduler:
             self.finish(req, "abort")
 
     def blocks_needed(self, req: Request) -> int:
-        # every prompt token and every generated token but the last gets a cache row
-        return math.ceil((len(req.prompt) + req.max_tokens - 1) / self.cfg.block_size)
+        # every prompt token and every generated token but the last gets a cache row; with k drafts a
+        # step also writes the k draft rows after the last token and the MTP module drafts k - 1 rows
+        # further (rows past `computed`: rewritten by the next step, never visible)
+        extra = max(0, 2 * self.drafts - 1)
+        return math.ceil((len(req.prompt) + req.max_tokens - 1 + extra) / self.cfg.block_size)
 
     def _open(self, rank: int) -> bool:
         return self.active[rank] and len(self.running[rank]) < self.max_running
@@ -188,7 +192,7 @@ class Scheduler:
                 if left > 0:
                     p.append((r, r.computed, min(chunk, left)))
                 else:
-                    d.append((r, r.computed, 1))
+                    d.append((r, r.computed, 1 + len(r.drafts)))
             prefill.append(p[:rows])
             decode.append(d)
         has_prefill, has_decode = any(prefill), any(decode)
@@ -204,17 +208,26 @@ class Scheduler:
             return Batch("decode", decode)
         return None
 
-    def update_from_output(self, batch: Batch, tokens, logprobs=None) -> list[Event]:
-        """Advances every request of the batch by its row's sampled token (tokens: one per batch row,
-        rank r's rows at [r * rows_per_rank, ...); logprobs: the rows' (logprob, top ids, top
-        logprobs), serving/sampling.py `unpack`): a prompt chunk that ends mid-prompt samples
-        nothing; a finished prompt's blocks join the prefix cache; a request that stops or reaches
-        its length finishes and frees its blocks; on a prefill slice the others move to the outbox."""
+    def update_from_output(self, batch: Batch, tokens, logprobs=None, accepted=None, drafts=None) -> list[Event]:
+        """Advances every request of the batch by its row's new tokens (tokens [B] or [B, S]: rank r's
+        rows at [r * rows_per_rank, ...); accepted [B]: how many of a row's drafts the step accepted,
+        so its run is tokens[row, :accepted + 1] (default 0); drafts [B, k]: the next step's drafts;
+        logprobs: per row and position (logprob, top ids, top logprobs), serving/sampling.py `unpack`).
+        A prompt chunk that ends mid-prompt samples nothing; a finished prompt's blocks join the prefix
+        cache; a run is cut at the first stop token or at max_tokens, the request then finishing and
+        freeing its blocks; on a prefill slice the others move to the outbox."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:  # one token per row
+            tokens = tokens[:, None]
+            logprobs = logprobs and [np.asarray(x)[:, None] for x in logprobs]
         rows_b = len(tokens) // self.ranks
         counters, events, now = self.counters, [], time.perf_counter()
         for rank, rows in enumerate(batch.rows):
             for (req, pos, n), slot in zip(rows, batch.slots[rank] if batch.slots else range(len(rows))):
-                req.computed = pos + n
+                row = rank * rows_b + slot
+                a = int(accepted[row]) if accepted is not None else 0
+                # a decode row's window is its last token then its drafts: the accepted ones are computed
+                req.computed = pos + n if batch.kind == "prefill" else pos + 1 + a
                 if req.in_prefill:  # a middle chunk of a long prompt: its sample is not a token
                     continue
                 if batch.kind == "prefill":
@@ -223,12 +236,22 @@ class Scheduler:
                         self.on_prompt_done(req)
                     counters["cached_prompt_tokens"] += req.cached
                     req.first_token_at = now
-                row = rank * rows_b + slot
-                token = int(tokens[row])
-                req.output.append(token)
-                counters["generated_tokens"] += 1
-                counters["kv_tokens_read"] += pos + n  # the context this token attended over
-                reason = finish_reason(req, token, self.eos_token_ids)
+                elif n > 1:
+                    counters["spec_drafts"] += 1
+                    counters["spec_draft_tokens"] += n - 1
+                    counters["spec_accepted_tokens"] += a
+                reason, new, lp = None, [], None if req.params.logprobs is None else []
+                for i, token in enumerate(int(t) for t in tokens[row, :a + 1]):
+                    req.output.append(token)
+                    new.append(token)
+                    counters["kv_tokens_read"] += pos + n if batch.kind == "prefill" else pos + 1 + i  # its context
+                    if lp is not None:
+                        lp.append(row_logprobs(req.params, token, *(x[row, i] for x in logprobs)))
+                    reason = finish_reason(req, token, self.eos_token_ids)
+                    if reason:
+                        break
+                counters["generated_tokens"] += len(new)
+                req.drafts = [] if drafts is None or reason else [int(t) for t in drafts[row]]
                 if reason:
                     self.finish(req, reason)
                     counters["finished"] += 1
@@ -236,10 +259,7 @@ class Scheduler:
                 elif self.role == "prefill":  # decode happens on the decode slice; the blocks stay until sent
                     self.running[req.rank].remove(req)
                     self.outbox.append(req)
-                lp = None
-                if req.params.logprobs is not None:
-                    lp = [row_logprobs(req.params, token, *(a[row] for a in logprobs))]
-                events.append(Event(req, [token], reason is not None, lp))
+                events.append(Event(req, new, reason is not None, lp))
         return events
 
     def finish(self, req: Request, reason: str) -> None:

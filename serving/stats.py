@@ -12,7 +12,9 @@ from flax import nnx
 
 COUNTERS = ("requests", "finished", "rejected", "prompt_tokens", "cached_prompt_tokens", "generated_tokens",
             "kv_tokens_read", "prefill_steps", "decode_steps", "prefill_s", "decode_s", "ep_overflow_retries",
-            "ep_capacity_steps_down", "disk_cached_prompt_tokens", "resizes")
+            "ep_capacity_steps_down", "disk_cached_prompt_tokens", "resizes",
+            # speculative decoding (vLLM's names): verify windows, draft tokens in them, drafts accepted
+            "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
 
 
 def new_counters() -> dict:
@@ -52,8 +54,17 @@ def summarize(counters: dict, finished, gpu_seconds: float) -> dict:
         prefill_tokens_per_s=(c["prompt_tokens"] - c["cached_prompt_tokens"]) / max(c["prefill_s"], 1e-9),
         decode_tokens_per_s=c["generated_tokens"] / max(c["decode_s"], 1e-9),
         ttft_s=percentiles(ttft), tokens_per_s_per_user=percentiles(speed),
+        speculative=speculative(c),
     )
     return c
+
+
+def speculative(c: dict) -> dict:
+    """MTP speculative decoding: the share of draft tokens accepted, and tokens per verify window of
+    a request (1 + the drafts accepted: 1.0 without speculation)."""
+    drafts, tokens, accepted = c["spec_drafts"], c["spec_draft_tokens"], c["spec_accepted_tokens"]
+    return {"acceptance_rate": accepted / max(tokens, 1), "tokens_per_step": (drafts + accepted) / drafts if drafts else 1.0,
+            "drafts": drafts, "draft_tokens": tokens, "accepted": accepted}
 
 
 def parameter_bytes(net) -> dict:

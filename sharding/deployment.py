@@ -152,12 +152,16 @@ class Deployment:
     overlap: str = "none"  # none | auto (two_batch prefill, five_stage decode) | two_batch | five_stage
     kernels: Kernels = Kernels()  # (a dict is taken as the file's section)
     serving: ServingConfig = ServingConfig()  # (a dict is taken as the file's section)
-    speculative: Speculative | None = None  # (a dict is taken as the file's section)
+    # "auto": MTP drafts 1 token where the checkpoint has MTP weights; None (the file's null): off
+    speculative: Speculative | str | None = "auto"  # (a dict is taken as the file's section)
     quantization: str | None = None  # fp8 | none | None (the default rule, model.quant.default_quantization)
     source: str = "<deployment>"  # the file, for error messages
     _ep: EPConfig = dataclasses.field(init=False, repr=False, compare=False)  # the dispatch section, validated
 
     def __post_init__(self):
+        if self.speculative not in ("auto", None) and not isinstance(self.speculative, (dict, Speculative)):
+            raise ValueError(f"{self.source}: speculative must be an object like {{\"method\": \"mtp\", "
+                             f"\"num_tokens\": 1}}, \"auto\" or null, got {self.speculative!r}")
         for name, cls in (("kernels", Kernels), ("serving", ServingConfig), ("speculative", Speculative)):
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, _section(cls, getattr(self, name), self.source, name))
@@ -219,7 +223,9 @@ class Deployment:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{source}: section '{key}': {e}") from None
         fields.setdefault("dp", 1)
-        sections = {k: raw[k] for k in ("kernels", "serving", "speculative") if raw.get(k) is not None}
+        sections = {k: raw[k] for k in ("kernels", "serving") if raw.get(k) is not None}
+        if "speculative" in raw:  # null turns it off
+            sections["speculative"] = raw["speculative"]
         return cls(name=raw.get("name", name), **fields, **sections, quantization=raw.get("quantization"),
                    source=source)
 

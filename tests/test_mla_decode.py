@@ -193,7 +193,10 @@ def test_engine_decodes_through_the_kernel_path(monkeypatch):
     outs = {}
     for kernel in ("xla", "interpret"):
         dep = Deployment(name="kernel", dp=2, overlap="five_stage", serving=serving, kernels={"attention_decode": kernel})
-        outs[kernel] = [o.token_ids for o in LLM(deployment=dep).generate(prompts, params)]
+        llm = LLM(deployment=dep)
+        outs[kernel] = [o.token_ids for o in llm.generate(prompts, params)]
     assert outs["interpret"] == outs["xla"] and all(len(t) == 3 for t in outs["xla"])
-    # a rank's 4 rows (the dense layer) and each micro-batch's 2 (the MoE layers under overlap)
-    assert {table[0] for table in traced} == {4, 2}
+    # a rank's 4 rows (the dense layer) and each micro-batch's 2 (the MoE layers under overlap), each
+    # row's 1 + k query positions (its last token and k MTP drafts, on by default) as rows of the kernel
+    S = 1 + llm.engine.drafts
+    assert S == 2 and {table[0] for table in traced} == {4 * S, 2 * S}

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving.api import add_speculative_flags, speculative_flag
 from serving.server.app import DEFAULT_MAX_BODY_BYTES
 
 
@@ -37,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
                                  description="OpenAI-compatible HTTP server over the jaxseek engine.")
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
+    add_speculative_flags(ap)
     ap.add_argument("--quantization", choices=("fp8", "none"),
                     help="weights: fp8 or none (default: the deployment's, else fp8 on a GPU for an FP8 checkpoint)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     try:
         print(f"[server] loading {model_dir}...", file=sys.stderr)
-        llm = LLM(model_dir, deployment=args.deployment, quantization=args.quantization)
+        llm = LLM(model_dir, deployment=args.deployment, quantization=args.quantization, speculative=speculative_flag(args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
