@@ -108,9 +108,11 @@ class LLM:
         elif not isinstance(deployment, (Deployment, Disaggregated)):
             deployment = read(deployment)
         if speculative != "auto":  # both slices of a disaggregated deployment
-            deployment = (dataclasses.replace(deployment, prefill=dataclasses.replace(deployment.prefill, speculative=speculative),
-                                              decode=dataclasses.replace(deployment.decode, speculative=speculative))
-                          if isinstance(deployment, Disaggregated) else dataclasses.replace(deployment, speculative=speculative))
+            def speculating(d):
+                return dataclasses.replace(d, speculative=speculative)
+            deployment = (dataclasses.replace(deployment, prefill=speculating(deployment.prefill),
+                                              decode=speculating(deployment.decode))
+                          if isinstance(deployment, Disaggregated) else speculating(deployment))
         dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
         self.deployment = deployment
         if isinstance(deployment, Disaggregated):

@@ -291,7 +291,8 @@ class ModelRunner:
                     B = rows * self.ranks
                     arrays = (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
                               np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
-                              np.full((B, width), -1, np.int32), sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
+                              np.full((B, width), -1, np.int32),
+                              sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
                     out = self.dispatch(kind, arrays)
         if level is not None:
             self._set_level(level)
