@@ -27,6 +27,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sharding.mesh import LOGICAL_RULES, logical_to_spec
+
+BY_RANK = logical_to_spec(("batch",))  # the penalty table: each dp rank holds its own requests' rows
+RANK_AXIS = LOGICAL_RULES["batch"]
+
 MAX_LOGPROBS = 20  # top logprobs a request may ask for (OpenAI's chat limit; vLLM's default max_logprobs)
 PROMPT_BIT = 1 << 24  # counts below it: output tokens of a request can never reach 2^24
 
@@ -284,7 +289,7 @@ class _TableArrays:
         """fn over each dp rank's rows; the last `replicated` args are the same on every rank."""
         if self.mesh is None:
             return fn(*args)
-        specs = tuple(P("dp") for _ in args[:len(args) - replicated]) + (P(),) * replicated
+        specs = tuple(BY_RANK for _ in args[:len(args) - replicated]) + (P(),) * replicated
         return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
 
     def rows(self, slot):
@@ -292,7 +297,7 @@ class _TableArrays:
         def local(counts, bias, slot):
             return (jnp.take(counts, slot, axis=0, mode="fill", fill_value=0),
                     jnp.take(bias, slot, axis=0, mode="fill", fill_value=0))
-        return self._per_rank(local, (P("dp"), P("dp")), self.counts, self.bias, slot)
+        return self._per_rank(local, (BY_RANK, BY_RANK), self.counts, self.bias, slot)
 
     def count(self, slot, tokens, keep):
         """Adds each row's new tokens (tokens [B, S]) to its slot's counts where keep bool[B, S]: False
@@ -300,7 +305,7 @@ class _TableArrays:
         re-run does not count twice."""
         def local(counts, slot, tokens, keep):
             return counts.at[slot[:, None], tokens].add(keep.astype(jnp.int32), mode="drop")
-        counts = self._per_rank(local, P("dp"), self.counts, slot, tokens, keep)
+        counts = self._per_rank(local, BY_RANK, self.counts, slot, tokens, keep)
         return dataclasses.replace(self, counts=counts)
 
 
@@ -316,7 +321,7 @@ class PenaltyTable:
         """A new (empty) table for `ranks` dp ranks on `mesh`; every request re-takes a row."""
         self.ranks, self.mesh = ranks, (mesh if mesh is not None and mesh.size > 1 else None)
         shape = (ranks * self.slots, self.vocab)
-        sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
+        sharding = NamedSharding(mesh, BY_RANK) if mesh is not None else None
         self.device = _TableArrays(jax.device_put(np.zeros(shape, np.int32), sharding),
                                    jax.device_put(np.zeros(shape, np.float32), sharding), self.slots, self.mesh)
         self.free = [list(range(self.slots)) for _ in range(ranks)]
@@ -361,13 +366,13 @@ def _write_row(table: _TableArrays, index, counts, bias) -> _TableArrays:
     """Writes one slot's row (index = rank * S + slot) on the rank that holds it."""
     def local(c, b, index, counts, bias):
         S = c.shape[0]
-        mine = (index // S) == (jax.lax.axis_index("dp") if table.mesh is not None else 0)
+        mine = (index // S) == (jax.lax.axis_index(RANK_AXIS) if table.mesh is not None else 0)
         row = jnp.where(mine, index % S, S)  # out of range: dropped on the other ranks
         return c.at[row].set(counts, mode="drop"), b.at[row].set(bias, mode="drop")
     if table.mesh is None:
         c, b = local(table.counts, table.bias, index, counts, bias)
     else:
-        c, b = jax.shard_map(local, mesh=table.mesh, in_specs=(P("dp"), P("dp"), P(), P(), P()),
-                             out_specs=(P("dp"), P("dp")), check_vma=False)(table.counts, table.bias, index,
+        c, b = jax.shard_map(local, mesh=table.mesh, in_specs=(BY_RANK, BY_RANK, P(), P(), P()),
+                             out_specs=(BY_RANK, BY_RANK), check_vma=False)(table.counts, table.bias, index,
                                                                              counts, bias)
     return dataclasses.replace(table, counts=c, bias=b)

@@ -51,7 +51,7 @@ def _quant_reference(name: str):
 KERNELS = {
     "attention_decode": {
         "xla": _decode_xla,
-        "triton": _decode_triton,  # the first Pallas kernel: 16 heads per program, no split (GPU.md)
+        "triton": _decode_triton,  # the first Pallas kernel: 16 heads per program, no split (docs/KERNELS.md)
         "triton_interpret": functools.partial(_decode_triton, interpret=True),
         "flash_mla": _decode_flash_mla,
         "flash_mla_interpret": functools.partial(_decode_flash_mla, interpret=True),
