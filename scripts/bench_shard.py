@@ -118,14 +118,16 @@ class Setup:
     gemm_impl: str  # routed-expert GEMMs (DeepseekV3.set_expert_impl): pallas | xla | interpret
     quantization: str  # fp8 | none
     dtype: str = "bf16"  # activations, KV pool and non-FP8 weights: bf16 | fp32
+    mtp: int = 0  # decode: MTP draft tokens per request (the step verifies 1 + mtp query rows and drafts anew)
 
     @property
     def tokens(self) -> int:
-        return self.batch if self.phase == "decode" else self.prompts * self.prompt_len
+        """Query rows per step."""
+        return self.batch * (1 + self.mtp) if self.phase == "decode" else self.prompts * self.prompt_len
 
     @property
     def pages_per_request(self) -> int:
-        return -(-self.kv_len // self.block_size)
+        return -(-(self.kv_len + self.mtp) // self.block_size)
 
     @property
     def pages_per_layer(self) -> int:
@@ -168,7 +170,7 @@ def rank_model(setup: Setup, seed: int, abstract: bool):
 
     from model import DeepseekV3
 
-    cfg = setup.cfg.replace(num_nextn_predict_layers=0)
+    cfg = setup.cfg.replace(num_nextn_predict_layers=1 if setup.mtp else 0)
     one = cfg.replace(num_hidden_layers=1 + min(cfg.n_dense_layers, 1), first_k_dense_replace=min(cfg.n_dense_layers, 1))
     placement = rank_placement(cfg.n_routed_experts, setup.experts_local)
 
@@ -205,22 +207,37 @@ def weight_bytes(state) -> dict:
     moe = total(state["moe_layers"]) - experts if "moe_layers" in state else 0
     maps = sum(total(state["moe_layers"]["mlp"][k]) for k in ("phy2log", "log2phy", "logcnt")) if moe else 0
     dense = total(state["dense_layers"]) if "dense_layers" in state else 0
-    return {"dense": dense, "moe": moe - maps, "experts": experts}
+    mtp = total(state["mtp"]) if "mtp" in state else 0  # its experts included
+    return {"dense": dense, "moe": moe - maps, "experts": experts, "mtp": mtp}
 
 
 # ---- decode ------------------------------------------------------------------------------------------
 
 def decode_step(state, pool, tokens, page_table, positions, *, graphdef, setup: Setup):
     """One engine decode step's forward (DeepseekV3.forward_step, absorbed MLA) over a paged cache:
-    tokens int32[B, 1] at positions [B, 1], pool [L, NB, BS, C] (NB = the batch's pages per layer),
-    page_table int32[B, MB] -> (hidden [B, 1, D], the pool with the new rows written)."""
+    tokens int32[B, W] at positions [B, W] (W = 1 + mtp: the last token and its drafts), pool
+    [L, NB, BS, C] (NB = the batch's pages per layer; one more layer for the MTP module), page_table
+    int32[B, MB] -> (hidden [B, W, D], the pool with the new rows written, the next drafts [B, mtp]).
+    With MTP, the module then runs as serving/runner.py runs it: over every position, then once per
+    further draft from its own output."""
+    import jax.numpy as jnp
     from flax import nnx
 
     from serving.kv_cache import PagedCache
 
     net = nnx.merge(graphdef, state)
     hidden, cache, _ = net.forward_step(tokens, positions, PagedCache(pool, page_table), absorbed=True)
-    return hidden, cache.pool
+    drafts = []
+    if setup.mtp:
+        layer = jnp.int32(setup.cfg.num_hidden_layers)
+        h, logits, cache, _ = net.mtp_step(hidden, tokens, positions, cache, layer, absorbed=True)
+        h, d = h[:, -1:], jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
+        drafts.append(d)
+        for i in range(1, setup.mtp):
+            h, logits, cache, _ = net.mtp_step(h, d, positions[:, -1:] + i, cache, layer, absorbed=True)
+            d = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            drafts.append(d)
+    return hidden, cache.pool, jnp.concatenate(drafts, axis=1) if drafts else jnp.zeros((tokens.shape[0], 0), jnp.int32)
 
 
 def decode_inputs(setup: Setup, abstract: bool):
@@ -231,9 +248,10 @@ def decode_inputs(setup: Setup, abstract: bool):
 
     cfg = setup.cfg
     L, NB, BS, MB = cfg.num_hidden_layers, setup.pages_per_layer, setup.block_size, setup.pages_per_request
+    L, W = L + (1 if setup.mtp else 0), 1 + setup.mtp  # the MTP module's KV rows: one more layer
     C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    shapes = dict(pool=((L, NB, BS, C), DTYPES[setup.dtype]), tokens=((setup.batch, 1), jnp.int32),
-                  page_table=((setup.batch, MB), jnp.int32), positions=((setup.batch, 1), jnp.int32))
+    shapes = dict(pool=((L, NB, BS, C), DTYPES[setup.dtype]), tokens=((setup.batch, W), jnp.int32),
+                  page_table=((setup.batch, MB), jnp.int32), positions=((setup.batch, W), jnp.int32))
     if abstract:
         return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
     keys = jax.random.split(jax.random.key(7), 3)
@@ -241,7 +259,7 @@ def decode_inputs(setup: Setup, abstract: bool):
     return dict(pool=fill(keys[0]),
                 tokens=jax.random.randint(keys[1], shapes["tokens"][0], 0, cfg.vocab_size, jnp.int32),
                 page_table=jax.random.permutation(keys[2], NB).astype(jnp.int32).reshape(setup.batch, MB),
-                positions=jnp.full(shapes["positions"][0], setup.kv_len - 1, jnp.int32))
+                positions=jnp.broadcast_to(setup.kv_len - 1 + jnp.arange(W, dtype=jnp.int32), (setup.batch, W)))
 
 
 # ---- prefill -----------------------------------------------------------------------------------------
@@ -317,9 +335,11 @@ def estimate_bytes(setup: Setup) -> int:
 def decode_bytes(setup: Setup, nbytes: dict) -> dict:
     cfg = setup.cfg
     C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    kv = setup.batch * setup.kv_len * C * (2 if setup.dtype == "bf16" else 4) * cfg.num_hidden_layers
-    return {"replicated_weights": nbytes["dense"] + nbytes["moe"], "expert_weights": nbytes["experts"],
-            "kv_cache": kv, "total": nbytes["dense"] + nbytes["moe"] + nbytes["experts"] + kv}
+    layers = cfg.num_hidden_layers + (1 if setup.mtp else 0)  # the MTP module reads its own KV rows
+    kv = setup.batch * setup.kv_len * C * (2 if setup.dtype == "bf16" else 4) * layers
+    replicated = nbytes["dense"] + nbytes["moe"] + nbytes["mtp"]  # (the MTP module counted whole here)
+    return {"replicated_weights": replicated, "expert_weights": nbytes["experts"],
+            "kv_cache": kv, "total": replicated + nbytes["experts"] + kv}
 
 
 def prefill_flops(setup: Setup) -> dict:
@@ -381,7 +401,7 @@ def make_setup(args, platform: str):
         raise SystemExit(f"--attn-chunk {sizes['attn_chunk']} must divide the prompt length {sizes['prompt_len']}.")
     return Setup(phase=args.phase, scale=args.scale, cfg=cfg, **DEPLOYMENT[args.phase], **sizes,
                  attn_kernel=resolve(args.attn_kernel, platform), gemm_impl=resolve(args.gemm_impl, platform),
-                 quantization=args.quantization, dtype=args.dtype)
+                 quantization=args.quantization, dtype=args.dtype, mtp=getattr(args, "mtp", 0))
 
 
 def fit_batch(setup: Setup, limit: int | None, explicit: bool) -> tuple[Setup, str | None]:
@@ -420,14 +440,19 @@ def notes_for(setup: Setup) -> list[str]:
     out += [
         "the engine's own model: DeepseekV3.forward_step with this rank's expert maps (model code, not a copy)",
         "random weights: one layer's values repeated over the stack (same shapes and bytes as distinct layers)",
-        "not timed: final LM head, sampling, MTP, host scheduling, communication",
+        "not timed: final LM head, sampling, " + ("" if setup.mtp else "MTP, ") + "host scheduling, communication",
     ]
     if setup.phase == "decode":
         out.append(f"attention: MLA absorbed form over a paged {setup.dtype} latent pool ({setup.block_size}-token pages, "
                    f"random page order), kernel={setup.attn_kernel}; each request writes its new row at position "
                    f"{setup.kv_len - 1} and attends over {setup.kv_len}")
-        out.append("DeepSeek's 20-22 tok/s per user decodes with MTP (more than one token per step); "
-                   "here every request gets one token per step")
+        if setup.mtp:
+            out.append(f"MTP: {1 + setup.mtp} query rows per request (the last token and {setup.mtp} draft(s)), "
+                       f"then the MTP module drafts anew; tokens per request and step are the expected "
+                       f"1 + a + ... + a^{setup.mtp} at the given per-draft acceptance a, not measured acceptance")
+        else:
+            out.append("DeepSeek's 20-22 tok/s per user decodes with MTP (more than one token per step); "
+                       "here every request gets one token per step (--mtp K adds it)")
     else:
         out.append(f"attention: naive MLA over fresh prompts prefilled in chunks of {setup.attn_chunk} tokens, "
                    f"each chunk one forward_step over the prompt's pages (later slots masked); roofline counts "
@@ -443,13 +468,20 @@ def kernels(setup: Setup) -> dict:
             "expert_dtype": "fp8" if setup.quantization == "fp8" else "bf16"}
 
 
-def report(setup: Setup, times, nbytes, device, memory, extra_notes) -> dict:
+def expected_tokens(drafts: int, acceptance: float) -> float:
+    """Tokens a request gains per verify step when each draft is accepted with probability
+    `acceptance` given the ones before it: the target's own token plus the accepted prefix."""
+    return sum(acceptance ** i for i in range(drafts + 1))
+
+
+def report(setup: Setup, times, nbytes, device, memory, extra_notes, acceptance: float = 1.0) -> dict:
     import jax
 
     cfg = setup.cfg
     step = statistics.median(times)
-    tok_s = setup.tokens / step
-    per_user = 1.0 / step if setup.phase == "decode" else None
+    gained = expected_tokens(setup.mtp, acceptance)  # per request and step (1 without MTP)
+    tok_s = setup.batch * gained / step if setup.phase == "decode" else setup.tokens / step
+    per_user = gained / step if setup.phase == "decode" else None
     bandwidth, peak = hardware_peaks(device.device_kind, device.platform)
     if setup.phase == "decode":
         work = decode_bytes(setup, nbytes)
@@ -471,7 +503,7 @@ def report(setup: Setup, times, nbytes, device, memory, extra_notes) -> dict:
     }
     if setup.phase == "decode":
         shapes.update(batch=setup.batch, kv_len=setup.kv_len, block_size=setup.block_size,
-                      cache_row=cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                      cache_row=cfg.kv_lora_rank + cfg.qk_rope_head_dim, mtp=setup.mtp)
     else:
         shapes.update(prompts=setup.prompts, prompt_len=setup.prompt_len, attn_chunk=setup.attn_chunk)
     return {
@@ -588,6 +620,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="fp8: DeepSeek's FP8 weights and GEMMs (the GPU default for FP8 checkpoints); none: BF16")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="activations, KV cache and non-FP8 weights (fp32: for comparing code paths on a CPU)")
+    ap.add_argument("--mtp", type=int, default=0, metavar="K",
+                    help="decode with K MTP draft tokens per request (timed next to the plain step)")
+    ap.add_argument("--acceptance", type=float, default=0.85,
+                    help="per-draft acceptance rate for --mtp's tokens per step (DeepSeek: 0.85-0.90)")
     ap.add_argument("--force", action="store_true", help="run --scale full on a CPU anyway")
     ap.add_argument("--check-lowering", metavar="PLATFORM", choices=("cuda", "rocm"),
                     help="lower the step for this platform from abstract shapes, then exit (no allocation)")
@@ -596,6 +632,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     return args
+
+
+def run_step(setup: Setup, args, device, stats) -> tuple[list, bool, dict, dict]:
+    """Compiles and times the setup's step -> (step times, output finite, weight bytes, memory)."""
+    import jax
+
+    fn, inputs, nbytes = build(setup)
+    compiled = fn.lower(*inputs.values()).compile()
+    analysis = compiled.memory_analysis()
+    if args.dump_hlo:
+        Path(args.dump_hlo).write_text(compiled.as_text())
+    times, out = time_steps(compiled, inputs, args.steps, "pool")
+    memory = {"compiled_temp_bytes": getattr(analysis, "temp_size_in_bytes", None),
+              "weights_bytes": sum(nbytes.values()),
+              "device_peak_bytes": device_memory(device).get("peak_bytes_in_use"),
+              "device_limit_bytes": stats.get("bytes_limit")}
+    return times, bool(jax.numpy.isfinite(out[0]).all()), nbytes, memory
 
 
 def main(argv=None) -> int:
@@ -613,28 +666,35 @@ def main(argv=None) -> int:
         print("--scale full needs ~80 GB of accelerator memory and hours of CPU time, so it will not run on "
               "this CPU; use --scale small here, or pass --force to try anyway.", file=sys.stderr)
         return 2
+    if args.mtp and (args.phase != "decode" or args.mtp < 1 or not 0 <= args.acceptance <= 1):
+        print("--mtp K needs --phase decode, K >= 1 and --acceptance in [0, 1].", file=sys.stderr)
+        return 2
     setup = make_setup(args, device.platform)
     stats = device_memory(device)
     setup, fit_note = fit_batch(setup, stats.get("bytes_limit"), explicit=args.batch is not None)
-
-    fn, inputs, nbytes = build(setup)
-    compiled = fn.lower(*inputs.values()).compile()
-    analysis = compiled.memory_analysis()
-    if args.dump_hlo:
-        Path(args.dump_hlo).write_text(compiled.as_text())
-    times, out = time_steps(compiled, inputs, args.steps, "pool")
-    x = out[0]
-    finite = bool(jax.numpy.isfinite(x).all())
-    memory = {"compiled_temp_bytes": getattr(analysis, "temp_size_in_bytes", None),
-              "weights_bytes": sum(nbytes.values()),
-              "device_peak_bytes": device_memory(device).get("peak_bytes_in_use"),
-              "device_limit_bytes": stats.get("bytes_limit")}
-    result = report(setup, times, nbytes, device, memory, [fit_note] if fit_note else [])
+    plain = None
+    if setup.mtp:  # the plain step first, at the same batch, for the comparison
+        times, _, plain_bytes, plain_memory = run_step(dataclasses.replace(setup, mtp=0), args, device, stats)
+        plain = report(dataclasses.replace(setup, mtp=0), times, plain_bytes, device, plain_memory, [], 1.0)
+    times, finite, nbytes, memory = run_step(setup, args, device, stats)
+    result = report(setup, times, nbytes, device, memory, [fit_note] if fit_note else [], args.acceptance)
     result["finite"] = finite
+    if plain is not None:
+        result["speculative"] = {
+            "num_tokens": setup.mtp, "acceptance": args.acceptance,
+            "tokens_per_step_per_request": expected_tokens(setup.mtp, args.acceptance),
+            "plain_step_ms": plain["step_ms"], "plain_tokens_per_s_per_user": plain["tokens_per_s_per_user"],
+            "plain_tokens_per_s_per_gpu": plain["tokens_per_s_per_gpu"],
+            "speedup_per_user": result["tokens_per_s_per_user"] / plain["tokens_per_s_per_user"]}
     if args.json:
         print(json.dumps(result))
     else:
         print_text(result)
+        if plain is not None:
+            sp = result["speculative"]
+            print(f"MTP k={sp['num_tokens']} at acceptance {sp['acceptance']:.2f}: {sp['tokens_per_step_per_request']:.2f} "
+                  f"tokens per request and step (expected, not measured); plain step {sp['plain_step_ms']:.2f} ms, "
+                  f"{sp['plain_tokens_per_s_per_user']:.1f} tok/s per user -> {sp['speedup_per_user']:.2f}x per user")
         print(f"output finite: {finite}")
     return 0
 

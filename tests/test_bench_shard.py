@@ -28,6 +28,7 @@ SMALL = {"layers": 4, "dense_layers": 1, "moe_layers": 3, "hidden": 256, "moe_in
 RUNS = {
     "decode": ["--phase", "decode", "--scale", "small", "--json", "--steps", "2"],
     "prefill": ["--phase", "prefill", "--scale", "small", "--json", "--steps", "2"],
+    "decode_mtp": ["--phase", "decode", "--scale", "small", "--json", "--steps", "2", "--mtp", "1", "--acceptance", "0.9"],
     "refuse_full": ["--phase", "decode", "--scale", "full"],
     "lower_decode": ["--phase", "decode", "--check-lowering", "cuda"],
     "lower_prefill": ["--phase", "prefill", "--check-lowering", "cuda"],
@@ -96,6 +97,23 @@ def test_deployment_share(runs, phase, ranks, local):
     s = r["shapes"]
     assert (r["ep_ranks"], s["routed_experts_local"], s["shared_experts"]) == (ranks, local, 1)
     assert s["expert_rows_per_layer"] == s["experts_per_token"] * s["tokens_per_step"] == 8 * s["tokens_per_step"]
+
+
+def test_mtp_step_verifies_k_plus_one_rows_next_to_the_plain_step(runs):
+    """--mtp 1: the step runs 2 query rows per request plus the MTP module (its own KV layer), and
+    reports tokens per user at the given acceptance (1 + a per step) beside the plain step's."""
+    r, plain = report(runs, "decode_mtp"), report(runs, "decode")
+    s, sp = r["shapes"], r["speculative"]
+    assert (s["mtp"], s["tokens_per_step"]) == (1, 2 * s["batch"]) and r["finite"] is True
+    assert sp["num_tokens"] == 1 and sp["tokens_per_step_per_request"] == pytest.approx(1.9)
+    step_s = r["step_ms"] / 1e3
+    assert r["tokens_per_s_per_user"] == pytest.approx(1.9 / step_s, rel=1e-9)
+    assert r["tokens_per_s_per_gpu"] == pytest.approx(s["batch"] * 1.9 / step_s, rel=1e-9)
+    assert sp["plain_tokens_per_s_per_user"] == pytest.approx(1e3 / sp["plain_step_ms"], rel=1e-9)
+    assert sp["speedup_per_user"] == pytest.approx(r["tokens_per_s_per_user"] / sp["plain_tokens_per_s_per_user"])
+    # the MTP module's weights and its KV layer are read too
+    assert r["roofline"]["work"]["replicated_weights"] > plain["roofline"]["work"]["replicated_weights"]
+    assert r["roofline"]["work"]["kv_cache"] == plain["roofline"]["work"]["kv_cache"] * (s["layers"] + 1) / s["layers"]
 
 
 def test_decode_roofline_bytes(runs):
@@ -188,6 +206,6 @@ def test_gpu_path_matches_xla_path():
     assert np.abs(got - want).max() <= tol
     assert np.abs(same_layers - want).max() > 10 * tol  # the distinct layers do change the output
     # each layer writes its B new rows into its own pages of the shared pool
-    _, pool = fn(*dict(inputs, pool=jnp.zeros_like(inputs["pool"])).values())
+    _, pool, _ = fn(*dict(inputs, pool=jnp.zeros_like(inputs["pool"])).values())
     rows_written = np.asarray(jnp.any(pool.reshape(L, -1, pool.shape[-1]) != 0, axis=-1).sum(axis=1))
     assert rows_written.tolist() == [ref.batch] * L
