@@ -62,6 +62,26 @@ def test_greedy_identical_with_and_without_mtp(plain, mtp, dp):
     assert plain.stats()["speculative"]["drafts"] == 0 and plain.stats()["speculative"]["tokens_per_step"] == 1.0
 
 
+def test_greedy_identical_on_a_random_checkpoint_with_two_drafts(tmp_path_factory):
+    """A random DeepSeek-V3 config with an MTP layer (configs/tiny, not the trained model): its drafts
+    are mostly wrong, so rejected runs dominate, and each step drafts twice (the module reused on its
+    own output); greedy output is still exactly the plain engine's."""
+    from tiny import save_tiny
+    path = tmp_path_factory.mktemp("random-mtp")
+    vocab = save_tiny(path, 3).config.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 9, 17, 30)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    reference = LLM(path, deployment=deployment(1, None)).generate(prompts, params)
+    llm = LLM(path, deployment=deployment(1, {"method": "mtp", "num_tokens": 2}))
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference]
+    assert all(len(o.token_ids) == 12 for o in outs)
+    spec = llm.stats()["speculative"]
+    print(f"random checkpoint, k=2: acceptance {spec['acceptance_rate']:.2f}", file=sys.stderr)
+    assert spec["num_tokens"] == 2 and spec["draft_tokens"] > 0 and spec["accepted"] < spec["draft_tokens"]
+
+
 def test_tiny_model_accepts_most_drafts_and_reports_them(mtp):
     from serving.metrics import ServerMetrics, engine_snapshot
     mtp.engine.counters.update(spec_drafts=0, spec_draft_tokens=0, spec_accepted_tokens=0)
