@@ -4,6 +4,5 @@ source "$(dirname "$0")/env.sh"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # The suite is mostly XLA compilation, one core per program: two workers (one per core of the 2-core
 # machines it runs on), each taking whole files (slowest first: tests/conftest.py) so module fixtures
-# compile once. JAXSEEK_TEST_WORKERS=0
-# runs it in this process.
+# compile once. JAXSEEK_TEST_WORKERS=0 runs it in this process.
 exec python -m pytest -n "${JAXSEEK_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
