@@ -102,13 +102,13 @@ def test_continuous_batching_and_prefix_cache_change_no_output(llm):
     assert pool.refs.sum() == 0 and pool.available == pool.num_blocks  # every block is free again
 
 
-def test_no_recompilation_after_warmup_over_200_requests(hf):
+def test_no_recompilation_after_warmup_over_120_requests(hf):
     llm = LLM(hf[0], deployment=deployment(1, decode_batch=[4, 16], prefill_rows=[4], prefill_tokens=[8, 32],
                                            block_size=8, max_model_len=32))
     compiled = llm.engine.warmup()
     assert compiled == len(llm.engine.context_buckets) * (1 * 2 + 2)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(2, 96, rng.integers(1, 21)).tolist() for _ in range(200)]
+    prompts = [rng.integers(2, 96, rng.integers(1, 21)).tolist() for _ in range(120)]
     params = [SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=True) for _ in prompts]
     before = llm.engine.compilations
     outs = llm.generate(prompts, params)
