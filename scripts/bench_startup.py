@@ -1,10 +1,10 @@
 """Server startup, cold and warm: `python -m serving.server` started twice on one compilation cache
 directory (a fresh one unless given), each timed from launch to its first `GET /health` = 200
 (weights loaded, every shape bucket compiled or loaded). The second start is the one users see
-after the first: JAX's persistent cache spares it XLA's compilation; with --serialized-steps it
-loads every compiled step whole (serving/aot.py) and skips tracing and lowering too.
+after the first: it loads every compiled step whole (serving/aot.py: no tracing, lowering or
+compiling); with --no-serialized-steps JAX's persistent cache spares it XLA's compilation only.
 
-    python scripts/bench_startup.py --deployment configs/deploy/cpu8.json [--serialized-steps] --json
+    python scripts/bench_startup.py --deployment configs/deploy/cpu8.json [--no-serialized-steps] --json
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def start_once(args, cache: str) -> dict:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "serving.server", "--port", str(port), "--compilation-cache-dir", cache,
            "--log-level", "warning"] + (["--deployment", args.deployment] if args.deployment else []) + \
-        (["--model", args.model] if args.model else []) + (["--serialized-steps"] if args.serialized_steps else [])
+        (["--model", args.model] if args.model else []) + [
+            "--serialized-steps" if args.serialized_steps else "--no-serialized-steps"]
     import httpx
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
     ap.add_argument("--model", help="checkpoint (default: the embedded tiny model)")
     ap.add_argument("--cache-dir", help="compilation cache directory (default: a fresh temporary one)")
-    ap.add_argument("--serialized-steps", action="store_true", help="the server's --serialized-steps")
+    ap.add_argument("--serialized-steps", action=argparse.BooleanOptionalAction, default=True,
+                    help="the server's --serialized-steps (its default: on)")
     ap.add_argument("--timeout-s", type=float, default=3600)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

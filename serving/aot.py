@@ -7,6 +7,16 @@ step that costs seconds per shape bucket (profiled on the CPU mesh: ~1.3 s traci
 lowering per bucket, against ~0.7 s to load the compiled program) -- minutes for a deployment's
 50+ buckets. So each compiled program is also serialized (`jax.experimental.serialize_executable`)
 under a key of everything the program is a function of, and a later start loads it directly.
+Warm-up hands every bucket's signature to `AotStep.prepare`, which loads the saved programs on a
+thread pool (deserializing releases the GIL: 2x on 2 cores) and compiles the missing ones there
+while the main thread lowers the next.
+
+A program is saved only from a fresh XLA compilation, never from one JAX's persistent cache
+served: on XLA:CPU (jax 0.11.2) serializing a *deserialized* executable drops the object code of
+kernels not yet run -- the file loads, and the first step that takes such a branch (say the
+penalty `lax.cond`) fails with "NOT_FOUND: Function <fusion> not found" (tests/test_aot.py shows
+it). That is what once broke a soak after thousands of good steps, when a source edit had changed
+our key but not the HLO. So `prepare` compiles with JAX's cache switched off.
 
 The key (`program_key`): the source of the packages that build the step (model/, sharding/,
 serving/), jax and jaxlib versions, the backend and its devices, JAX_*/XLA_* environment and jax's
@@ -18,13 +28,17 @@ does not load (truncated, another jaxlib) is compiled again and replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
 
 log = logging.getLogger("serving.aot")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +72,7 @@ def program_key(identity: str, weights) -> bytes:
 
 def aot_directory() -> Path | None:
     """Beside JAX's persistent compilation cache, when one is configured and JAXSEEK_SERIALIZED_STEPS=1
-    (the server's --serialized-steps). Off by default: on XLA:CPU (jax 0.11.2) a loaded step once
-    failed at run time ("NOT_FOUND: Function add_select_fusion.1 not found") in a soak, after
-    thousands of good steps; until that is understood, loading whole executables is opt-in."""
+    (the server sets it unless --no-serialized-steps; a library user opts in)."""
     cache = jax.config.jax_compilation_cache_dir
     if not cache or os.environ.get("JAXSEEK_SERIALIZED_STEPS") != "1":
         return None
@@ -82,30 +94,83 @@ class AotStep:
     def __call__(self, *args, **static):
         if self.directory is None:
             return self.jitted(*args, **static)
-        sig = (tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items())))
-        program = self.compiled.get(sig)
-        if program is None:
-            program = self.compiled[sig] = self._load_or_compile(sig, args, static)
-        return program(*args)
+        sig = self._signature(args, static)
+        if sig not in self.compiled:
+            self.prepare([(args, static)])
+        return self.compiled[sig](*args)
+
+    @staticmethod
+    def _signature(args, static) -> tuple:
+        return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items()))
+
+    def prepare(self, calls: list[tuple[tuple, dict]]) -> None:
+        """Has the programs of these (args, static) calls ready: saved ones loaded on a thread pool,
+        the others lowered here and compiled there (XLA releases the GIL), then saved."""
+        if self.directory is None:
+            return
+        todo = {}
+        for args, static in calls:
+            todo.setdefault(self._signature(args, static), (args, static))
+        todo = {sig: call for sig, call in todo.items() if sig not in self.compiled}
+        if not todo:
+            return
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool, _fresh_compiles():
+            loads = {sig: pool.submit(self._load, sig, args) for sig, (args, _) in todo.items()}
+            compiles = {}
+            for sig, (args, static) in todo.items():
+                program = loads[sig].result()
+                if program is None:
+                    compiles[sig] = pool.submit(self._compile_and_save, sig, args, self.jitted.lower(*args, **static))
+                else:
+                    self.compiled[sig] = program
+            for sig, done in compiles.items():
+                self.compiled[sig] = done.result()
 
     def _cache_size(self) -> int:
         """Programs this process compiled or loaded (Engine.compilations counts them)."""
         return len(self.compiled) if self.directory is not None else self.jitted._cache_size()
 
-    def _load_or_compile(self, sig, args, static):
-        path = self.directory / f"step-{hashlib.blake2b(self.key + repr(sig).encode(), digest_size=20).hexdigest()}"
-        in_tree = jax.tree.structure((args, {}))
-        if path.is_file():
-            try:
-                return serialize_executable.deserialize_and_load(path.read_bytes(), in_tree, self.out_tree(args),
-                                                                 execution_devices=self.devices)
-            except Exception as e:  # noqa: BLE001 - unreadable: compile again, replace the file
-                log.warning("compiled step %s did not load (%s): compiling it again", path.name, e)
-        compiled = self.jitted.lower(*args, **static).compile()
+    def _path(self, sig) -> Path:
+        return self.directory / f"step-{hashlib.blake2b(self.key + repr(sig).encode(), digest_size=20).hexdigest()}"
+
+    def _load(self, sig, args):
+        """The saved program, or None (none saved, or unreadable: it is compiled again and replaced)."""
+        path = self._path(sig)
+        if not path.is_file():
+            return None
+        try:
+            return serialize_executable.deserialize_and_load(path.read_bytes(), jax.tree.structure((args, {})),
+                                                             self.out_tree(args), execution_devices=self.devices)
+        except Exception as e:  # noqa: BLE001
+            log.warning("compiled step %s did not load (%s): compiling it again", path.name, e)
+            return None
+
+    def _compile_and_save(self, sig, args, lowered):
+        compiled = lowered.compile()
         blob, saved_in, saved_out = serialize_executable.serialize(compiled)
+        in_tree, path = jax.tree.structure((args, {})), self._path(sig)
         assert (saved_in, saved_out) == (in_tree, self.out_tree(args)), "the step's trees are not what was declared"
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(blob)
         tmp.replace(path)  # atomic: a reader sees the whole file or none
         return compiled
+
+
+_fresh_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fresh_compiles():
+    """JAX's persistent cache off for the block (see the module docstring: a program it serves
+    cannot be saved whole). The switch is process-wide: compilations elsewhere in the block only
+    skip the cache."""
+    with _fresh_lock:
+        was = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()  # is_cache_used() is decided once per process otherwise
+        try:
+            yield
+        finally:
+            jax.config.update("jax_enable_compilation_cache", was)
+            compilation_cache.reset_cache()

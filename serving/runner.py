@@ -237,10 +237,14 @@ class ModelRunner:
         return (table, tokens, positions, sample_at, n_drafts, next_tokens,
                 sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots))
 
+    def _call(self, kind: str, arrays: tuple) -> tuple[tuple, dict]:
+        """The step's (args, static arguments) for a packed batch."""
+        return (self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays), {"absorbed": kind == "decode"}
+
     def dispatch(self, kind: str, arrays: tuple) -> jax.Array:
         """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag)."""
-        out, self.pool, self.expert_load, self.penalties.device = self._step(
-            self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays, absorbed=kind == "decode")
+        args, static = self._call(kind, arrays)
+        out, self.pool, self.expert_load, self.penalties.device = self._step(*args, **static)
         return out
 
     def retry_if_overflowed(self, launched: Launched, host: np.ndarray) -> bool:
@@ -283,22 +287,32 @@ class ModelRunner:
         cfg, level = self.serving, None if self.net.ep is None else self.net.ep.level
         shapes = [("prefill", r, t) for r in cfg.prefill_rows for t in cfg.prefill_tokens if "prefill" in kinds]
         shapes += [("decode", b, 1 + self.drafts) for b in cfg.decode_batch if "decode" in kinds]
+        batches = []
+        for kind, rows, width in shapes:
+            least = bucket(min(self._least_blocks(kind, width), self.max_blocks), self.context_buckets)
+            for blocks in [b for b in self.context_buckets if b >= least]:
+                B = rows * self.ranks
+                batches.append((kind, (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
+                                       np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
+                                       np.full((B, width), -1, np.int32),
+                                       sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))))
         for lvl in [None] if level is None else range(len(self.net.ep.capacity_factors)):
             if lvl is not None:
                 self._set_level(lvl)
-            for kind, rows, width in shapes:
-                for blocks in self.context_buckets:
-                    B = rows * self.ranks
-                    arrays = (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
-                              np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
-                              np.full((B, width), -1, np.int32),
-                              sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))
-                    out = self.dispatch(kind, arrays)
+            self._step.prepare([self._call(kind, arrays) for kind, arrays in batches])  # saved programs, in parallel
+            for kind, arrays in batches:
+                out = self.dispatch(kind, arrays)
         if level is not None:
             self._set_level(level)
         self.penalties.warm_up()
         jax.block_until_ready(out)
         return self.compilations - before
+
+    def _least_blocks(self, kind: str, width: int) -> int:
+        """The fewest KV blocks a batch of this width bucket can need (pack): a prefill chunk in a
+        width bucket holds more tokens than the bucket below it; smaller page tables never occur."""
+        below = max([t for t in self.serving.prefill_tokens if t < width], default=0) if kind == "prefill" else 0
+        return math.ceil((below + 1) / self.serving.block_size)
 
     # ---- elastic capacity --------------------------------------------------------------------------
     def move_to(self, mesh) -> None:

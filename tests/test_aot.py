@@ -1,7 +1,8 @@
 """serving/aot.py: a compiled step saved by one AotStep is loaded by the next (same results, no new
-file), a changed key or signature compiles anew, a damaged file is compiled again and replaced.
-(The engine's own steps go through it whenever a compilation cache directory is set: the server
-tests' subprocesses load what the in-process engines saved and must produce the same tokens.)"""
+file), a changed key or signature compiles anew, a damaged file is compiled again and replaced, and
+a program JAX's persistent cache would serve is compiled afresh before it is saved (XLA:CPU drops
+unrun kernels when it re-serializes a deserialized executable). The server's own steps go through
+it by default (tests/test_server.py, test_cli_subprocess_serves)."""
 
 import os
 
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from jax.experimental.compilation_cache import compilation_cache
 
 from serving.aot import AotStep, program_key
 
@@ -66,3 +69,40 @@ def test_without_a_directory_it_is_the_jitted_function():
     assert float(out) == 8.0 and plain._cache_size() == 1
 
 
+
+
+def branchy(weights, penalties):
+    # a kernel only a rare branch runs, as the engine's penalty lax.cond
+    def penalize(x):
+        return jnp.where(penalties[:, None] > 0, x - penalties[:, None] * 2.0, x) * 3.0
+    return jax.lax.cond(jnp.any(penalties > 0), penalize, lambda x: x, weights["w"]), penalties
+
+
+@pytest.fixture
+def jax_persistent_cache(tmp_path):
+    """JAX's persistent cache in a fresh directory, keeping every program (restored afterwards)."""
+    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    yield tmp_path / "jax-cache"
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    compilation_cache.reset_cache()
+
+
+def test_a_program_in_jaxs_cache_is_saved_whole(tmp_path, jax_persistent_cache):
+    weights, none, some = {"w": jnp.ones((4, 8))}, jnp.zeros(4), jnp.array([0.0, 1.0, 0.0, 0.0])
+    expected = np.asarray(jax.jit(branchy)(weights, some)[0])
+    assert any(jax_persistent_cache.iterdir())  # JAX's cache holds the program now
+    jax.clear_caches()  # a later process: only the persistent cache remains
+
+    def make():
+        return AotStep(jax.jit(branchy), tmp_path / "steps", program_key("branchy", jax.tree.leaves(weights)),
+                       jax.devices()[:1], out_tree=lambda args: jax.tree.structure((0, args[1])))
+
+    make()(weights, none)  # compiled (not served by JAX's cache) and saved, the rare branch not run
+    loaded = make()
+    out, _ = loaded(weights, some)  # loaded from the file: the rare branch's kernel must be in it
+    assert loaded._cache_size() == 1 and len(list((tmp_path / "steps").iterdir())) == 1
+    np.testing.assert_array_equal(np.asarray(out), expected)

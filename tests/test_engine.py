@@ -106,7 +106,8 @@ def test_no_recompilation_after_warmup_over_120_requests(hf):
     llm = LLM(hf[0], deployment=deployment(1, decode_batch=[4, 16], prefill_rows=[4], prefill_tokens=[8, 32],
                                            block_size=8, max_model_len=32))
     compiled = llm.engine.warmup()
-    assert compiled == len(llm.engine.context_buckets) * (1 * 2 + 2)
+    # context buckets 1, 2, 4 blocks; a 32-token chunk holds > 8 tokens, so never fewer than 2 blocks
+    assert llm.engine.context_buckets == (1, 2, 4) and compiled == 3 + 2 + 2 * 3  # prefill 8, 32; decode 4, 16
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, 96, rng.integers(1, 21)).tolist() for _ in range(120)]
     params = [SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=True) for _ in prompts]

@@ -54,9 +54,9 @@ def parser() -> argparse.ArgumentParser:
                     help="larger request bodies get 413")
     ap.add_argument("--compilation-cache-dir", default=str(default_cache_dir()),
                     help="JAX's persistent compilation cache ('' turns it off)")
-    ap.add_argument("--serialized-steps", action="store_true",
-                    help="also keep whole compiled steps beside the cache and load them on the next start (no "
-                         "tracing or lowering: seconds instead of minutes; experimental, serving/aot.py)")
+    ap.add_argument("--serialized-steps", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep whole compiled steps beside the cache and load them on the next start, without "
+                         "tracing or lowering: seconds instead of minutes (serving/aot.py)")
     ap.add_argument("--no-warmup", action="store_true", help="compile shape buckets on first use, not at startup")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     if args.default_max_tokens < 1 or args.max_request_body_bytes < 1:
         ap.error("--default-max-tokens and --max-request-body-bytes must be >= 1")
     use_compilation_cache(args.compilation_cache_dir)
-    if args.serialized_steps:
-        os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1"
+    os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
 
     import uvicorn
 
