@@ -202,6 +202,24 @@ class DeepseekV3(nnx.Module):
         logits = jnp.einsum("...d,vd->...v", head.norm(x), head.head.weight[...], preferred_element_type=jnp.float32)
         return x, logits, cache, stats
 
+    def draft(self, hidden, next_tokens, positions, cache, layer, last, k: int, absorbed: bool = False):
+        """k draft tokens per request for speculative decoding, as DeepSeek serves its MTP module: the
+        module runs over every position (the main model's hidden state there, the token after it),
+        writing its own KV rows (cache layer `layer`), and drafts the token after next at position
+        last int32[B]; each further draft comes from its own output at the position after (the first
+        module reused; positions past the cache, and padding rows, write nothing).
+        -> (drafts int32[B, k], the cache, whether an EP capacity bucket overflowed)"""
+        rows = jnp.arange(hidden.shape[0])
+        h, logits, cache, stats = self.mtp_step(hidden, next_tokens, positions, cache, layer, absorbed)
+        h, d, p = h[rows, last], jnp.argmax(logits[rows, last], axis=-1).astype(jnp.int32), positions[rows, last]
+        drafts, overflow = [d], stats.get("overflow", jnp.bool_(False))
+        for i in range(1, k):
+            pos = jnp.where((p >= 0) & (p + i < cache.max_len), p + i, -1)[:, None]
+            h, logits, cache, stats = self.mtp_step(h[:, None], d[:, None], pos, cache, layer, absorbed)
+            h, d = h[:, 0], jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+            drafts, overflow = drafts + [d], overflow | stats.get("overflow", jnp.bool_(False))
+        return jnp.stack(drafts, axis=1), cache, overflow
+
     def _full(self, tokens):
         B, S = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))

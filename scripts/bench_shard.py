@@ -218,8 +218,7 @@ def decode_step(state, pool, tokens, page_table, positions, *, graphdef, setup: 
     tokens int32[B, W] at positions [B, W] (W = 1 + mtp: the last token and its drafts), pool
     [L, NB, BS, C] (NB = the batch's pages per layer; one more layer for the MTP module), page_table
     int32[B, MB] -> (hidden [B, W, D], the pool with the new rows written, the next drafts [B, mtp]).
-    With MTP, the module then runs as serving/runner.py runs it: over every position, then once per
-    further draft from its own output."""
+    With MTP, the module drafts as the engine's step does (DeepseekV3.draft)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -227,18 +226,12 @@ def decode_step(state, pool, tokens, page_table, positions, *, graphdef, setup: 
 
     net = nnx.merge(graphdef, state)
     hidden, cache, _ = net.forward_step(tokens, positions, PagedCache(pool, page_table), absorbed=True)
-    drafts = []
-    if setup.mtp:
-        layer = jnp.int32(setup.cfg.num_hidden_layers)
-        h, logits, cache, _ = net.mtp_step(hidden, tokens, positions, cache, layer, absorbed=True)
-        h, d = h[:, -1:], jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
-        drafts.append(d)
-        for i in range(1, setup.mtp):
-            h, logits, cache, _ = net.mtp_step(h, d, positions[:, -1:] + i, cache, layer, absorbed=True)
-            d = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            drafts.append(d)
-    return hidden, cache.pool, jnp.concatenate(drafts, axis=1) if drafts else jnp.zeros((tokens.shape[0], 0), jnp.int32)
-
+    if not setup.mtp:
+        return hidden, cache.pool, jnp.zeros((tokens.shape[0], 0), jnp.int32)
+    last = jnp.full(tokens.shape[:1], tokens.shape[1] - 1)  # every draft verified: draft from the last row
+    drafts, cache, _ = net.draft(hidden, tokens, positions, cache, jnp.int32(setup.cfg.num_hidden_layers), last,
+                                 setup.mtp, absorbed=True)
+    return hidden, cache.pool, drafts
 
 def decode_inputs(setup: Setup, abstract: bool):
     """pool [L, NB, BS, C] (random rows: one layer's repeated), tokens int32[B, 1], page_table

@@ -61,23 +61,11 @@ def compile_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         out, accepted, data = verify(net.logits(hidden[rows[:, None], at]), drafts, n_drafts, sampling, table)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
         head = [accepted[:, None]]
-        if k:
-            # Draft the next k tokens: the MTP module sees each position's hidden state and the token
-            # after it (the prompt's, or this step's accepted run), writing its own KV rows; it drafts
-            # from the last accepted position, then from its own output for each further token.
-            w = jnp.arange(W)[None] - base[:, None]
-            after = jnp.take_along_axis(out, jnp.clip(w, 0, k), axis=1)
-            h, logits, cache, s = net.mtp_step(hidden, jnp.where(next_tokens >= 0, next_tokens, after), positions,
-                                               cache, jnp.int32(mtp_layer), absorbed)
-            last = base + accepted
-            h, d, p = h[rows, last], jnp.argmax(logits[rows, last], axis=-1).astype(jnp.int32), positions[rows, last]
-            new, overflow = [d], overflow | s["overflow"]
-            for i in range(1, k):  # positions past the page table (or padding rows) write nothing
-                pos = jnp.where((p >= 0) & (p + i < cache.max_len), p + i, -1)[:, None]
-                h, logits, cache, s = net.mtp_step(h[:, None], d[:, None], pos, cache, jnp.int32(mtp_layer), absorbed)
-                h, d = h[:, 0], jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-                new, overflow = new + [d], overflow | s["overflow"]
-            head.append(jnp.stack(new, axis=1))
+        if k:  # the MTP module sees the token after each position: the prompt's, or this step's accepted run
+            after = jnp.take_along_axis(out, jnp.clip(jnp.arange(W)[None] - base[:, None], 0, k), axis=1)
+            new, cache, over = net.draft(hidden, jnp.where(next_tokens >= 0, next_tokens, after), positions, cache,
+                                         jnp.int32(mtp_layer), base + accepted, k, absorbed)
+            head, overflow = head + [new], overflow | over
         keep = (j[None] <= accepted[:, None]) & ~overflow  # an overflowed step runs again
         table = table.count(sampling.slot, out, keep)
         if stats:

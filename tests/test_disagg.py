@@ -1,6 +1,7 @@
 """Prefill/decode disaggregation and elastic capacity on the embedded model: the shipped cpu8
-(mixed) and cpu8-disagg deployments give the same greedy tokens, the KV hand-over never passes
-through the host, and resizing in the middle of a workload changes no token."""
+(mixed) and cpu8-disagg deployments give the same greedy tokens as one device without MTP drafts
+(they draft, as the embedded model has MTP weights; the second wave hits the prefix cache), the KV
+hand-over never passes through the host, and resizing in the middle of a workload changes no token."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ import jax
 import pytest
 
 from serving import LLM, SamplingParams
+from sharding.deployment import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "add 12+7=19\nadd 30+4=34\nadd 5+61=66\n"  # shared by every prompt: two full KV blocks
@@ -24,12 +26,21 @@ def mixed():
     return LLM(deployment=ROOT / "configs/deploy/cpu8.json")
 
 
+# one shape bucket per kind, one page per request: one context bucket
+COMPACT = {"prefill_tokens": [64], "prefill_rows": [4], "decode_batch": [32], "max_model_len": 64, "block_size": 64}
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The reference: one device, no MTP drafts."""
+    return LLM(deployment=Deployment(name="plain", dp=1, serving=COMPACT), speculative=None)
+
+
 def compact(name: str, tmp: Path) -> Path:
     """A shipped deployment with one shape bucket per kind: each resize to a new mesh then compiles
     a handful of programs instead of every bucket the workload reaches."""
     raw = json.loads((ROOT / "configs/deploy" / name).read_text())
-    serving = {"prefill_tokens": [64], "prefill_rows": [4], "decode_batch": [32], "max_model_len": 64,
-               "block_size": 64}  # one page per request: one context bucket
+    serving = COMPACT
     for section in ([raw["prefill"], raw["decode"]] if "prefill" in raw else [raw]):
         section["serving"] = serving
     path = tmp / name
@@ -58,15 +69,16 @@ def disagg():
     return llm
 
 
-def test_disaggregated_greedy_equals_mixed_with_shared_prefixes(mixed, disagg):
+def test_disaggregated_greedy_equals_mixed_and_plain_with_shared_prefixes(plain, mixed, disagg):
     engine = disagg.engine
     assert (engine.prefill.ranks, engine.decode.ranks) == (4, 4)
     assert {d.id for d in engine.prefill.mesh.devices.flat} == {0, 1, 2, 3}
     assert {d.id for d in engine.decode.mesh.devices.flat} == {4, 5, 6, 7}
     assert engine.prefill.net.n_physical_experts != engine.decode.net.n_physical_experts  # own redundancy
     for wave in (prompts(8, 1), prompts(8, 2)):  # the second wave finds the prefix cached
-        a, b = mixed.generate(wave, PARAMS), disagg.generate(wave, PARAMS)
-        assert [o.token_ids for o in b] == [o.token_ids for o in a]
+        ref, a, b = plain.generate(wave, PARAMS), mixed.generate(wave, PARAMS), disagg.generate(wave, PARAMS)
+        assert [o.token_ids for o in a] == [o.token_ids for o in ref]
+        assert [o.token_ids for o in b] == [o.token_ids for o in ref]
         assert all(len(o.token_ids) == 6 for o in b)
     assert all(o.cached_tokens >= 32 for o in b) and all(o.cached_tokens >= 32 for o in a)
     stats = disagg.stats()
@@ -75,6 +87,7 @@ def test_disaggregated_greedy_equals_mixed_with_shared_prefixes(mixed, disagg):
     for name in ("prefill_core_attention", "prefill_input_tokens", "decode_kv_tokens", "decode_requests"):
         assert stats["balance"][name]["samples"] > 0 and stats["balance"][name]["overall"] >= 1.0
     assert stats["prefill"]["decode_steps"] == 0 and stats["decode"]["prefill_steps"] == 0
+    assert stats["decode"]["speculative"]["drafts"] > 0 and mixed.stats()["speculative"]["drafts"] > 0
     from serving.metrics import EngineCollector, engine_snapshot  # what the HTTP server's /metrics reads
     collector = EngineCollector()
     collector.snapshot = engine_snapshot(engine)
