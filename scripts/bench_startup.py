@@ -50,9 +50,9 @@ def start_once(args, cache: str) -> dict:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
-    warm = re.search(r"warm-up: (\d+) compilations in ([\d.]+)s", err)
-    return {"ready_s": round(ready, 1), "programs": int(warm[1]) if warm else None,
-            "warmup_s": float(warm[2]) if warm else None}
+    warm = re.search(r"warm-up: (\d+) compilations, (\d+) programs loaded in ([\d.]+)s", err)
+    return {"ready_s": round(ready, 1), "compiled": int(warm[1]) if warm else None,
+            "loaded": int(warm[2]) if warm else None, "warmup_s": float(warm[3]) if warm else None}
 
 
 def main(argv=None) -> int:
@@ -63,8 +63,11 @@ def main(argv=None) -> int:
     ap.add_argument("--serialized-steps", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's --serialized-steps (its default: on)")
     ap.add_argument("--timeout-s", type=float, default=3600)
+    ap.add_argument("--cpu-devices", type=int, default=8, help="emulated CPU devices (the servers inherit them)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
+    os.environ.setdefault("PJRT_NPROC", str(2 * args.cpu_devices))  # the emulated mesh needs it
     with tempfile.TemporaryDirectory() as fresh:
         cache = args.cache_dir or fresh
         cold = start_once(args, cache)
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     report = {"deployment": args.deployment, "first_start": cold, "second_start": warm, "load_average": load}
     print(json.dumps(report) if args.json else
-          f"first start {cold['ready_s']} s ({cold['programs']} programs), second start {warm['ready_s']} s "
+          f"first start {cold['ready_s']} s ({cold['compiled']} programs compiled), second start {warm['ready_s']} s "
+          f"({warm['compiled']} compiled, {warm['loaded']} loaded) "
           f"(load average {load:.1f})")
     return 0
 

@@ -18,6 +18,12 @@ penalty `lax.cond`) fails with "NOT_FOUND: Function <fusion> not found" (tests/t
 it). That is what once broke a soak after thousands of good steps, when a source edit had changed
 our key but not the HLO. So `prepare` compiles with JAX's cache switched off.
 
+Saved programs need not stay loaded: XLA:CPU maps three memory regions (code, constants, data)
+per kernel of a loaded executable -- about 860 for the embedded model's step -- and a Linux process
+may hold 65,530 mappings (vm.max_map_count), i.e. about 75 engine steps. Every bucket at three EP
+capacity levels is 126 on 8 devices, so `release` lets the runner keep only the levels in use;
+a released program is loaded again (not compiled) when a step needs it.
+
 The key (`program_key`): the source of the packages that build the step (model/, sharding/,
 serving/), jax and jaxlib versions, the backend and its devices, JAX_*/XLA_* environment and jax's
 configuration, the step's own identity (model config, dtype, EP level, mesh: given by the engine),
@@ -90,6 +96,7 @@ class AotStep:
         self.jitted, self.key, self.devices, self.out_tree = jitted, key, list(devices), out_tree
         self.directory = Path(directory) if directory and jax.process_count() == 1 else None
         self.compiled: dict[tuple, object] = {}
+        self.compiles = self.loads = 0  # programs this process compiled, and loaded from the directory
 
     def __call__(self, *args, **static):
         if self.directory is None:
@@ -122,13 +129,22 @@ class AotStep:
                 if program is None:
                     compiles[sig] = pool.submit(self._compile_and_save, sig, args, self.jitted.lower(*args, **static))
                 else:
-                    self.compiled[sig] = program
+                    self.compiled[sig], self.loads = program, self.loads + 1
             for sig, done in compiles.items():
-                self.compiled[sig] = done.result()
+                self.compiled[sig], self.compiles = done.result(), self.compiles + 1
+        if compiles:  # JAX's in-memory caches hold the fresh executables (and their memory maps)
+            jax.clear_caches()
 
-    def _cache_size(self) -> int:
-        """Programs this process compiled or loaded (Engine.compilations counts them)."""
-        return len(self.compiled) if self.directory is not None else self.jitted._cache_size()
+    def release(self) -> None:
+        """Unloads the programs held when they are saved (the next call loads them again); without a
+        directory they stay (they could only be compiled again)."""
+        if self.directory is not None:
+            self.compiled.clear()
+
+    @property
+    def compilations(self) -> int:
+        """XLA compilations of this step in this process (Engine.compilations sums them)."""
+        return self.compiles if self.directory is not None else self.jitted._cache_size()
 
     def _path(self, sig) -> Path:
         return self.directory / f"step-{hashlib.blake2b(self.key + repr(sig).encode(), digest_size=20).hexdigest()}"
@@ -146,7 +162,7 @@ class AotStep:
             return None
 
     def _compile_and_save(self, sig, args, lowered):
-        compiled = lowered.compile()
+        compiled = lowered.compile()  # fresh: JAX's persistent cache is off here (_fresh_compiles)
         blob, saved_in, saved_out = serialize_executable.serialize(compiled)
         in_tree, path = jax.tree.structure((args, {})), self._path(sig)
         assert (saved_in, saved_out) == (in_tree, self.out_tree(args)), "the step's trees are not what was declared"
@@ -154,7 +170,9 @@ class AotStep:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(blob)
         tmp.replace(path)  # atomic: a reader sees the whole file or none
-        return compiled
+        # held as a later start holds it: loaded from the file, so `release` can unload it
+        return serialize_executable.deserialize_and_load(blob, in_tree, self.out_tree(args),
+                                                         execution_devices=self.devices)
 
 
 _fresh_lock = threading.Lock()

@@ -141,6 +141,10 @@ class DisaggEngine:
     def compilations(self) -> int:
         return self.prefill.compilations + self.decode.compilations
 
+    @property
+    def programs_loaded(self) -> int:
+        return self.prefill.programs_loaded + self.decode.programs_loaded
+
     # ---- elastic capacity --------------------------------------------------------------------------
     def resize(self, prefill: int | None = None, decode: int | None = None) -> None:
         """New dp sizes for the slices (None: unchanged). A shrinking slice moves its leaving ranks'

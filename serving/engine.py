@@ -106,6 +106,10 @@ class Engine:
         return self.runner.compilations
 
     @property
+    def programs_loaded(self) -> int:
+        return self.runner.programs_loaded
+
+    @property
     def requests(self) -> dict:
         return self.scheduler.requests
 

@@ -170,7 +170,12 @@ class ModelRunner:
 
     @property
     def compilations(self) -> int:
-        return sum(step._cache_size() for step in self._steps.values())
+        return sum(step.compilations for step in self._steps.values())
+
+    @property
+    def programs_loaded(self) -> int:
+        """Compiled steps loaded from disk instead of compiled (serving/aot.py)."""
+        return sum(step.loads for step in self._steps.values())
 
     # ---- one step ----------------------------------------------------------------------------------
     def pack(self, batch: Batch, live) -> tuple:
@@ -260,11 +265,17 @@ class ModelRunner:
             self.counters["ep_capacity_steps_down"] += 1
 
     def _set_level(self, level: int) -> None:
+        """Steps at this capacity level from now on. Stepping down releases the programs of the level
+        left (saved ones load again when needed: XLA:CPU's memory maps cap the programs a process
+        holds, serving/aot.py), so the lowest level's stay loaded and a raised level's while in use."""
         ep = self.net.ep
         if not 0 <= level < len(ep.capacity_factors):
             raise RuntimeError(f"EP capacity level {level} does not exist (the last bucket cannot overflow)")
+        left = self._step
         self.net.set_expert_parallel(dataclasses.replace(ep, level=level))
         self._use_step()
+        if level < ep.level:
+            left.release()
 
     # ---- warm-up -----------------------------------------------------------------------------------
     def warmup(self, kinds: tuple[str, ...]) -> int:
@@ -284,16 +295,18 @@ class ModelRunner:
                                        np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
                                        np.full((B, width), -1, np.int32),
                                        sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))))
-        for lvl in [None] if level is None else range(len(self.net.ep.capacity_factors)):
+        # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
+        for lvl in [None] if level is None else reversed(range(len(self.net.ep.capacity_factors))):
             if lvl is not None:
                 self._set_level(lvl)
             self._step.prepare([self._call(kind, arrays) for kind, arrays in batches])  # saved programs, in parallel
             for kind, arrays in batches:
                 out = self.dispatch(kind, arrays)
+            jax.block_until_ready(out)  # before a level's programs may be released
         if level is not None:
             self._set_level(level)
         self.penalties.warm_up()
-        jax.block_until_ready(out)
+        jax.block_until_ready(self.pool)
         return self.compilations - before
 
     def _least_blocks(self, kind: str, width: int) -> int:

@@ -198,23 +198,45 @@ def test_warmup_covers_the_first_real_step(hf):
     assert llm.engine.compilations == before
 
 
-def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_warmup(hf):
+@pytest.fixture(params=["jitted", "serialized"])
+def steps_kept(request, tmp_path, monkeypatch):
+    """How the engine holds its compiled steps: jitted, or saved to and loaded from a fresh directory
+    (serving/aot.py, as the server runs them)."""
+    if request.param == "serialized":
+        import jax
+        monkeypatch.setenv("JAXSEEK_SERIALIZED_STEPS", "1")
+        old = jax.config.jax_compilation_cache_dir
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        yield request.param
+        jax.config.update("jax_compilation_cache_dir", old)
+    else:
+        yield request.param
+
+
+def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_warmup(hf, steps_kept):
     """A capacity bucket far too small: every prefill step overflows after warm-up and re-runs at the
     next EP capacity level, which warm-up compiled (the compilation counter does not move); the decode
-    steps fit, and a window of them brings the level back down. No token changes."""
+    steps fit, and a window of them brings the level back down. No token changes. Serialized steps:
+    the raised level's programs are unloaded after warm-up, loaded again (not compiled) for the retry,
+    and unloaded when the level steps down."""
     dep = Deployment(name="capacity", dp=2, dispatch_dtype="fp32", combine_dtype="fp32",
                      capacity_factors=(0.01, None), capacity_window=2,
                      serving={"block_size": 32, "max_model_len": 32, "prefill_tokens": [16], "prefill_rows": [1],
                               "decode_batch": [2], "kv_dtype": "fp32"})
     capped = LLM(hf[0], deployment=dep)
     assert capped.engine.warmup() == 2 * 2  # (prefill, decode) x 2 capacity levels, one context bucket
-    compiled = capped.engine.compilations
+    compiled, runner = capped.engine.compilations, capped.engine.runner
+    held = lambda: sorted(len(step.compiled) for step in runner._steps.values())  # noqa: E731
+    if steps_kept == "serialized":
+        assert held() == [0, 2] and runner.programs_loaded == 0  # level 0's two programs only
     prompts = [list(range(40, 52)), list(range(70, 81))]  # 12 and 11 tokens: ~12 rows per peer, capacity 8
     outs = capped.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     stats = capped.stats()
     assert stats["ep_overflow_retries"] >= 1 and stats["ep_capacity_steps_down"] >= 1
     assert stats["ep_capacity_level"] == 0  # the decode steps since fit the small bucket again
     assert capped.engine.compilations == compiled
+    if steps_kept == "serialized":
+        assert runner.programs_loaded >= 1 and held() == [0, 2]
     assert [o.token_ids for o in outs] == [hf_greedy(hf[1], p, 6) for p in prompts]
 
 

@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     if not args.no_warmup:
         began = time.perf_counter()
         n = llm.engine.warmup()
-        print(f"[server] warm-up: {n} compilations in {time.perf_counter() - began:.1f}s "
+        print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
+              f"{time.perf_counter() - began:.1f}s "
               f"(cache: {args.compilation_cache_dir or 'off'})", file=sys.stderr)
     # vLLM's naming: the model as given on the command line; its directory name is accepted too
     names = args.served_model_name or [args.model or model_dir.name]
