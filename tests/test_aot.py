@@ -33,17 +33,21 @@ def test_saved_programs_load_and_stale_ones_do_not(tmp_path):
     x = np.arange(4, dtype=np.float32)
     out, state = first(weights, jnp.zeros(3), x, scale=2.0)
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 1 and first._cache_size() == 1
+    assert len(files) == 1 and (first.compilations, first.loads) == (1, 0)
     stamp = files[0].stat().st_mtime_ns
 
     weights, second = make(tmp_path)  # a later process: loads, compiles nothing, writes nothing
     out2, state2 = second(weights, jnp.zeros(3), x, scale=2.0)
+    assert (second.compilations, second.loads) == (0, 1)
     assert float(out2) == float(out) == float((x * 2 + 1).sum()) and np.array_equal(state2, state)
     assert sorted(tmp_path.iterdir()) == files and files[0].stat().st_mtime_ns == stamp
 
     second(weights, jnp.zeros(3), x, scale=3.0)  # another static value: another program
     second(weights, jnp.zeros(5), x, scale=2.0)  # another shape: another program
-    assert len(list(tmp_path.iterdir())) == 3 and second._cache_size() == 3
+    assert len(list(tmp_path.iterdir())) == 3 and (second.compilations, second.loads) == (2, 1)
+    second.release()  # unloaded, still saved: the next call loads it again
+    out4, _ = second(weights, jnp.zeros(3), x, scale=2.0)
+    assert float(out4) == float(out) and (second.compilations, second.loads) == (2, 2)
     _, other = make(tmp_path, identity="another model")  # another key: nothing of the old is taken
     other(weights, jnp.zeros(3), x, scale=2.0)
     assert len(list(tmp_path.iterdir())) == 4
@@ -66,7 +70,7 @@ def test_key_covers_environment_and_weights(monkeypatch):
 def test_without_a_directory_it_is_the_jitted_function():
     weights, plain = make(None)
     out, _ = plain(weights, jnp.zeros(3), np.ones(4, np.float32), scale=1.0)
-    assert float(out) == 8.0 and plain._cache_size() == 1
+    assert float(out) == 8.0 and plain.compilations == 1
 
 
 
@@ -104,5 +108,5 @@ def test_a_program_in_jaxs_cache_is_saved_whole(tmp_path, jax_persistent_cache):
     make()(weights, none)  # compiled (not served by JAX's cache) and saved, the rare branch not run
     loaded = make()
     out, _ = loaded(weights, some)  # loaded from the file: the rare branch's kernel must be in it
-    assert loaded._cache_size() == 1 and len(list((tmp_path / "steps").iterdir())) == 1
+    assert (loaded.compilations, loaded.loads) == (0, 1) and len(list((tmp_path / "steps").iterdir())) == 1
     np.testing.assert_array_equal(np.asarray(out), expected)
