@@ -22,7 +22,8 @@ Saved programs need not stay loaded: XLA:CPU maps three memory regions (code, co
 per kernel of a loaded executable -- about 860 for the embedded model's step -- and a Linux process
 may hold 65,530 mappings (vm.max_map_count), i.e. about 75 engine steps. Every bucket at three EP
 capacity levels is 126 on 8 devices, so `release` lets the runner keep only the levels in use;
-a released program is loaded again (not compiled) when a step needs it.
+a released program is loaded again (not compiled) when a step needs it. Programs are lowered
+through a jit wrapper of their own, so that JAX's in-memory caches do not keep them alive.
 
 The key (`program_key`): the source of the packages that build the step (model/, sharding/,
 serving/), jax and jaxlib versions, the backend and its devices, JAX_*/XLA_* environment and jax's
@@ -35,6 +36,7 @@ does not load (truncated, another jaxlib) is compiled again and replaced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -86,16 +88,19 @@ def aot_directory() -> Path | None:
 
 
 class AotStep:
-    """jitted(*args, **static), one compiled program per signature (the shapes and dtypes of
-    args[1:] -- args[0] are the weights, fixed by the key -- and the static arguments), each loaded
-    from `directory` when a previous process saved it, else compiled (through jax's own caches)
-    and saved there. Without a directory it is the jitted function."""
+    """jax.jit(fun, **options)(*args, **static), one compiled program per signature (the shapes and
+    dtypes of args[1:] -- args[0] are the weights, fixed by the key -- and the static arguments),
+    each loaded from `directory` when a previous process saved it, else compiled and saved there.
+    Without a directory it is the jitted function."""
 
-    def __init__(self, jitted, directory: Path | None, key: bytes, devices, out_tree):
-        """out_tree(args): the structure of the step's outputs (treedefs holding a mesh do not pickle)."""
-        self.jitted, self.key, self.devices, self.out_tree = jitted, key, list(devices), out_tree
+    def __init__(self, fun, options: dict, directory: Path | None, key: bytes, devices, out_tree):
+        """options: jax.jit's keyword arguments. out_tree(args): the structure of the step's outputs
+        (treedefs holding a mesh do not pickle)."""
+        self.fun, self.options, self.jitted = fun, options, jax.jit(fun, **options)
+        self.key, self.devices, self.out_tree = key, list(devices), out_tree
         self.directory = Path(directory) if directory and jax.process_count() == 1 else None
         self.compiled: dict[tuple, object] = {}
+        self.pinned: set[tuple] = set()  # programs that could not be saved: never released
         self.compiles = self.loads = 0  # programs this process compiled, and loaded from the directory
 
     def __call__(self, *args, **static):
@@ -112,7 +117,7 @@ class AotStep:
 
     def prepare(self, calls: list[tuple[tuple, dict]]) -> None:
         """Has the programs of these (args, static) calls ready: saved ones loaded on a thread pool,
-        the others lowered here and compiled there (XLA releases the GIL), then saved."""
+        the others lowered here and compiled on another (XLA releases the GIL), then saved."""
         if self.directory is None:
             return
         todo = {}
@@ -121,25 +126,31 @@ class AotStep:
         todo = {sig: call for sig, call in todo.items() if sig not in self.compiled}
         if not todo:
             return
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool, _fresh_compiles():
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             loads = {sig: pool.submit(self._load, sig, args) for sig, (args, _) in todo.items()}
-            compiles = {}
-            for sig, (args, static) in todo.items():
-                program = loads[sig].result()
-                if program is None:
-                    compiles[sig] = pool.submit(self._compile_and_save, sig, args, self.jitted.lower(*args, **static))
-                else:
+            for sig, done in loads.items():
+                if (program := done.result()) is not None:
                     self.compiled[sig], self.loads = program, self.loads + 1
+        missing = [sig for sig in todo if sig not in self.compiled]
+        if not missing:
+            return
+        # a few compilations at a time: each holds a whole step's compiler state (GPU: its autotuning)
+        with _fresh_compiles(), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            compiles = {sig: pool.submit(self._compile_and_save, sig, todo[sig][0], self._lower(*todo[sig]))
+                        for sig in missing}
             for sig, done in compiles.items():
                 self.compiled[sig], self.compiles = done.result(), self.compiles + 1
-        if compiles:  # JAX's in-memory caches hold the fresh executables (and their memory maps)
-            jax.clear_caches()
+
+    def _lower(self, args, static):
+        # through a jit of its own: JAX's in-memory caches then let the executable go with our last
+        # reference (through self.jitted they would keep it, and its memory maps, for good)
+        return jax.jit(functools.partial(self.fun), **self.options).lower(*args, **static)
 
     def release(self) -> None:
-        """Unloads the programs held when they are saved (the next call loads them again); without a
-        directory they stay (they could only be compiled again)."""
+        """Unloads the programs held that are saved (the next call loads them again); without a
+        directory nothing is (they could only be compiled again)."""
         if self.directory is not None:
-            self.compiled.clear()
+            self.compiled = {sig: program for sig, program in self.compiled.items() if sig in self.pinned}
 
     @property
     def compilations(self) -> int:
@@ -162,17 +173,19 @@ class AotStep:
             return None
 
     def _compile_and_save(self, sig, args, lowered):
-        compiled = lowered.compile()  # fresh: JAX's persistent cache is off here (_fresh_compiles)
+        compiled = lowered.compile()  # on CPU not from JAX's persistent cache (_fresh_compiles)
         blob, saved_in, saved_out = serialize_executable.serialize(compiled)
         in_tree, path = jax.tree.structure((args, {})), self._path(sig)
         assert (saved_in, saved_out) == (in_tree, self.out_tree(args)), "the step's trees are not what was declared"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(blob)
-        tmp.replace(path)  # atomic: a reader sees the whole file or none
-        # held as a later start holds it: loaded from the file, so `release` can unload it
-        return serialize_executable.deserialize_and_load(blob, in_tree, self.out_tree(args),
-                                                         execution_devices=self.devices)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(blob)
+            tmp.replace(path)  # atomic: a reader sees the whole file or none
+        except OSError as e:  # a full or read-only disk: serve on, keep this program loaded
+            log.warning("compiled step not saved to %s (%s): it stays loaded", self.directory, e)
+            self.pinned.add(sig)
+        return compiled
 
 
 _fresh_lock = threading.Lock()
@@ -180,9 +193,12 @@ _fresh_lock = threading.Lock()
 
 @contextlib.contextmanager
 def _fresh_compiles():
-    """JAX's persistent cache off for the block (see the module docstring: a program it serves
-    cannot be saved whole). The switch is process-wide: compilations elsewhere in the block only
-    skip the cache."""
+    """On CPU, JAX's persistent cache off for the block (see the module docstring: a program it
+    serves there cannot be saved whole). The switch is process-wide: compilations elsewhere in the
+    block only skip the cache."""
+    if jax.default_backend() != "cpu":
+        yield
+        return
     with _fresh_lock:
         was = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)

@@ -40,8 +40,9 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
-def compile_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
-    """The jitted step for this model as it stands (EP capacity level included). The weights go in as
+def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
+    """The step for this model as it stands (EP capacity level included) and its jax.jit options:
+    -> (weights, step, options). The weights go in as
     a flat list of arrays: flattening nnx.State or hashing a graphdef on every call would cost
     milliseconds of host time per step (docs/DESIGN_NOTES.md). drafts: k, the MTP draft tokens per
     request and step (0: no speculative decoding)."""
@@ -80,8 +81,8 @@ def compile_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         replicated, by_rank = logical_sharding(mesh), logical_sharding(mesh, "batch")
         shardings = (replicated, logical_sharding(mesh, *POOL_AXES), replicated,
                      PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh))
-    return leaves, jax.jit(step, static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
-                           out_shardings=shardings)
+    return leaves, step, dict(static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
+                              out_shardings=shardings)
 
 
 @dataclasses.dataclass
@@ -156,15 +157,18 @@ class ModelRunner:
         """After the weights changed in place (EPLB moved experts): same tree, same compiled step."""
         self.leaves = jax.tree.leaves(nnx.state(self.net))
 
-    def _use_step(self) -> None:
+    def _key(self) -> tuple:
+        """(devices, EP capacity level): what a compiled step is specific to."""
         devices = (None,) if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
-        ep = self.net.ep
-        key = (devices, None if ep is None else ep.level)
-        leaves, step = compile_step(self.net, self.mesh, self.cache_mesh, self.penalties.slots, self.drafts)
+        return devices, None if self.net.ep is None else self.net.ep.level
+
+    def _use_step(self) -> None:
+        key = self._key()
+        leaves, step, options = build_step(self.net, self.mesh, self.cache_mesh, self.penalties.slots, self.drafts)
         if key not in self._steps:  # compiled programs kept on disk between starts (serving/aot.py)
             identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, self.penalties.slots, self.drafts))
             placed = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
-            self._steps[key] = AotStep(step, aot_directory(), program_key(identity, leaves), placed,
+            self._steps[key] = AotStep(step, options, aot_directory(), program_key(identity, leaves), placed,
                                        out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
         self.leaves, self._step = leaves, self._steps[key]
 
@@ -341,3 +345,6 @@ class ModelRunner:
         self.penalties.resize(self.ranks, mesh)
         self.reset_expert_load()
         self._use_step()
+        for key, step in self._steps.items():  # the meshes left: their saved programs load again if needed
+            if key[0] != self._key()[0]:
+                step.release()

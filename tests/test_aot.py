@@ -23,8 +23,8 @@ def step(weights, state, x, scale: float):
 
 def make(directory, identity="toy"):
     weights = {"w": jnp.ones(4)}
-    jitted = jax.jit(step, static_argnames=("scale",), donate_argnums=(1,))
-    return weights, AotStep(jitted, directory, program_key(identity, jax.tree.leaves(weights)), jax.devices()[:1],
+    options = dict(static_argnames=("scale",), donate_argnums=(1,))
+    return weights, AotStep(step, options, directory, program_key(identity, jax.tree.leaves(weights)), jax.devices()[:1],
                             out_tree=lambda args: jax.tree.structure((0, args[1])))
 
 
@@ -73,8 +73,6 @@ def test_without_a_directory_it_is_the_jitted_function():
     assert float(out) == 8.0 and plain.compilations == 1
 
 
-
-
 def branchy(weights, penalties):
     # a kernel only a rare branch runs, as the engine's penalty lax.cond
     def penalize(x):
@@ -102,7 +100,7 @@ def test_a_program_in_jaxs_cache_is_saved_whole(tmp_path, jax_persistent_cache):
     jax.clear_caches()  # a later process: only the persistent cache remains
 
     def make():
-        return AotStep(jax.jit(branchy), tmp_path / "steps", program_key("branchy", jax.tree.leaves(weights)),
+        return AotStep(branchy, {}, tmp_path / "steps", program_key("branchy", jax.tree.leaves(weights)),
                        jax.devices()[:1], out_tree=lambda args: jax.tree.structure((0, args[1])))
 
     make()(weights, none)  # compiled (not served by JAX's cache) and saved, the rare branch not run

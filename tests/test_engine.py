@@ -204,11 +204,13 @@ def steps_kept(request, tmp_path, monkeypatch):
     (serving/aot.py, as the server runs them)."""
     if request.param == "serialized":
         import jax
+        from jax.experimental.compilation_cache import compilation_cache
         monkeypatch.setenv("JAXSEEK_SERIALIZED_STEPS", "1")
         old = jax.config.jax_compilation_cache_dir
         jax.config.update("jax_compilation_cache_dir", str(tmp_path))
         yield request.param
         jax.config.update("jax_compilation_cache_dir", old)
+        compilation_cache.reset_cache()  # JAX's cache back at the suite's directory
     else:
         yield request.param
 

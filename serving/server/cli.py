@@ -28,6 +28,14 @@ def use_compilation_cache(path: str | None) -> None:
     import jax
     if not path:
         return
+    try:  # fail now in one sentence, not in the middle of warm-up
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".writable-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--compilation-cache-dir {path} is not writable ({e.strerror}): pass another "
+                         f"directory, or '' to turn the cache off") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
@@ -69,7 +77,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="[server] %(message)s")
     if args.default_max_tokens < 1 or args.max_request_body_bytes < 1:
         ap.error("--default-max-tokens and --max-request-body-bytes must be >= 1")
-    use_compilation_cache(args.compilation_cache_dir)
+    try:
+        use_compilation_cache(args.compilation_cache_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
 
     import uvicorn
