@@ -233,6 +233,7 @@ def decode_step(state, pool, tokens, page_table, positions, *, graphdef, setup: 
                                  setup.mtp, absorbed=True)
     return hidden, cache.pool, drafts
 
+
 def decode_inputs(setup: Setup, abstract: bool):
     """pool [L, NB, BS, C] (random rows: one layer's repeated), tokens int32[B, 1], page_table
     int32[B, MB] (a random permutation of the layer's pages), positions int32[B, 1] = kv_len - 1."""
