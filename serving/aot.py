@@ -115,15 +115,23 @@ class AotStep:
     def _signature(args, static) -> tuple:
         return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])), tuple(sorted(static.items()))
 
-    def prepare(self, calls: list[tuple[tuple, dict]]) -> None:
-        """Has the programs of these (args, static) calls ready: saved ones loaded on a thread pool,
-        the others lowered here and compiled on another (XLA releases the GIL), then saved."""
+    @property
+    def saves(self) -> bool:
+        """Whether its programs are kept on disk (else it is the jitted function)."""
+        return self.directory is not None
+
+    def prepare(self, calls: list[tuple[tuple, dict]], load: bool = True) -> None:
+        """Has the programs of these (args, static) calls ready: saved ones loaded on a thread pool
+        (load=False: left on disk until a call needs them), the others lowered here and compiled on
+        another (XLA releases the GIL), then saved."""
         if self.directory is None:
             return
         todo = {}
         for args, static in calls:
             todo.setdefault(self._signature(args, static), (args, static))
         todo = {sig: call for sig, call in todo.items() if sig not in self.compiled}
+        if not load:
+            todo = {sig: call for sig, call in todo.items() if not self._path(sig).is_file()}
         if not todo:
             return
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:

@@ -285,7 +285,8 @@ class ModelRunner:
     def warmup(self, kinds: tuple[str, ...]) -> int:
         """Compiles every shape bucket of these step kinds at every EP capacity level a step can reach,
         on all-padding batches (they write nothing), so serving never compiles; returns the number
-        of compilations this took."""
+        of compilations this took. With saved steps (serving/aot.py) the current level's are loaded
+        and run, and the raised levels' only made sure of on disk."""
         before = self.compilations
         cfg, level = self.serving, None if self.net.ep is None else self.net.ep.level
         shapes = [("prefill", r, t) for r in cfg.prefill_rows for t in cfg.prefill_tokens if "prefill" in kinds]
@@ -303,10 +304,14 @@ class ModelRunner:
         for lvl in [None] if level is None else reversed(range(len(self.net.ep.capacity_factors))):
             if lvl is not None:
                 self._set_level(lvl)
-            self._step.prepare([self._call(kind, arrays) for kind, arrays in batches])  # saved programs, in parallel
+            calls = [self._call(kind, arrays) for kind, arrays in batches]
+            if lvl != level and self._step.saves:  # a raised level: saved is enough, a step that overflows loads it
+                self._step.prepare(calls, load=False)
+                continue
+            self._step.prepare(calls)  # saved programs, in parallel
             for kind, arrays in batches:
                 out = self.dispatch(kind, arrays)
-            jax.block_until_ready(out)  # before a level's programs may be released
+            jax.block_until_ready(out)
         if level is not None:
             self._set_level(level)
         self.penalties.warm_up()

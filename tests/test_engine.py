@@ -240,6 +240,12 @@ def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_wa
     if steps_kept == "serialized":
         assert runner.programs_loaded >= 1 and held() == [0, 2]
     assert [o.token_ids for o in outs] == [hf_greedy(hf[1], p, 6) for p in prompts]
+    if steps_kept == "serialized":  # a second start: loads level 0's two programs, compiles nothing
+        again = LLM(hf[0], deployment=dep)
+        assert again.engine.warmup() == 0 and again.engine.programs_loaded == 2
+        assert [o.token_ids for o in again.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))] == \
+            [o.token_ids for o in outs]
+        assert again.engine.compilations == 0 and again.engine.programs_loaded >= 3  # + the raised level's
 
 
 def test_bf16_cache_write_is_in_place():
