@@ -139,6 +139,15 @@ async def one(client, item: dict, model: str) -> str:
     return "ok"
 
 
+COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total")
+
+
+def counters(metrics: str) -> dict[str, float]:
+    """The engine counters the report follows over the run (compilations must not move)."""
+    return {name: sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " "))
+            for name in COUNTERS}
+
+
 async def run(args, pid: int | None) -> dict:
     import httpx
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -163,6 +172,7 @@ async def run(args, pid: int | None) -> dict:
                 if not args.json and done % 500 == 0:
                     print(f"[soak] {done}/{len(items)}", file=sys.stderr, flush=True)
 
+        before = counters((await client.get("/metrics")).text)
         start = time.perf_counter()
         sampler = asyncio.create_task(sample_rss())
         await asyncio.wait_for(asyncio.gather(*(guarded(i, it) for i, it in enumerate(items))), args.deadline_s)
@@ -182,7 +192,9 @@ async def run(args, pid: int | None) -> dict:
     kinds = {k: sum(it["kind"] == k for it in items) for k in ("normal", "disconnect", "malformed")}
     report = {"requests": len(items), "by_kind": kinds, "lost": len(failures), "failures": failures[:20],
               "elapsed_s": round(elapsed, 1), "requests_per_s": round(len(items) / elapsed, 2),
-              "kv_blocks_used_at_end": used, "running_or_waiting_at_end": sum(running)}
+              "kv_blocks_used_at_end": used, "running_or_waiting_at_end": sum(running),
+              "compilations_during_run": counters(metrics)[COUNTERS[0]] - before[COUNTERS[0]],
+              "ep_overflow_retries_during_run": counters(metrics)[COUNTERS[1]] - before[COUNTERS[1]]}
     if pid:
         n, b = len(items), args.rss_baseline
         start_mb = np.median([r for d, r in samples if b * n <= d < (b + 0.1) * n] or [samples[0][1]]) / 2 ** 20
