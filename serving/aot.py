@@ -36,6 +36,7 @@ does not load (truncated, another jaxlib) is compiled again and replaced.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -157,8 +158,9 @@ class AotStep:
     def release(self) -> None:
         """Unloads the programs held that are saved (the next call loads them again); without a
         directory nothing is (they could only be compiled again)."""
-        if self.directory is not None:
+        if self.directory is not None and len(self.compiled) > len(self.pinned):
             self.compiled = {sig: program for sig, program in self.compiled.items() if sig in self.pinned}
+            trim_heap()
 
     @property
     def compilations(self) -> int:
@@ -194,6 +196,17 @@ class AotStep:
             log.warning("compiled step not saved to %s (%s): it stays loaded", self.directory, e)
             self.pinned.add(sig)
         return compiled
+
+
+def trim_heap() -> None:
+    """Hands the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Without it
+    a process that loads and unloads programs, or compiled some, keeps its high-water RSS: measured
+    on the CPU mesh, four load/unload cycles of a capacity level's programs grew RSS by 210 MB, and
+    stayed flat with a trim after each (docs/DESIGN_NOTES.md)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _fresh_lock = threading.Lock()

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from model.overlap import balanced_slots
-from serving.aot import AotStep, aot_directory, program_key
+from serving.aot import AotStep, aot_directory, program_key, trim_heap
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool
 from serving.request import Batch
 from serving.sampling import PenaltyTable, sampling_arrays, verify
@@ -316,6 +316,7 @@ class ModelRunner:
             self._set_level(level)
         self.penalties.warm_up()
         jax.block_until_ready(self.pool)
+        trim_heap()  # what compiling and loading left free goes back to the OS
         return self.compilations - before
 
     def _least_blocks(self, kind: str, width: int) -> int:
