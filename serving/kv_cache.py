@@ -58,19 +58,25 @@ class PagedCache:
     def max_len(self) -> int:
         return self.page_table.shape[1] * self.pool.shape[2]
 
-    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float, kernel: str) -> jax.Array:
-        """Decode attention read straight from the pages: q_latent [B, H, R], q_pe [B, H, P], lengths
-        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks. kernel: the
-        deployment's kernels.attention_decode (pallas | interpret: the same in the Pallas interpreter)."""
-        from model.kernels.mla_decode import mla_decode
-        impl, interpret = ("pallas", True) if kernel == "interpret" else (kernel, False)
+    @property
+    def block_size(self) -> int:
+        return self.pool.shape[2]
 
+    @property
+    def dtype(self):
+        return self.pool.dtype
+
+    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float, attend) -> jax.Array:
+        """Decode attention read straight from the pages: q_latent [B, H, R], q_pe [B, H, P], lengths
+        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks. attend: the
+        deployment's decode kernel, attend(q_latent, q_pe, pool [NB, BS, C], page_table, lengths, scale)
+        (model/attention.py: MLA.attend_in_cache)."""
         def local(pool, table, q_latent, q_pe, lengths, layer):
             # every layer's blocks as one [L * NB, BS, C] pool (a free reshape) and the table offset to
             # this layer's: pool[layer] with a traced layer would copy the layer's whole pool
             L, NB, BS, C = pool.shape
-            return mla_decode(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool.reshape(L * NB, BS, C),
-                              table + layer * NB, lengths, scale, block_size=BS, impl=impl, interpret=interpret)
+            return attend(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool.reshape(L * NB, BS, C),
+                          table + layer * NB, lengths, scale)
         return self._per_rank(local, ROWS, self.pool, self.page_table, q_latent, q_pe, lengths, layer)
 
     def select_rows(self, pick) -> "PagedCache":
