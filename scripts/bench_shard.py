@@ -137,10 +137,12 @@ class Setup:
 
 
 def small_config(cfg):
-    """Every dimension shrunk; layer kinds, expert counts and routing rules kept."""
+    """Every dimension shrunk; layer kinds, expert counts and routing rules kept, and the GPU kernels' tile
+    sizes (the latent a multiple of 128 and the rope width of 64 flash_mla reads, so kv_a_proj's N of 192 is
+    off the GEMM's 128-wide tiles as DeepSeek's 576 is; the per-head halves of kv_b_proj 128-aligned)."""
     return cfg.replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-                       first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=64, q_lora_rank=128,
-                       qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, vocab_size=1024)
+                       first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=128, q_lora_rank=128,
+                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=1024)
 
 
 SCALES = {  # decode: batch, kv_len, block_size; prefill: prompts, prompt_len, attn_chunk

@@ -39,7 +39,7 @@ from model.kernels import flash_mla, fp8_gemm, grouped_gemm, mla_decode, mla_pre
 from sharding.ep import TRANSPORTS
 from sharding.kernels import ROLES, Kernels
 
-BLOCK = fp8_gemm.BLOCK  # the Mosaic FP8 kernels' tile edge along N and K, and their row tile (block_m)
+BLOCK = fp8_gemm.BLOCK  # the Mosaic FP8 kernels' row tile (block_m) in the masked layout
 
 
 def defaults(platform: str) -> dict[str, str]:
@@ -140,10 +140,7 @@ def _xla_masked(x, w, w_scale, counts, out_dtype):
 
 
 def _mosaic_dense(x, w, w_scale, out_dtype, *, interpret=False):
-    # the grouped kernel with one group, the whole weight (until fp8_gemm has a dense entry point)
-    x_q, x_scale = x
-    sizes = jnp.full((1,), x_q.shape[0], jnp.int32)
-    return fp8_gemm.fp8_grouped_matmul(x_q, x_scale, w[None], w_scale[None], sizes, out_dtype, interpret=interpret)
+    return fp8_gemm.fp8_matmul(*x, w, w_scale, out_dtype, interpret=interpret)
 
 
 def _mosaic_contiguous(x, w, w_scale, group_sizes, out_dtype, *, interpret=False):
@@ -186,8 +183,8 @@ LAYOUTS = ("dense", "contiguous", "masked")
 def _gemm_fits(name: str, layout: str, fp8: bool, n: int, k: int) -> bool:
     if layout not in GEMMS[name]:
         return False
-    if name.startswith("mosaic_fp8"):  # FP8 x FP8 MMA on whole 128 x 128 weight tiles
-        return fp8 and n % BLOCK == 0 and k % BLOCK == 0
+    if name.startswith("mosaic_fp8"):  # FP8 x FP8 MMA; TMA rows (K bytes, N bf16 outputs) 16-byte aligned
+        return fp8 and k % 16 == 0 and n % 8 == 0
     return True
 
 
