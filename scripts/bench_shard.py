@@ -594,7 +594,8 @@ def print_text(r: dict) -> None:
 
 def check_lowering(setup: Setup, platform: str) -> int:
     """Traces and lowers the step for `platform` from abstract shapes; prints what kernels it calls (the
-    compiled program's structure: scripts/compile_gpu.py)."""
+    compiled program's structure: scripts/compile_gpu.py; tokamax lowers only with a GPU device at hand,
+    which that script has: here pass --prefill-kernel xla)."""
     from model.kernels import lower_for_gpu
     fn, args, nbytes = build(setup, abstract=True)
     text = lower_for_gpu(fn, *args.values(), platform=platform).as_text()

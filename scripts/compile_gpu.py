@@ -320,7 +320,7 @@ def cross_compiling(topo, mesh):
     with contextlib.ExitStack() as stack:
         try:
             import tokamax
-            tokamax.config.cross_compile(True)
+            stack.enter_context(tokamax.config.cross_compile(True))
             stack.enter_context(jax.default_device(topo.devices[0]))
         except ImportError:
             pass

@@ -15,7 +15,8 @@ import torch
 
 from hf_reference import hf_logits, make_checkpoint, resave_fp8, tiny_config
 from model import DeepseekV3
-from model.experts import ExpertWeights, contiguous_gemm, grouped_ffn
+from model.experts import ExpertWeights, grouped_ffn, layout_gemm
+from model.kernels import registry
 from model.quant import (FP8, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul, quantize_activations,
                          quantize_blocks)
 from sharding import make_mesh
@@ -93,42 +94,31 @@ def test_dense_fp8_matmul_equals_numpy_per_block_semantics():
     close(got, np_fp8_gemm(x_q, x_s, w_q, w_s))
 
 
-def test_gpu_default_bf16_path_within_bf16_rounding():
-    """impl "bf16" (the GPU's default for the dense and masked FP8 GEMMs until FP8 MMA kernels land)
-    rounds the dequantised operands to bfloat16: within bfloat16's 2^-8 of the semantics (CPU run)."""
-    rng = np.random.default_rng(5)
-    x_q, x_s = np_quantize(activations(rng, (16, 256)))
-    w_q, w_s = fp8_weights(rng, (64, 256))
-    got = np.asarray(jax.jit(lambda *a: fp8_matmul(*a, jnp.float32, impl="bf16"))(x_q, x_s, w_q, w_s))
-    want = np_fp8_gemm(x_q, x_s, w_q, w_s)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.abs(want).max())
-    assert not np.array_equal(got, want)  # it did round
-
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the GPU's own FP8 GEMM path (CPU sibling above)")
 def test_fp8_gemms_on_gpu_match_numpy():
     rng = np.random.default_rng(6)
     x_q, x_s = np_quantize(activations(rng, (64, 512)))
     w_q, w_s = fp8_weights(rng, (256, 512))
-    got = np.asarray(jax.jit(lambda *a: fp8_matmul(*a, jnp.float32))(x_q, x_s, w_q, w_s))  # impl auto
+    dense = registry.gemm("mosaic_fp8", "dense", fp8=True, n=256, k=512)
+    got = np.asarray(jax.jit(lambda x_q, x_s, w, s: dense((x_q, x_s), w, s, jnp.float32))(x_q, x_s, w_q, w_s))
     want = np_fp8_gemm(x_q, x_s, w_q, w_s)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.abs(want).max())
+    close(got, want)
     sizes = jnp.asarray([20, 0, 30, 14])
     w3 = fp8_weights(rng, (4, 256, 512))
-    got = np.asarray(jax.jit(lambda x_q, x_s, w, s, n: contiguous_gemm((x_q, x_s), w, s, n, jnp.float32, "auto"))(
-        x_q, x_s, *w3, sizes))
+    got = np.asarray(jax.jit(lambda x_q, x_s, w, s, n: layout_gemm("contiguous", (x_q, x_s), w, s, n, jnp.float32,
+                                                                   "mosaic_fp8"))(x_q, x_s, *w3, sizes))
     start = 0
-    for g, n in enumerate([20, 0, 30, 14]):  # the Pallas grouped GEMM over BF16 activations
+    for g, n in enumerate([20, 0, 30, 14]):  # the Mosaic FP8 x FP8 grouped GEMM
         if n:
             ref = np_fp8_gemm(x_q[start:start + n], x_s[start:start + n], w3[0][g], w3[1][g])
-            np.testing.assert_allclose(got[start:start + n], ref, rtol=0, atol=2 ** -7 * np.abs(ref).max())
+            close(got[start:start + n], ref)
         start += n
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_grouped_fp8_matmul_contiguous_layout_equals_numpy(impl):
-    """reference: fp8_grouped_matmul; interpret: the GEMM the experts run on GPU (model.experts.
-    contiguous_gemm: the Pallas grouped GEMM, run by its interpreter here)."""
+    """reference: fp8_grouped_matmul; interpret: the GEMM the experts run on GPU (model.experts.layout_gemm
+    under kernels.gemm mosaic_fp8: the Mosaic FP8 kernel, run by its interpreter here)."""
     rng = np.random.default_rng(2)
     sizes = [10, 0, 25, 9]  # an empty group; 6 rows past the last group
     x_q, x_s = np_quantize(activations(rng, (50, 256)))
@@ -136,8 +126,9 @@ def test_grouped_fp8_matmul_contiguous_layout_equals_numpy(impl):
     if impl == "reference":
         got = jax.jit(lambda *a: fp8_grouped_matmul(*a, jnp.float32))(x_q, x_s, w_q, w_s, jnp.asarray(sizes))
     else:
-        got = jax.jit(lambda x_q, x_s, w_q, w_s, n: contiguous_gemm((x_q, x_s), w_q, w_s, n, jnp.float32, "interpret"))(
-            x_q, x_s, w_q, w_s, jnp.asarray(sizes))
+        got = jax.jit(lambda x_q, x_s, w_q, w_s, n: layout_gemm("contiguous", (x_q, x_s), w_q, w_s, n, jnp.float32,
+                                                                 "mosaic_fp8_interpret"))(x_q, x_s, w_q, w_s,
+                                                                                          jnp.asarray(sizes))
     want = np.zeros((50, 160), np.float32)
     start = 0
     for g, n in enumerate(sizes):
@@ -184,7 +175,7 @@ def moe_case():
 @pytest.mark.parametrize("layout", ["contiguous", "masked", "tiles"])
 def test_expert_ffn_equals_numpy_in_every_layout(moe_case, layout):
     x, ids, weights, experts, want = moe_case
-    run = jax.jit(lambda x, e: grouped_ffn(x, ids, weights, e, layout, capacity=64, tile=8, impl="xla")[0])
+    run = jax.jit(lambda x, e: grouped_ffn(x, ids, weights, e, layout, capacity=64, tile=8, gemm="xla")[0])
     close(run(x, experts), want)
 
 

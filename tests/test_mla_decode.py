@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig
-from model.attention import MLA
+from model.attention import MLA, AbsorbedKV
 from model.kernels import lower_for_gpu
 from model.kernels.mla_decode import mla_decode
 from tiny import TINY
@@ -100,7 +100,9 @@ def test_context_through_w_v_equals_model_attend_absorbed():
     # eagerly on CPU), then give it a concrete random kv_b_proj
     mla = nnx.eval_shape(lambda: MLA(cfg, jnp.float32, nnx.Rngs(0)))
     mla.kv_b_proj.weight = nnx.Param(0.2 * jax.random.normal(jax.random.key(0), mla.kv_b_proj.weight.shape))
-    w_k, w_v = mla._kv_b()
+    mla.absorbed = AbsorbedKV(mla.kv_b_proj, cfg)  # the absorbed form's halves, from this kv_b_proj
+    w = mla.kv_b_proj.weight[...].reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+    w_k, w_v = w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
     _, q_pe, pool, table, lengths = _case(jnp.float32, seed=1)
     q_nope = jax.random.normal(jax.random.key(1), (B, cfg.num_attention_heads, cfg.qk_nope_head_dim))
     q_pe = q_pe[:, :cfg.num_attention_heads]
@@ -191,11 +193,11 @@ def test_engine_decodes_through_the_kernel_path(monkeypatch):
     prompts = ["add 12+7=", "reverse 90817=", "sort 5210=", "add 3+44=", "reverse 123=", "sort 987="]
     params = SamplingParams(max_tokens=3, ignore_eos=True)  # 2 decode steps through the interpreted kernel
     outs = {}
-    for kernel in ("xla", "interpret"):
+    for kernel in ("xla", "triton_interpret"):
         dep = Deployment(name="kernel", dp=2, overlap="five_stage", serving=serving, kernels={"attention_decode": kernel})
         llm = LLM(deployment=dep)
         outs[kernel] = [o.token_ids for o in llm.generate(prompts, params)]
-    assert outs["interpret"] == outs["xla"] and all(len(t) == 3 for t in outs["xla"])
+    assert outs["triton_interpret"] == outs["xla"] and all(len(t) == 3 for t in outs["xla"])
     # a rank's 4 rows (the dense layer) and each micro-batch's 2 (the MoE layers under overlap), each
     # row's 1 + k query positions (its last token and k MTP drafts, on by default) as rows of the kernel
     S = 1 + llm.engine.drafts
