@@ -17,8 +17,9 @@ from hf_reference import hf_logits, make_checkpoint, resave_fp8, tiny_config
 from model import DeepseekV3
 from model.experts import ExpertWeights, grouped_ffn, layout_gemm
 from model.kernels import registry
-from model.quant import (FP8, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul, quantize_activations,
-                         quantize_blocks)
+from model import ModelConfig
+from model.quant import (FP8, dequantize_weight, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul,
+                         quantize_activations, quantize_blocks)
 from sharding import make_mesh
 from sharding.deployment import Deployment
 from model.ep import ep_routed_experts
@@ -179,6 +180,19 @@ def test_expert_ffn_equals_numpy_in_every_layout(moe_case, layout):
     close(run(x, experts), want)
 
 
+def test_expert_ffn_through_the_mosaic_kernel_equals_the_reference():
+    """The GPU's decode layout of the routed experts (masked: a capacity bucket per expert, rounded up to the
+    kernel's row tile) through the Mosaic FP8 grouped GEMM (kernels.gemm mosaic_fp8, its interpreter here):
+    the XLA reference's output. (The contiguous layout's kernel: test_grouped_fp8_matmul_contiguous_layout_...)"""
+    rng = np.random.default_rng(9)
+    ws = [fp8_weights(rng, s) for s in ((2, 128, 256), (2, 128, 256), (2, 256, 128))]
+    experts = ExpertWeights(*(w[0] for w in ws), *(w[1] for w in ws))
+    x, ids = activations(rng, (6, 256)) / 4, np.array([[0, 1], [1, -1], [0, -1], [1, 0], [0, 1], [-1, -1]], np.int32)
+    weights = rng.random((6, 2)).astype(np.float32)
+    run = jax.jit(lambda x, e, gemm: grouped_ffn(x, ids, weights, e, "masked", gemm=gemm)[0], static_argnums=2)
+    close(run(x, experts, "mosaic_fp8_interpret"), np.asarray(run(x, experts, "xla")))
+
+
 def test_expert_ffn_behind_fp8_dispatch_equals_numpy(moe_case):
     """EP8: the dispatch quantises each row once, sends e4m3 + scales, and the experts use them as
     they arrive; combined in float32 it is the per-block semantics, token by token."""
@@ -304,3 +318,49 @@ def test_random_checkpoint_follows_fp8_numerics_on_one_device_and_ep8(tmp_path):
     assert mean(ref, deq) > 0.05 * np.abs(deq).mean()  # FP8 numerics really differ from the dequantised model
     assert mean(one, ref) < 0.05 * mean(one, deq)
     assert mean(ep8, ref) < 0.05 * mean(ep8, deq) and mean(ep8, ref) <= 2 * mean(one, ref)
+
+
+# ---- the absorbed MLA's per-head FP8 GEMMs (kv_b_proj's halves, made once at load) --------------------
+
+def test_absorbed_halves_of_an_fp8_kv_b_proj_are_its_own_blocks():
+    """With K = V = 128 (DeepSeek's) each head's halves are whole 128x128 blocks: the key half transposed and
+    the value half are kv_b_proj's own e4m3 values and scales moved, nothing requantised."""
+    from model.attention import absorbed_weights
+    cfg = ModelConfig.from_json("configs/tiny/config.json").replace(qk_nope_head_dim=128, v_head_dim=128,
+                                                                    kv_lora_rank=256)
+    H, R = cfg.num_attention_heads, cfg.kv_lora_rank
+    w, s = fp8_weights(np.random.default_rng(7), (H * 256, R))
+    uk, uk_s, uv, uv_s = jax.jit(lambda w, s: absorbed_weights(w, s, cfg))(w, s)
+    real = np.asarray(dequantize_weight(jnp.asarray(w), jnp.asarray(s))).reshape(H, 256, R)
+    assert uk.dtype == uv.dtype == FP8 and uk.shape == (H, R, 128) and uv.shape == (H, 128, R)
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(uk, uk_s)), real[:, :128].transpose(0, 2, 1))
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(uv, uv_s)), real[:, 128:])
+
+
+def test_absorbed_per_head_gemms_through_the_mosaic_kernel_equal_the_reference():
+    """MLA.absorb_query / absorb_output (the masked layout, one group per head) with kernels.gemm mosaic_fp8
+    (its interpreter here) equal the XLA reference, and the FP8 semantics read with numpy."""
+    from flax import nnx
+    from model.attention import MLA
+    cfg = ModelConfig.from_json("configs/tiny/config.json").replace(qk_nope_head_dim=128, v_head_dim=128,
+                                                                    kv_lora_rank=128, num_attention_heads=2)
+    mla = MLA(cfg, jnp.float32, nnx.Rngs(3), fp8=True)
+    rng = np.random.default_rng(8)
+    q_nope = jnp.asarray(activations(rng, (5, 2, 128)))  # [B, H, K]
+    context = jnp.asarray(activations(rng, (5, 2, 128)))  # [B, H, R]
+    graphdef, state = nnx.split(mla)
+
+    def run(gemm):
+        def f(state, q, c):
+            m = nnx.merge(graphdef, state)
+            m.gemm = gemm
+            return m.absorb_query(q), m.absorb_output(c)
+        return [np.asarray(a) for a in jax.jit(f)(state, q_nope, context)]
+
+    (q_ref, o_ref), (q_kernel, o_kernel) = run("xla"), run("mosaic_fp8_interpret")
+    close(q_kernel, q_ref)
+    close(o_kernel, o_ref)
+    a = mla.absorbed
+    for h in range(2):
+        close(q_ref[:, h], np_fp8_gemm(*np_quantize(np.asarray(q_nope[:, h])), np.asarray(a.w_uk_t[...][h]),
+                                       np.asarray(a.w_uk_t_scale[...][h])))

@@ -202,3 +202,27 @@ def test_engine_decodes_through_the_kernel_path(monkeypatch):
     # row's 1 + k query positions (its last token and k MTP drafts, on by default) as rows of the kernel
     S = 1 + llm.engine.drafts
     assert S == 2 and {table[0] for table in traced} == {4 * S, 2 * S}
+
+
+def test_flash_mla_in_the_model_step_equals_the_gathered_rows():
+    """MLA.attend_in_cache with the deployment's flash_mla (its Mosaic GPU interpreter here) over a paged
+    bfloat16 pool, with its per-step plan (registry.decode_plan over the rows' lengths), equals
+    attend_absorbed over the gathered rows: the absorbed query, the kernel, the value half after it."""
+    from serving.kv_cache import PagedCache
+    cfg = dataclasses.replace(ModelConfig.from_json(TINY), kv_lora_rank=128, qk_rope_head_dim=64,
+                              qk_nope_head_dim=32, v_head_dim=32, num_attention_heads=2)
+    mla = MLA(cfg, jnp.float32, nnx.Rngs(0))
+    mla.decode_kernel, mla.sms = "flash_mla_interpret", 4  # 4 SMs: the rows' pages split in 2 parts per head block
+    rng = np.random.default_rng(3)
+    Bq, MBq, BSq = 3, 4, 16
+    pool = jnp.asarray(rng.standard_normal((1, Bq * MBq, BSq, 192)), jnp.bfloat16)
+    table = jnp.asarray(rng.permutation(Bq * MBq).reshape(Bq, MBq), jnp.int32)
+    slots = jnp.asarray([[5], [63], [30]], jnp.int32)  # the new token's position per row
+    q_nope = jnp.asarray(rng.standard_normal((Bq, 1, 2, 32)), jnp.float32)
+    q_pe = jnp.asarray(rng.standard_normal((Bq, 1, 2, 64)), jnp.float32)
+    cache = PagedCache(pool, table)
+    got = jax.jit(lambda q, p, c: mla.attend_in_cache(q, p, c, jnp.int32(0), slots))(q_nope, q_pe, cache)
+    rows = cache.read(0).astype(jnp.float32)
+    mask = jnp.arange(MBq * BSq)[None, None, :] <= slots[:, :, None]
+    want = mla.attend_absorbed(q_nope, q_pe, rows, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-2, rtol=3e-2)  # bf16 keys and probs
