@@ -13,8 +13,12 @@ the GPU as configuration (bench_shard --platform gpu: nothing is patched). `kern
 DeepSeek's shapes (KERNELS below). Prints one JSON object:
     compile_s                     seconds of lowering + compiling
     weight_copies                 per layer loop (a while with a trip count): kernels per iteration that copy a
-                                  slice of a loop-invariant stack (a scanned weight: a GEMM would then read the
-                                  copy), and their bytes; weight_slice_copies_per_iteration: the most in a loop
+                                  slice of a loop-invariant stack (a scanned weight) that a GEMM then reads, and
+                                  their bytes and kind (a weight matrix, or an FP8 weight's block scales); other
+                                  parameter slices copied (a norm's weight for an XLA fusion); copies of whole
+                                  parameters outside the loops
+    weight_slice_copies_per_iteration   the most in one layer loop (weight_matrix_copies_per_iteration: of
+                                  weight matrices)
     dequantized_bytes_per_step    float bytes written per step by fusions whose output is an FP8 weight
                                   converted (and scaled) to a float type: a dequantised copy. A GEMM fusion that
                                   reads FP8 and writes its product is not one, nor a fusion over FP8 activations
@@ -245,7 +249,10 @@ def report(hlo: str) -> dict:
         if fp8_to_float:
             dequantized += nbytes(shape) * prog.runs[comp]
             dequant_ops.append(op_name or name)
-        copy = {"shape": shape.split("{")[0], "bytes": nbytes(shape), "op": op_name or name}
+        # an FP8 weight's float32 128x128 block scales, or a weight matrix (XLA hands a kernel a slice of a
+        # stack in place only at 256-byte strides: docs/DESIGN_NOTES.md)
+        kind = "block_scales" if shape.startswith("f32") else "matrix"
+        copy = {"shape": shape.split("{")[0], "bytes": nbytes(shape), "kind": kind, "op": op_name or name}
         if comp not in loops:
             entry_copies.append({**copy, "read_by_gemm": gemm})
         elif gemm:  # the issue's count: a GEMM on a copy of its weight's slice
@@ -269,7 +276,9 @@ def report(hlo: str) -> dict:
             entry["call_sites"] += 1
             entry["launches_per_step"] += prog.runs.get(comp, 0)
     copying = [v for v in loops.values() if v["copies_per_iteration"] or v["other_copies_per_iteration"]]
+    matrices = [sum(c["kind"] == "matrix" for c in v["copies"]) for v in loops.values()]
     return {"weight_slice_copies_per_iteration": max((v["copies_per_iteration"] for v in loops.values()), default=0),
+            "weight_matrix_copies_per_iteration": max(matrices, default=0),
             "other_parameter_copies_per_iteration": max((v["other_copies_per_iteration"] for v in loops.values()),
                                                         default=0),
             "weight_copies": {"loops": sorted(copying, key=lambda v: -v["trip_count"]),
@@ -426,6 +435,20 @@ def kernels(target_name: str, name: str) -> dict:
     return {"device": topo.devices[0].device_kind, "what": "kernels", "kernels": out}
 
 
+def compile_gpu(what: str, target_name: str, args) -> dict:
+    """`step` (args: bench_shard.py's flags) or `kernel` (args: a KERNELS name or "all") for the target,
+    with each Mosaic GPU kernel's ptxas report (read from a dump folder of its own, removed after)."""
+    dump = Path(tempfile.mkdtemp(prefix="mosaic-dump-"))
+    os.environ.update(MOSAIC_GPU_DUMP_TO=str(dump), MOSAIC_GPU_DUMP_PTXAS="1")  # read when a kernel compiles
+    try:
+        result = step(target_name, list(args)) if what == "step" else kernels(target_name, args)
+        return {**result, "mosaic_kernels": mosaic_kernels(dump)}
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
+        for key in ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTXAS"):
+            os.environ.pop(key, None)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in ("step", "kernel", "hlo"):
         raise SystemExit(__doc__)
@@ -436,14 +459,7 @@ def main(argv: list[str]) -> int:
     if "--target" in argv:
         i = argv.index("--target")
         name, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    dump = Path(tempfile.mkdtemp(prefix="mosaic-dump-"))
-    os.environ.update(MOSAIC_GPU_DUMP_TO=str(dump), MOSAIC_GPU_DUMP_PTXAS="1")  # read when a kernel compiles
-    try:
-        result = step(name, argv[1:]) if argv[0] == "step" else kernels(name, argv[1])
-        result["mosaic_kernels"] = mosaic_kernels(dump)
-    finally:
-        shutil.rmtree(dump, ignore_errors=True)
-    print(json.dumps(result, indent=1))
+    print(json.dumps(compile_gpu(argv[0], name, argv[1:] if argv[0] == "step" else argv[1]), indent=1))
     return 0
 
 
