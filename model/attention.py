@@ -210,8 +210,9 @@ class MLA(nnx.Module):
         name, kernel = registry.decode_attention(self.decode_kernel, rank=cfg.kv_lora_rank, rope=cfg.qk_rope_head_dim,
                                                  block_size=cache.block_size, dtype=cache.dtype)
 
-        def attend(q_latent, q_pe, pool, table, lengths, scale):  # one rank's rows over its blocks
-            plan = registry.decode_plan(name, lengths, self.sms, H)  # the step's KV split, shared by every layer
+        def attend(q_latent, q_pe, pool, table, lengths, scale, plan):  # one rank's rows over its blocks
+            if plan is None:  # no plan made for the step (a view of some rows): this layer's own
+                plan = registry.decode_plan(name, lengths, self.sms, H)
             return kernel(q_latent, q_pe, pool, table, lengths, scale, plan=plan)
         context = cache.absorbed_context(layer, q_latent, q_pe.reshape(B * S, *q_pe.shape[2:]), lengths,
                                          cfg.softmax_scale, attend)

@@ -10,6 +10,7 @@ layer body per kind.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,6 +24,7 @@ from model.checkpoint import load, save_orbax  # checkpoint takes the model clas
 from model.config import ModelConfig
 from model.decoder import DecoderLayer  # the layer's stages and plain forward
 from model.experts import Experts
+from model.kernels import registry
 from model.layers import Derived, Linear, RMSNorm, param, rope_cos_sin
 from model.quant import check_quantization
 
@@ -177,6 +179,7 @@ class DeepseekV3(nnx.Module):
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         mask = causal_mask(positions, cache.max_len)
+        cache = self._planned(cache, positions, absorbed)
         stats = {}
         if self.dense_layers is not None:
             x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
@@ -184,7 +187,24 @@ class DeepseekV3(nnx.Module):
             x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
                                            positions, mask, absorbed)
             stats = {**stats, "overflow": jnp.any(stats["overflow"])}
+        if getattr(cache, "plan", None) is not None:  # made for these positions only
+            cache = dataclasses.replace(cache, plan=None)
         return self.norm(x), cache, stats
+
+    def _planned(self, cache, positions, absorbed: bool):
+        """The paged cache with the decode kernel's KV split for this step's rows, made once for every
+        layer (flash_mla's plan; other kernels take none). The rows are attend_in_cache's: each position
+        of each row, reading up to it."""
+        if not (absorbed and cache.in_place_decode and self.kernels is not None):
+            return cache
+        cfg = self.config
+        name, _ = registry.decode_attention(self.kernels.attention_decode, rank=cfg.kv_lora_rank,
+                                            rope=cfg.qk_rope_head_dim, block_size=cache.block_size, dtype=cache.dtype)
+        if name not in registry.NEEDS_PLAN:
+            return cache
+        heads = cfg.num_attention_heads
+        return cache.with_plan(jnp.maximum(positions.reshape(-1) + 1, 1),
+                               lambda lengths: registry.decode_plan(name, lengths, self.kernels.sms, heads))
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
