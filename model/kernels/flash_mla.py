@@ -196,9 +196,9 @@ def _kernel(part_chunk_ref, part_rows_ref, row_chunk_ref, lengths_ref, table_ref
         return jnp.where(pos < lengths_ref[b], s * scale_log2, -jnp.inf)  # each chunk has a valid position
 
     def rows_of_this_part(pair_fn, epilogue):
-        """Runs pair_fn(with1, b, c, last, z, carry) -> carry over each row's chunk pairs (c, c + 1), then epilogue;
-        with1 (static) says whether the pair has its second chunk (a row's odd chunk count leaves the last pair
-        one chunk). z is 0, but not to the compiler: shared-memory operands indexed by it get their wgmma
+        """Runs pair_fn(b, c, has1, last, z, carry) -> carry over each row's chunk pairs (c, c + 1), then epilogue;
+        has1 says whether the pair has its second chunk (a row's odd chunk count leaves the last pair one
+        chunk). z is 0, but not to the compiler: shared-memory operands indexed by it get their wgmma
         descriptors computed where used, not hoisted out of the loop (the scores' would hold 72 registers)."""
         def row(b, _):
             c0, c1 = chunk_range(b)
@@ -209,8 +209,7 @@ def _kernel(part_chunk_ref, part_rows_ref, row_chunk_ref, lengths_ref, table_ref
 
             def pair(i, carry):
                 c = c0 + 2 * i
-                args = (b, c, i == npairs - 1, lax.shift_right_logical(i, 30), carry)
-                return lax.cond(c + 1 < c1, functools.partial(pair_fn, True), functools.partial(pair_fn, False), *args)
+                return pair_fn(b, c, c + 1 < c1, i == npairs - 1, lax.shift_right_logical(i, 30), carry)
             epilogue(b, lax.fori_loop(0, npairs, pair, init))
             return None
         lax.fori_loop(r0, r1 + 1, row, None)
@@ -226,7 +225,7 @@ def _kernel(part_chunk_ref, part_rows_ref, row_chunk_ref, lengths_ref, table_ref
         plgpu.set_max_registers(CONSUMER_REGS, action="increase")
         cols = pl.ds(pl.multiple_of(zero, half), half)
 
-        def pair(with1, b, c, last, z, carry):
+        def pair(b, c, has1, last, z, carry):
             own, other = zero + z, zero + z + 1  # stages
             acc, l, m = carry  # [64, R/2] f32 context; [64] sum and max (log2 units), both as of the last pair
             plgpu.barrier_wait(kv_bar.at[0])
@@ -250,13 +249,15 @@ def _kernel(part_chunk_ref, part_rows_ref, row_chunk_ref, lengths_ref, table_ref
             acc = mma_chain(acc * bcast(a0, acc), own_chunk, interpret)
             plgpu.barrier_arrive(kv_free.at[0])
             m1, a1 = load_vec(stats.at[2]), load_vec(stats.at[3])
-            acc = acc * bcast(a1, acc)
-            if with1:  # warpgroup 1's P . this half of its chunk's latent
-                def other_chunk(mma):
+
+            def other_chunk(acc):  # warpgroup 1's P . this half of its chunk's latent
+                def product(mma):
                     plgpu.barrier_wait(p1_ready)
                     mma(kv_smem.at[other, :, p_cols], kv_smem.at[other, :, cols])
-                acc = mma_chain(acc, other_chunk, interpret)
+                acc = mma_chain(acc, product, interpret)
                 plgpu.barrier_arrive(kv_free.at[1])
+                return acc
+            acc = lax.cond(has1, other_chunk, lambda acc: acc, acc * bcast(a1, acc))
             return acc, l * a1, m1
 
         def epilogue(b, carry):
@@ -271,39 +272,44 @@ def _kernel(part_chunk_ref, part_rows_ref, row_chunk_ref, lengths_ref, table_ref
         plgpu.set_max_registers(CONSUMER_REGS, action="increase")
         cols = pl.ds(pl.multiple_of(zero + half, half), half)
 
-        def pair(with1, b, c, last, z, carry):
+        def pair(b, c, has1, last, z, carry):
             own, other = zero + z + 1, zero + z  # stages
             acc, l, _ = carry
-            if with1:
+
+            def own_scores():
                 plgpu.barrier_wait(kv_bar.at[1])
-                s = scores(b, c + 1, own, z)
+                return scores(b, c + 1, own, z)
+            none = lambda: plgpu.layout_cast(jnp.full((HEADS, CHUNK), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA)
+            s = lax.cond(has1, own_scores, none)  # no second chunk: P = 0, m1 = m0
             plgpu.barrier_arrive(q_free, predicate=last)
             plgpu.barrier_wait(scale0)
             m0, a0 = load_vec(stats.at[0]), load_vec(stats.at[1])
-            if with1:
-                m1 = jnp.maximum(m0, s.max(axis=1))
-                a1 = jnp.exp2(m0 - m1)
-                p = jnp.exp2(s - bcast(m1, s))
-                l = l * (a0 * a1) + p.sum(axis=1)
-            else:
-                m1, a1, l = m0, row_vec(1.0), l * a0
+            m1 = jnp.maximum(m0, s.max(axis=1))
+            a1 = jnp.exp2(m0 - m1)
+            p = jnp.exp2(s - bcast(m1, s))
+            l = l * (a0 * a1) + p.sum(axis=1)
             stats[2] = m1
             stats[3] = a1
             plgpu.barrier_arrive(scale1)
-            if with1:
+
+            def other_chunk(mma):  # warpgroup 0's P . this half of its chunk's latent
+                plgpu.barrier_wait(p0_ready)
+                mma(kv_smem.at[other, :, p_cols], kv_smem.at[other, :, cols])
+
+            def both_chunks(acc):  # P1 . its chunk's latent half, then P0 . the other chunk's, back to back
                 p16 = p.astype(kv_smem.dtype)
                 kv_smem[own, :, p_cols] = p16
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(p1_ready)
 
-            def both_chunks(mma):  # P1 . its chunk's latent half, then P0 . the other chunk's, back to back
-                if with1:
+                def products(mma):
                     mma(p16, kv_smem.at[own, :, cols])
-                plgpu.barrier_wait(p0_ready)
-                mma(kv_smem.at[other, :, p_cols], kv_smem.at[other, :, cols])
-            acc = mma_chain(acc * bcast(a0 * a1, acc), both_chunks, interpret)
-            if with1:
+                    other_chunk(mma)
+                acc = mma_chain(acc, products, interpret)
                 plgpu.barrier_arrive(kv_free.at[1])
+                return acc
+            acc = lax.cond(has1, both_chunks, lambda acc: mma_chain(acc, other_chunk, interpret),
+                           acc * bcast(a0 * a1, acc))
             plgpu.barrier_arrive(kv_free.at[0])
             return acc, l, m1
 
