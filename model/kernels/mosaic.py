@@ -45,8 +45,12 @@ def mma_into(acc, a, b, interpret: bool):
     """acc + a @ b, acc f32 in registers (wgmma layout), a in shared memory or registers (wgmma layout), b in
     shared memory; accumulated in place when compiled; waits."""
     if interpret:  # no run_state in the interpreter: the same sum through a fresh accumulator
-        if isinstance(a, jax.Array) and not isinstance(getattr(a, "aval", None), jax.ref.AbstractRef):  # nor a register operand: the same exact products, f32 sums
-            return acc + jnp.dot(a.astype(jnp.float32), b[...].astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        if isinstance(a, jax.Array) and not isinstance(getattr(a, "aval", None), jax.ref.AbstractRef):
+            # nor a register operand: the same exact products, f32 sums; b is read like a wgmma reads it
+            # (the async proxy), which is what orders it before a later TMA write into b's buffer
+            out = acc + jnp.dot(a.astype(jnp.float32), b[...].astype(jnp.float32), precision=lax.Precision.HIGHEST)
+            plgpu.commit_smem()
+            return out
         return acc + mma(a, b, acc.shape)
 
     def body(acc_ref):
