@@ -142,7 +142,11 @@ class DeepseekV3(nnx.Module):
     def parameter_bytes(self) -> int:
         """Bytes of the parameters as held: one copy of each array (replicated ones once; every
         physical expert slot, redundant replicas included; the weights derived from them too)."""
-        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(self, (nnx.Param, Derived)))))
+        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.held_weights())))
+
+    def held_weights(self) -> nnx.State:
+        """The weights held: the parameters and the weights derived from them at load."""
+        return nnx.state(self, (nnx.Param, Derived))
 
     @property
     def n_physical_experts(self) -> int:
