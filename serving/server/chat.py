@@ -48,9 +48,10 @@ def _parameters(tool: dict) -> dict:
     return tool["function"].get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def resolve_tool_choice(choice, tools: list[dict], auto_parser: str | None) -> ToolChoice:
+def resolve_tool_choice(choice, tools: list[dict], auto_parser: str | None, parallel: bool = True) -> ToolChoice:
     """vLLM's rules: no tool_choice means "auto" when tools are given; "auto" needs the server's tool
-    parser; "required" (a JSON array of calls) and a named function (its arguments) are grammars."""
+    parser; "required" (a JSON array of calls; one call without parallel_tool_calls) and a named function
+    (its arguments) are grammars."""
     if choice is None:
         choice = "auto" if tools else "none"
     if choice == "none":
@@ -66,7 +67,8 @@ def resolve_tool_choice(choice, tools: list[dict], auto_parser: str | None) -> T
         calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
                                                    "parameters": _parameters(t)},
                   "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-        return ToolChoice("required", schema={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+        return ToolChoice("required", schema={"type": "array", "minItems": 1, "items": {"anyOf": calls},
+                                              **({} if parallel else {"maxItems": 1})})
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         match = [t for t in tools if t["function"]["name"] == name]

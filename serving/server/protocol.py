@@ -227,11 +227,13 @@ class Protocol:
         rendered by the chat template; "required" and named tool choices become the constraint; with
         a reasoning parser the constraint starts after the reasoning (vLLM's behaviour)."""
         tools = chatting.check_tools(body.get("tools"))
-        choice = chatting.resolve_tool_choice(body.get("tool_choice"), tools, self.options.tool_parser)
+        choice = chatting.resolve_tool_choice(body.get("tool_choice"), tools, self.options.tool_parser,
+                                              body.get("parallel_tool_calls") is not False)
         if choice.schema is not None:
             if spec is not None:
                 raise bad(f"tool_choice {choice.mode!r} constrains the output already; drop {field}", field)
-            spec, field = StructuredOutputs(json=choice.schema), "tools"
+            # compact JSON: a model cannot run a call out on whitespace between its tokens
+            spec, field = StructuredOutputs(json=choice.schema, disable_any_whitespace=True), "tools"
         template = chatting.template_options(body)
         messages = chatting.check_messages(body.get("messages"))
         if self.tokenizer is None:
