@@ -156,6 +156,9 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancels a request (a client went away): its blocks are freed now."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            req.guide = None
         self.scheduler.abort(request_id)
         self.runner.penalties.release(request_id)
 
@@ -197,8 +200,11 @@ class Engine:
         tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
         events = self.scheduler.update_from_output(batch, tokens, logprobs, accepted, drafts)
         for e in events:  # a request that leaves this engine gives back its penalty row
-            if e.request.guide is not None and not e.finished:
-                e.request.guide.advance(e.new_tokens)  # the grammar moves by the accepted tokens only
+            if e.request.guide is not None:  # the grammar moves by the accepted tokens only
+                if e.finished:
+                    e.request.guide = None  # (finished requests are kept for stats: not their matchers)
+                else:
+                    e.request.guide.advance(e.new_tokens)
             if e.finished or self.role == "prefill":
                 self.runner.penalties.release(e.request.id)
         self.runner.landed()

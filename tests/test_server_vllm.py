@@ -30,10 +30,6 @@ LIMIT = 12 * 2 ** 20  # body bytes: a 10 MB body is parsed, a 13 MB one refused
 REF_LEN = 64  # reference forwards run on [4, REF_LEN] (one compilation)
 GREEDY = dict(temperature=0.0)
 PROMPT = "reverse 1122334455="
-# the embedded model's template, with a place for tools (its own has none; vLLM serves such models with
-# --chat-template); without tools it renders exactly as the checkpoint's
-TOOLS_TEMPLATE = json.loads((TINY_MODEL / "tokenizer_config.json").read_text())["chat_template"].replace(
-    "{{ bos_token }}", "{{ bos_token }}{% for t in tools or [] %}{{ t['function']['name'] }} {% endfor %}")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +41,7 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llm):
-    options = Options(reasoning_parser="deepseek_v3", chat_template=TOOLS_TEMPLATE)
+    options = Options(reasoning_parser="deepseek_v3")
     with serving(create_app(llm, NAMES, api_keys=[KEY], max_body_bytes=LIMIT, options=options), api_key=KEY) as running:
         running.compiled_at_start = llm.engine.compilations
         yield running
