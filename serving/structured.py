@@ -12,8 +12,8 @@ the matcher advances by what a step accepted only (`Guide.advance`), the drafts'
 are rolled back at once (`Guide.fill`).
 
 `Guide.fill` needs only the tokens a request has accepted and the drafts it will verify, so the
-masks of step N + 1 can be computed from step N's tokens while the device runs step N + 1's
-neighbours (the asynchronous step loop); today the runner computes them when it packs a batch.
+masks of step N + 1 can be computed from step N's tokens while the device is busy (an asynchronous
+step loop: `fill_masks` apart from `pack`); today the runner computes them when it packs a batch.
 
 With a reasoning parser the grammar starts after the reasoning ends (vLLM's behaviour): the guide
 passes tokens through until the output holds `after` (the `</think>` token ids), then constrains.
