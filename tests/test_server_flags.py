@@ -10,6 +10,7 @@ import pytest
 
 from serving.api import Tokenizer
 from serving.server.cli import chat_template, check_parsers, deployment, generation_defaults, parser
+from serving.server.errors import ApiError
 from serving.server.protocol import Options, Protocol
 from server_util import ROOT, TINY_MODEL
 
@@ -50,6 +51,10 @@ def test_generation_config_defaults(tmp_path):
     assert (set_.temperature, set_.top_p, set_.max_tokens) == (0, 0.95, 3)
     plain = Protocol(Tokenizer(TINY_MODEL), 128, 101, 0, ["m"]).prepare(b'{"prompt": "x"}', False).params[0]
     assert (plain.temperature, plain.top_p, plain.max_tokens) == (1.0, 1.0, 16)  # OpenAI's
+    # min_tokens is checked against each prompt's own max_tokens
+    assert p.prepare(b'{"prompt": "x", "max_tokens": 60, "min_tokens": 40}', False).params[0].min_tokens == 40
+    with pytest.raises(ApiError, match="min_tokens"):
+        p.prepare(b'{"prompt": "x", "max_tokens": 6, "min_tokens": 40}', False)
 
 
 def test_chat_template_flag_and_parser_markers(tmp_path):

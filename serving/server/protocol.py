@@ -38,6 +38,7 @@ MAX_N = 16  # choices per prompt
 # what a checkpoint's generation_config.json may set as defaults (vLLM's list; max_new_tokens -> max_tokens)
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 _warned: set[str] = set()  # unknown request fields already logged (once per name, as vLLM's warning)
+MAX_WARNED = 256  # names remembered (and logged): clients inventing fields cannot grow the set or the log
 _warned_lock = threading.Lock()
 
 
@@ -158,7 +159,7 @@ class Protocol:
                            f"{', '.join(repr(n) for n in self.served_names)})", "model", "model_not_found")
         unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
         with _warned_lock:
-            new = [f for f in unknown if f not in _warned]
+            new = [f for f in unknown if f not in _warned][:max(0, MAX_WARNED - len(_warned))]
             _warned.update(new)
         for field in new:  # accepted, as vLLM does, and said once per field name
             log.warning("request field %r is not supported by this server and is ignored", field)
@@ -297,7 +298,8 @@ class Protocol:
                    presence_penalty=body.get("presence_penalty"), frequency_penalty=body.get("frequency_penalty"),
                    repetition_penalty=body.get("repetition_penalty"), logit_bias=bias,
                    include_stop_str_in_output=_flag(body, "include_stop_str_in_output"), min_p=body.get("min_p"),
-                   min_tokens=body.get("min_tokens"), skip_special_tokens=_flag(body, "skip_special_tokens", True))
+                   min_tokens=body.get("min_tokens"), skip_special_tokens=_flag(body, "skip_special_tokens", True),
+                   max_tokens=self.context_len)  # (each prompt's own max_tokens replaces it)
         # OpenAI's defaults (temperature 1: sampling), under the checkpoint's generation_config.json
         defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "min_tokens": 0,
                     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
