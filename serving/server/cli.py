@@ -114,16 +114,16 @@ def main(argv=None) -> int:
 
     import uvicorn
 
-    from serving.api import DEFAULT_MODEL, LLM
+    from serving.api import DEFAULT_MODEL, LLM, Tokenizer
     from serving.server.app import Server
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
-    try:
+    try:  # (the flags are checked before the model loads: a mistake fails in a second, not minutes)
+        options = Options(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None,
+                          chat_template(args.chat_template), generation_defaults(args.generation_config, model_dir))
+        check_parsers(Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None, args)
         print(f"[server] loading {model_dir}...", file=sys.stderr)
         llm = LLM(model_dir, deployment=deployment(args, model_dir), quantization=args.quantization,
                   speculative=speculative_flag(args))
-        options = Options(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None,
-                          chat_template(args.chat_template), generation_defaults(args.generation_config, model_dir))
-        check_parsers(llm.tokenizer, args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
