@@ -131,6 +131,8 @@ def main(argv=None) -> int:
         llm.engine.seeds = random.Random(args.seed)
     if not args.no_warmup:
         began = time.perf_counter()
+        if llm.tokenizer is not None:  # llguidance's view of the vocabulary, for the first grammar (seconds at 129k)
+            llm.engine.grammars.tokenizer  # noqa: B018
         n = llm.engine.warmup()
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
               f"{time.perf_counter() - began:.1f}s "
