@@ -4,10 +4,13 @@
     python scripts/soak.py --url http://127.0.0.1:8000 --server-pid PID --api-key KEY
 
 The mix (seeded): completions and chat, streamed and not, prompts of 1 to ~100 tokens, max_tokens
-1 to 48, EOS honoured or ignored, n of 1 or 2, some with logprobs, penalties or stop strings; 10%
-of requests are client disconnects (a stream left after its first events, or a non-streamed request
-whose client gives up after 50 ms), 5% are malformed bodies (bad JSON, a lone surrogate, deep nesting,
-unknown fields, out-of-range values, a prompt past the context).
+1 to 48, EOS honoured or ignored, n of 1 or 2, some with logprobs, penalties or stop strings, some
+constrained by a grammar (a regex, a choice, a JSON schema) or calling tools (tool_choice required or
+a named function; their finished outputs are checked to follow the grammar); 10% of requests are
+client disconnects (a stream left after its first events, or a non-streamed request whose client
+gives up after 50 ms), 5% are malformed bodies (bad JSON, a lone surrogate, deep nesting,
+out-of-range values, a prompt past the context, malformed or huge schemas, a regex that matches
+nothing, an unknown tool).
 
 Every request must end as it was due: a complete answer (finish_reason stop or length, `length`
 exactly at max_tokens, a stream that ends in [DONE]), a 4xx with OpenAI's error JSON for a malformed
@@ -34,11 +37,23 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+          "required": ["n", "ok"], "additionalProperties": False}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"key": {"enum": ["a", "b"]}}, "required": ["key"], "additionalProperties": False}}}
 WORDS = ["reverse 12345=", "sort 3141=", "add 57+68=", "reverse 9=", "sort 8675309=", "add 1+2="]
 MALFORMED = [  # (body, why) -- each must get a 4xx with an error object, and nothing else
     (b"{not json", "bad JSON"), (b"[1, 2]", "not an object"), (b'{"prompt": "a\\ud800b"}', "lone surrogate"),
     (b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}", "deep nesting"),
-    (b'{"prompt": "x", "beam_width": 4}', "unknown field"), (b'{"prompt": "x", "max_tokens": 0}', "max_tokens 0"),
+    (b'{"prompt": "x", "structured_outputs": {"regex": "(unclosed"}}', "bad regex"),
+    (b'{"prompt": "x", "structured_outputs": {"regex": "[^\\\\s\\\\S]"}}', "a regex matching nothing"),
+    (b'{"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}}}',
+     "malformed schema"),
+    (json.dumps({"prompt": "x", "guided_json": {"type": "object", "properties": {
+        f"k{i}": {"type": "integer"} for i in range(20_000)}}}).encode(), "huge schema"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}], '
+     b'"tool_choice": {"type": "function", "function": {"name": "g"}}}', "unknown tool"),
+    (b'{"prompt": "x", "max_tokens": 0}', "max_tokens 0"),
     (b'{"prompt": "x", "temperature": -1}', "negative temperature"), (b'{"prompt": "x", "n": 99}', "n too large"),
     (b'{"prompt": "' + b"7" * 5000 + b'"}', "past the context"), (b'{"prompt": [1, 2, 1000000]}', "token id"),
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role"),
@@ -77,10 +92,19 @@ def plan(n: int, seed: int, context: int) -> list[dict]:
             body.update(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2)
         elif extra < 0.25:
             body["stop"] = ["1"]
+        check = None
+        if 0.25 <= extra < 0.35:  # a grammar: its finished outputs must follow it
+            check = rng.choice(["regex", "choice", "json"])
+            body["structured_outputs"] = {"regex": {"regex": "[0-9]{1,6}"}, "choice": {"choice": ["yes", "no"]},
+                                          "json": {"json": SCHEMA}}[check]
+        elif 0.35 <= extra < 0.45 and chat:  # tools, called through a grammar
+            check = "tool"
+            body.update(tools=[TOOL], tool_choice=rng.choice(
+                ["required", {"type": "function", "function": {"name": "lookup"}}]))
         stream = rng.random() < 0.5
         body["stream"] = stream
         kind = "disconnect" if r < 0.15 else "normal"
-        out.append({"kind": kind, "body": body, "chat": chat})
+        out.append({"kind": kind, "body": body, "chat": chat, "check": check})
     return out
 
 
@@ -112,6 +136,9 @@ async def one(client, item: dict, model: str) -> str:
         finishes = [c["finish_reason"] for c in out["choices"]]
         tokens = out["usage"]["completion_tokens"]
         n = len(out["choices"])
+        for c in out["choices"]:
+            if item["check"] and c["finish_reason"] in ("stop", "tool_calls") and not follows(item["check"], c):
+                return f"{item['check']} output does not follow its grammar: {c}"
     else:
         finishes, tokens, done, n = {}, 0, False, 0
         async with client.stream("POST", path, json={**body, "stream_options": {"include_usage": True}}) as r:
@@ -132,11 +159,29 @@ async def one(client, item: dict, model: str) -> str:
         if not done:
             return "stream without [DONE]"
         n, finishes = len(finishes), list(finishes.values())
-    if n != body["n"] or any(f not in ("stop", "length") for f in finishes):
+    if n != body["n"] or any(f not in ("stop", "length", "tool_calls") for f in finishes):
         return f"finish reasons {finishes} for n={body['n']}"
     if all(f == "length" for f in finishes) and tokens != body["max_tokens"] * n:
         return f"{tokens} tokens at finish 'length', asked {body['max_tokens']} x {n}"
     return "ok"
+
+
+def follows(check: str, choice: dict) -> bool:
+    """Whether a finished constrained output is what its grammar allows."""
+    import re
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    try:
+        if check == "tool":
+            calls = choice["message"]["tool_calls"]
+            return bool(calls) and all(c["function"]["name"] == "lookup" and
+                                       json.loads(c["function"]["arguments"]) in ({"key": "a"}, {"key": "b"})
+                                       for c in calls)
+        if check == "json":
+            v = json.loads(text)
+            return set(v) == {"n", "ok"} and type(v["n"]) is int and type(v["ok"]) is bool
+    except (ValueError, TypeError, KeyError):
+        return False
+    return bool(re.fullmatch("[0-9]{1,6}", text)) if check == "regex" else text in ("yes", "no")
 
 
 COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total")

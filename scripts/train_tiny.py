@@ -46,10 +46,12 @@ CHARS = [chr(c) for c in range(32, 127)]  # printable ASCII, one token each
 # still only 30-40% exact after the whole CPU budget (docs/TINY_MODEL.md).
 TASK_SPEC = {"reverse": (8, 0.35), "sort": (8, 0.25), "add": (2, 0.4)}
 TASKS = tuple(TASK_SPEC)
-# DeepSeek-V3's template (without its tool-call branches): a system prompt follows bos directly.
+# DeepSeek-V3's template (without its tool-call branches): a system prompt follows bos directly. Tools
+# are listed by name after bos (the server's tool grammars need them rendered; the context is 256).
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
     "{{ bos_token }}"
+    "{% for tool in tools or [] %}{{ tool['function']['name'] + ' ' }}{% endfor %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}"
     "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"

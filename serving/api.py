@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -54,22 +55,51 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        import jinja2
-        template = self.config.get("chat_template")
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            template: str | None = None, **kwargs) -> str:
+        """The prompt text, as transformers renders it: the template (the checkpoint's, or `template`)
+        in jinja's immutable sandbox, with messages, tools and kwargs (e.g. thinking=True).
+        continue_final_message: the last (assistant) message is left open for the model to go on."""
+        template = template or self.config.get("chat_template")
         if not template:
             raise ValueError("this model's tokenizer_config.json has no chat_template")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        text = _compiled_template(template).render(
+            messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt and not
+            continue_final_message, bos_token=self.config.get("bos_token", ""),
+            eos_token=self.config.get("eos_token", ""), **kwargs)
+        if continue_final_message:  # cut after the final message's content, as transformers does
+            final = messages[-1].get("content") or ""
+            at = text.rfind(final.strip()) if final.strip() else -1
+            if at < 0:
+                raise ValueError("continue_final_message: the chat template did not render the final message's "
+                                 "content as given, so it cannot be continued")
+            text = text[:at + len(final.strip())]
+        return text
 
-        def raise_exception(message):
-            raise ValueError(message)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=self.config.get("bos_token", ""),
-                                                eos_token=self.config.get("eos_token", ""))
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """A chat template compiled in transformers' environment: sandboxed (a template is code), its
+    tojson and helpers."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def add_speculative_flags(ap) -> None:
@@ -133,8 +163,8 @@ class LLM:
             return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _text(self, ids: list[int]) -> str | None:
-        return self.tokenizer.decode(ids) if self.tokenizer else None
+    def _text(self, ids: list[int], skip_special_tokens: bool = True) -> str | None:
+        return self.tokenizer.decode(ids, skip_special_tokens) if self.tokenizer else None
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         if self.tokenizer is None:
@@ -178,7 +208,8 @@ class LLM:
                     out = outs[live.pop(req.id)]
                     out.token_ids, out.finish_reason, out.cached_tokens = req.output, req.finish_reason, req.cached
                     out.text = self._text(text_ids(req.output, req.finish_reason,
-                                                   req.params.include_stop_str_in_output))
+                                                   req.params.include_stop_str_in_output),
+                                          req.params.skip_special_tokens)
         if progress:
             print(f"\r[generate] {total}/{total} requests done", file=sys.stderr)
         return outs
@@ -189,7 +220,7 @@ class LLM:
     def stream(self, prompt, params=None) -> Iterator[Delta]:
         """Yields each new token (and the text it completes) as the engine produces it."""
         req = self.engine.add_request(self._ids(prompt), self._params(params))
-        detok = Detokenizer(self.tokenizer)
+        detok = Detokenizer(self.tokenizer, req.params.skip_special_tokens)
         while req.finish_reason is None:
             for event in self.engine.step():
                 if event.request is req:

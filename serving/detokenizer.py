@@ -12,8 +12,9 @@ from __future__ import annotations
 
 
 class Detokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tok = tokenizer  # serving.api.Tokenizer (decode(ids) -> str) or None: no text
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
@@ -22,8 +23,8 @@ class Detokenizer:
         self.ids.extend(ids)
         if self.tok is None:
             return ""
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix:], self.skip)
         if len(now) > len(before) and (final or not now.endswith("\ufffd")):
             self.prefix, self.read = self.read, len(self.ids)
             return now[len(before):]

@@ -92,6 +92,19 @@ class DisaggEngine:
     def requests(self) -> dict:
         return {**self.prefill.requests, **self.decode.requests}
 
+    @property
+    def grammars(self):
+        """Structured outputs compile where requests enter: the prefill slice (serving/structured.py)."""
+        return self.prefill.grammars
+
+    @property
+    def seeds(self):
+        return self.prefill.seeds
+
+    @seeds.setter
+    def seeds(self, rng) -> None:  # (requests get their seed where they enter: the prefill slice)
+        self.prefill.seeds = rng
+
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """One step of each slice, side by side, then the hand-over of every prompt the prefill slice

@@ -11,8 +11,10 @@ capacity resizes (serving/elastic.py); statistics in serving/stats.py. A step:
 
 from __future__ import annotations
 
+import random
 import time
 import zlib
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,6 +26,7 @@ from serving.request import Event, Request, validate_prompt
 from serving.runner import Launched, ModelRunner, finish_steps
 from serving.sampling import SamplingParams, unpack
 from serving.scheduler import ROLES, Scheduler
+from serving.structured import Grammars
 from serving.stats import DeviceClock, new_counters, parameter_bytes, statistics_record, summarize
 
 
@@ -48,14 +51,16 @@ def build_engine(path, deployment, dtype, devices=None, role: str = "mixed", qua
     from sharding.deployment import resolve
     deployment, mesh = resolve(deployment, deployment.make_mesh(devices))
     net = DeepseekV3.from_pretrained(path, dtype=dtype, mesh=mesh, deployment=deployment, quantization=quantization)
-    return Engine(net, deployment, mesh, role)
+    tokenizer = Path(path) / "tokenizer.json"
+    return Engine(net, deployment, mesh, role, tokenizer if tokenizer.is_file() else None)
 
 
 class Engine:
-    def __init__(self, net, deployment, mesh=None, role: str = "mixed"):
+    def __init__(self, net, deployment, mesh=None, role: str = "mixed", tokenizer_file=None):
         """deployment: sharding.deployment.Deployment (its serving, dispatch and experts sections).
         role: mixed (prefill and decode here), prefill (finished prompts wait in `outbox` for a
-        decode slice, serving/disagg.py) or decode (takes prefilled requests through `receive`)."""
+        decode slice, serving/disagg.py) or decode (takes prefilled requests through `receive`).
+        tokenizer_file: the checkpoint's tokenizer.json, which structured outputs compile against."""
         if role not in ROLES:
             raise ValueError(f"engine role {role!r} is not one of {ROLES}")
         self.net, self.deployment, self.cfg, self.role = net, deployment, deployment.serving, role
@@ -79,6 +84,8 @@ class Engine:
         self.clock = DeviceClock(1 if mesh is None else mesh.size)
         self.last_step: dict = {}
         self._next_id = 0
+        self.grammars = Grammars(tokenizer_file, net.config.vocab_size, tuple(net.config.eos_token_ids))
+        self.seeds: random.Random | None = None  # draws the seeds of requests without one (vLLM's --seed)
 
     # ---- what the runner holds, read by the API, metrics, tests -------------------------------------
     @property
@@ -133,8 +140,14 @@ class Engine:
                 params.check_vocabulary(self.net.config.vocab_size)
             except ValueError as e:
                 raise ValueError(f"request {rid}: {e}") from None
-            seed = params.seed if params.seed is not None else zlib.crc32(rid.encode())
+            seed = params.seed if params.seed is not None else \
+                self.seeds.getrandbits(32) if self.seeds else zlib.crc32(rid.encode())
             req = Request(rid, prompt, params, seed, min(params.max_tokens, self.context_len - len(prompt)))
+            if params.needs_mask:
+                try:
+                    req.guide = self.grammars.guide(params)
+                except ValueError as e:
+                    raise ValueError(f"request {rid}: structured_outputs: {e}") from None
             self.scheduler.add(req)
         except ValueError:
             self.counters["rejected"] += 1
@@ -143,6 +156,9 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancels a request (a client went away): its blocks are freed now."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            req.guide = None
         self.scheduler.abort(request_id)
         self.runner.penalties.release(request_id)
 
@@ -184,6 +200,11 @@ class Engine:
         tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
         events = self.scheduler.update_from_output(batch, tokens, logprobs, accepted, drafts)
         for e in events:  # a request that leaves this engine gives back its penalty row
+            if e.request.guide is not None:  # the grammar moves by the accepted tokens only
+                if e.finished:
+                    e.request.guide = None  # (finished requests are kept for stats: not their matchers)
+                else:
+                    e.request.guide.advance(e.new_tokens)
             if e.finished or self.role == "prefill":
                 self.runner.penalties.release(e.request.id)
         self.runner.landed()

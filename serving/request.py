@@ -24,6 +24,7 @@ class Request:
     computed: int = 0  # tokens whose KV rows are in the cache
     output: list[int] = dataclasses.field(default_factory=list)
     drafts: list[int] = dataclasses.field(default_factory=list)  # MTP's proposals for the next step to verify
+    guide: object = None  # serving.structured.Guide: its grammar / min_tokens (None: unconstrained)
     finish_reason: str | None = None
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None

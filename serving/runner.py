@@ -28,7 +28,9 @@ from model.overlap import balanced_slots
 from serving.aot import AotStep, aot_directory, program_key, trim_heap
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool
 from serving.request import Batch
-from serving.sampling import PenaltyTable, sampling_arrays, verify
+from serving.penalties import PenaltyTable
+from serving.sampling import sampling_arrays, verify
+from serving.structured import fill_masks
 from sharding.mesh import logical_sharding, logical_size, param_shardings
 
 
@@ -139,6 +141,7 @@ class ModelRunner:
         # or a capacity level seen before, finds its compiled programs again.
         self._steps: dict[tuple, object] = {}
         self._clean_steps = 0  # steps landed since the last overflow
+        self.mask_words = -(-cfg.vocab_size // 32)  # W: token-mask words per row
         self._use_step()
 
     def _place(self, mesh) -> None:
@@ -147,6 +150,7 @@ class ModelRunner:
         # a one-device mesh still fixes the arrays' layout (so warm-up and serving share compilations)
         # but needs no per-rank shard_map around cache reads and writes
         self.cache_mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self._free_masks: dict[int, jax.Array] = {}  # batch rows -> all-ones token masks kept on the device
 
     def reset_expert_load(self) -> None:
         """Tokens per physical expert slot [MoE layers, P], summed over steps (for EPLB and /metrics)."""
@@ -210,6 +214,7 @@ class ModelRunner:
         sample_at, n_drafts = np.zeros(B, np.int32), np.zeros(B, np.int32)
         next_tokens = np.full((B, width), -1, np.int32)  # the token after each position, where known
         params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
+        guided = []  # (row, guide, drafts) of the rows a grammar or min_tokens constrains
         overlap = self.net.ep is not None and self.net.ep.overlap != "none"
         batch.slots = []
         for rank, rows in enumerate(batch.rows):
@@ -237,8 +242,23 @@ class ModelRunner:
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
                 if req.params.needs_table and pos + n >= len(req.prompt):  # it samples (not a middle chunk)
                     rows_slot[b] = self.penalties.slot(req, rank, live)
+                if req.guide is not None and pos + n >= len(req.prompt):
+                    guided.append((b, req.guide, req.drafts if batch.kind == "decode" else []))
+        mask, rows_guided = fill_masks(guided, B, 1 + self.drafts, self.mask_words)
         return (table, tokens, positions, sample_at, n_drafts, next_tokens,
-                sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots))
+                sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots, self._mask(B, mask),
+                                rows_guided))
+
+    def _mask(self, B: int, host: np.ndarray | None) -> jax.Array:
+        """The step's token masks on the device, each rank's rows on its own devices: a batch without a
+        constrained row reuses a device-resident all-ones mask (nothing to send)."""
+        sharding = logical_sharding(self.mesh, "batch") if self.mesh is not None else None
+        if host is not None:
+            return jax.device_put(host, sharding)
+        if B not in self._free_masks:
+            self._free_masks[B] = jax.device_put(np.full((B, 1 + self.drafts, self.mask_words), -1, np.int32),
+                                                 sharding)
+        return self._free_masks[B]
 
     def _call(self, kind: str, arrays: tuple) -> tuple[tuple, dict]:
         """The step's (args, static arguments) for a packed batch."""
@@ -305,7 +325,8 @@ class ModelRunner:
                 batches.append((kind, (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
                                        np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
                                        np.full((B, width), -1, np.int32),
-                                       sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots))))
+                                       sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots,
+                                                       self._mask(B, None)))))
         # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
         for lvl in [None] if level is None else reversed(range(len(self.net.ep.capacity_factors))):
             if lvl is not None:

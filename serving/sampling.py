@@ -1,39 +1,29 @@
 """SamplingParams and the on-device sampler.
 
-Per row of a step: logit_bias, then presence / frequency / repetition penalties (vLLM's formulas
-and order), then greedy or temperature + top-k + top-p with a per-request seed; and the raw
-logprobs (log_softmax of the model's logits, as vLLM's default `raw_logprobs`) of the sampled token
-and the top MAX_LOGPROBS tokens, computed in the same jitted step.
+Per row of a step: the grammar's token mask (structured outputs and min_tokens, serving/structured.py),
+then logit_bias and presence / frequency / repetition penalties (vLLM's formulas and order; their
+per-request state is the device's PenaltyTable, serving/penalties.py), then greedy or temperature +
+min-p + top-k + top-p with a per-request seed; and the raw logprobs (log_softmax of the model's
+logits after the grammar's mask, as vLLM's default `raw_logprobs`) of the sampled token and the top
+MAX_LOGPROBS tokens, computed in the same jitted step. Every per-row input is one SamplingArrays
+pytree of fixed shapes, so constrained and free requests share one compiled step.
 
-Penalties and logit_bias need per-request state over the vocabulary. It lives on the device in
-`PenaltyTable`: each dp rank holds SLOTS rows of [V] token counts (prompt presence in bit 24, output
-counts below) and [V] biases. A request that uses either takes a row on its rank when it first
-samples there; the row is written once from the host's prompt and output, and every step adds the
-token it sampled, inside the step. Rows never move: a request that changes rank or engine (resize,
-prefill -> decode hand-over) is given a fresh row built the same way. Shapes are fixed, so the
-step compiles once per bucket as before.
-
-Axis legend: B batch rows, V vocabulary, K = MAX_LOGPROBS, S slots per rank, R dp ranks.
+Axis legend: B batch rows, S window positions (1 + MTP drafts), V vocabulary, W = ceil(V / 32)
+mask words, K = MAX_LOGPROBS.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from sharding.mesh import LOGICAL_RULES, logical_to_spec
-
-BY_RANK = logical_to_spec(("batch",))  # the penalty table: each dp rank holds its own requests' rows
-RANK_AXIS = LOGICAL_RULES["batch"]
+from serving.penalties import PROMPT_BIT, PenaltyTable
+from serving.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20  # top logprobs a request may ask for (OpenAI's chat limit; vLLM's default max_logprobs)
-PROMPT_BIT = 1 << 24  # counts below it: output tokens of a request can never reach 2^24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +41,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt or output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); a dict is accepted
     include_stop_str_in_output: bool = False  # keep the text of the stop token that ended the output
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until the output holds this many tokens
+    skip_special_tokens: bool = True  # leave special tokens' text out of the output text
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output follows (a dict is accepted)
 
     def __post_init__(self):
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
@@ -81,10 +75,26 @@ class SamplingParams:
             problems.append(f"repetition_penalty must be in (0, 100], got {rp!r}")
         if bias is None or any(not -100 <= b <= 100 for _, b in bias):
             problems.append(f"logit_bias must map token ids to biases in [-100, 100], got {self.logit_bias!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0 or \
+                (isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens):
+            problems.append(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        structured = self.structured_outputs
+        if isinstance(structured, dict):
+            try:
+                structured = StructuredOutputs(**structured)
+            except (TypeError, ValueError) as e:
+                problems.append(f"structured_outputs: {e}")
+        elif structured is not None and not isinstance(structured, StructuredOutputs):
+            problems.append(f"structured_outputs must be a StructuredOutputs or a dict, got {structured!r}")
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", bias)
+        object.__setattr__(self, "structured_outputs", structured)
+        # a grammar or min_tokens: the request's rows take a token mask (serving/structured.py)
+        object.__setattr__(self, "needs_mask", structured is not None or self.min_tokens > 0)
         # penalties or logit_bias: the request takes a PenaltyTable row (an attribute: read every step)
         object.__setattr__(self, "needs_table", bool(self.presence_penalty or self.frequency_penalty
                                                      or self.repetition_penalty != 1 or bias))
@@ -92,7 +102,8 @@ class SamplingParams:
         # (top_k past 2^24 keeps every token of any vocabulary, and stays exact in float32)
         object.__setattr__(self, "_row", np.array([self.temperature, min(self.top_k, 1 << 24), self.top_p,
                                                    self.presence_penalty, self.frequency_penalty,
-                                                   self.repetition_penalty, self.logprobs is not None], np.float32))
+                                                   self.repetition_penalty, self.logprobs is not None, self.min_p],
+                                                  np.float32))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "SamplingParams":
@@ -114,7 +125,8 @@ class SamplingParams:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingArrays:
-    """Everything `sample` needs per row, as one pytree (host numpy arrays until the step runs)."""
+    """Everything `sample` needs per row, as one pytree (host numpy arrays until the step runs, but
+    the mask: a device array, a constant for batches without a constrained row)."""
     temperature: jax.Array  # f32[B]
     top_k: jax.Array  # i32[B]
     top_p: jax.Array  # f32[B]
@@ -125,18 +137,31 @@ class SamplingArrays:
     repetition: jax.Array  # f32[B]
     slot: jax.Array  # i32[B]: the row's PenaltyTable slot on its rank (S: none, nothing read or counted)
     logprobs: jax.Array  # bool[B]: return logprob data
+    min_p: jax.Array  # f32[B]
+    guided: jax.Array  # bool[B]: the row's mask holds a constraint (no row: the mask is not read)
+    mask: jax.Array | None = None  # i32[B, S, W]: bit v % 32 of word v // 32 set = token v allowed
 
 
 def sampling_arrays(params: list[SamplingParams | None], seeds: list[int], counters: list[int],
-                    slots: list[int], no_slot: int) -> SamplingArrays:
-    """Host arrays for `sample`; None rows (padding) sample greedily and are discarded."""
-    rows = np.concatenate([p._row if p else _PADDING_ROW for p in params]).reshape(-1, 7)  # [B, 7]
+                    slots: list[int], no_slot: int, mask=None, guided=None) -> SamplingArrays:
+    """Host arrays for `sample`; None rows (padding) sample greedily and are discarded. mask, guided:
+    the rows' token masks and which rows they constrain (serving/structured.py; None: no mask)."""
+    rows = np.concatenate([p._row if p else _PADDING_ROW for p in params]).reshape(-1, 8)  # [B, 8]
     return SamplingArrays(rows[:, 0], rows[:, 1].astype(np.int32), rows[:, 2], np.array(seeds, np.uint32),
                           np.array(counters, np.int32), rows[:, 3], rows[:, 4], rows[:, 5],
-                          np.array([no_slot if s is None else s for s in slots], np.int32), rows[:, 6] > 0)
+                          np.array([no_slot if s is None else s for s in slots], np.int32), rows[:, 6] > 0,
+                          rows[:, 7], np.zeros(len(params), bool) if guided is None else guided, mask)
 
 
-_PADDING_ROW = np.array([0, 0, 1, 0, 0, 1, 0], np.float32)  # greedy, no penalties, no logprobs
+_PADDING_ROW = np.array([0, 0, 1, 0, 0, 1, 0, 0], np.float32)  # greedy, no penalties, no logprobs
+
+
+def apply_mask(logits, mask):
+    """logits f32[B, S, V], mask i32[B, S, W] -> logits with the tokens the mask leaves out at -inf."""
+    V = logits.shape[-1]
+    v = jnp.arange(V)
+    allowed = (jnp.take(mask, v // 32, axis=-1) >> (v % 32)) & 1  # [B, S, V]
+    return jnp.where(allowed != 0, logits, -jnp.inf)
 
 
 def penalize(logits, counts, bias, arrays: SamplingArrays):
@@ -151,10 +176,14 @@ def penalize(logits, counts, bias, arrays: SamplingArrays):
 
 
 def masked_logits(logits, arrays: SamplingArrays):
-    """logits f32[B, V] -> the temperature-scaled logits with what top-k and top-p cut set to -inf."""
+    """logits f32[B, V] -> the temperature-scaled logits with what min-p, top-k and top-p cut set to -inf
+    (vLLM's order: temperature, min-p, then top-k and top-p)."""
     V = logits.shape[-1]
     temperature, top_k, top_p = arrays.temperature, arrays.top_k, arrays.top_p
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    # p / p_max >= min_p, in log space (min_p 0: log 0 = -inf keeps every token)
+    scaled = jnp.where(scaled >= jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(arrays.min_p)[:, None],
+                       scaled, -jnp.inf)
     desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=1)
@@ -169,12 +198,6 @@ def masked_logits(logits, arrays: SamplingArrays):
 def row_keys(arrays: SamplingArrays):
     """Each row's key: its seed folded with the sequence index it samples (independent of neighbours)."""
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(arrays.seed, arrays.counter)
-
-
-def draw(logits, arrays: SamplingArrays):
-    """-> int32[B]: greedy where temperature is 0, else temperature, top-k, top-p, per-row seed."""
-    drawn = jax.vmap(jax.random.categorical)(row_keys(arrays), masked_logits(logits, arrays))
-    return jnp.where(arrays.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def logprob_data(logits, tokens, want):
@@ -214,16 +237,20 @@ def verify(logits, drafts, n_drafts, arrays: SamplingArrays, table: "PenaltyTabl
     token, then its drafts); drafts int32[B, k]: the drafted tokens (drafts[:, j] follows window
     position j); n_drafts int32[B]: how many of them the row has (0: a plain sample at position 0).
     Draft j+1 is accepted with probability acceptance(p_j(draft)), p_j the processed target distribution
-    (penalties seeing the output plus the drafts before j, temperature, top-k, top-p); at the first
+    (the grammar's mask at position j, penalties seeing the output plus the drafts before j,
+    temperature, min-p, top-k, top-p: a draft the grammar refuses has p_j = 0 and is rejected); at the first
     rejection the token is drawn from the residual max(0, p - q) normalised, i.e. p without the draft;
     if all are accepted, a bonus token is drawn from p at the last position. Greedy rows (p one-hot at the
     argmax) thus accept the longest agreeing prefix and then the target's token, exactly as decoding
-    without drafts. Keys are the row's seed folded with the sequence index sampled, as `draw`.
+    without drafts. Keys are the row's seed folded with the sequence index sampled (`row_keys`).
 
     -> tokens int32[B, S] (the accepted drafts, then the row's new token; later entries are junk),
        accepted int32[B], logprob data int32[B, S, 2 + 2K] (token first, as `logprob_data`)."""
     B, S, V = logits.shape
     j = jnp.arange(S)
+    if arrays.mask is not None:  # most steps constrain no row: they skip unpacking the [B, S, W] mask
+        logits = jax.lax.cond(jnp.any(arrays.guided), apply_mask, lambda x, _: x, logits, arrays.mask)
+        arrays = dataclasses.replace(arrays, mask=None)
     per_pos = jax.tree.map(lambda a: jnp.repeat(a, S, axis=0), arrays)  # one row per (row, position)
     per_pos.counter = (arrays.counter - n_drafts)[:, None] + j  # the sequence index each position samples
     per_pos.counter = per_pos.counter.reshape(-1)
@@ -275,104 +302,3 @@ def row_logprobs(params: SamplingParams, token: int, lp, top_ids, top_lps) -> tu
     """One sampled token's logprob entry: (logprob, [(id, logprob)] of the top params.logprobs)."""
     k = params.logprobs
     return float(lp), [(int(t), float(v)) for t, v in zip(top_ids[:k], top_lps[:k])]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class _TableArrays:
-    counts: jax.Array  # i32[R * S, V], sharded over dp
-    bias: jax.Array  # f32[R * S, V], sharded over dp
-    slots: int = dataclasses.field(metadata={"static": True})  # S: rows per rank (a row's slot S: none)
-    mesh: object = dataclasses.field(default=None, metadata={"static": True})
-
-    def _per_rank(self, fn, out_specs, *args, replicated: int = 0):
-        """fn over each dp rank's rows; the last `replicated` args are the same on every rank."""
-        if self.mesh is None:
-            return fn(*args)
-        specs = tuple(BY_RANK for _ in args[:len(args) - replicated]) + (P(),) * replicated
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
-
-    def rows(self, slot):
-        """slot i32[B] (rank-local; out of range: none) -> counts i32[B, V], bias f32[B, V] (zeros: none)."""
-        def local(counts, bias, slot):
-            return (jnp.take(counts, slot, axis=0, mode="fill", fill_value=0),
-                    jnp.take(bias, slot, axis=0, mode="fill", fill_value=0))
-        return self._per_rank(local, (BY_RANK, BY_RANK), self.counts, self.bias, slot)
-
-    def count(self, slot, tokens, keep):
-        """Adds each row's new tokens (tokens [B, S]) to its slot's counts where keep bool[B, S]: False
-        for tokens not emitted (rejected drafts' junk) and on an EP overflow (the step re-runs), so a
-        re-run does not count twice."""
-        def local(counts, slot, tokens, keep):
-            return counts.at[slot[:, None], tokens].add(keep.astype(jnp.int32), mode="drop")
-        counts = self._per_rank(local, BY_RANK, self.counts, slot, tokens, keep)
-        return dataclasses.replace(self, counts=counts)
-
-
-class PenaltyTable:
-    """Host bookkeeping of the device rows (which request holds which slot on which rank)."""
-    Device = _TableArrays
-
-    def __init__(self, ranks: int, slots: int, vocab: int, mesh):
-        self.slots, self.vocab = slots, vocab
-        self.resize(ranks, mesh)
-
-    def resize(self, ranks: int, mesh) -> None:
-        """A new (empty) table for `ranks` dp ranks on `mesh`; every request re-takes a row."""
-        self.ranks, self.mesh = ranks, (mesh if mesh is not None and mesh.size > 1 else None)
-        shape = (ranks * self.slots, self.vocab)
-        sharding = NamedSharding(mesh, BY_RANK) if mesh is not None else None
-        self.device = _TableArrays(jax.device_put(np.zeros(shape, np.int32), sharding),
-                                   jax.device_put(np.zeros(shape, np.float32), sharding), self.slots, self.mesh)
-        self.free = [list(range(self.slots)) for _ in range(ranks)]
-        self.held: dict[str, tuple[int, int]] = {}  # request id -> (rank, slot)
-
-    def slot(self, req, rank: int, live) -> int | None:
-        """The request's slot on `rank` (written now if new); None if it needs none. live(id): still
-        running on this engine (slots of requests that left without release are reclaimed)."""
-        if not req.params.needs_table:
-            return None
-        held = self.held.get(req.id)
-        if held is not None and held[0] == rank:
-            return held[1]
-        self.release(req.id)
-        if not self.free[rank]:
-            for rid in [r for r, (k, _) in self.held.items() if k == rank and not live(r)]:
-                self.release(rid)
-        slot = self.free[rank].pop()  # a rank runs at most SLOTS requests (serving/engine.py sizes it)
-        self.held[req.id] = (rank, slot)
-        counts = np.bincount(np.asarray(req.output, np.int64), minlength=self.vocab).astype(np.int32)
-        counts[np.asarray(req.prompt, np.int64)] |= PROMPT_BIT
-        bias = np.zeros(self.vocab, np.float32)
-        for t, b in req.params.logit_bias:
-            bias[t] = b
-        self.device = _write_row(self.device, np.int32(rank * self.slots + slot), counts, bias)
-        return slot
-
-    def warm_up(self) -> None:
-        """Compiles the row write (on a row no rank holds: nothing changes), so the first request
-        with penalties does not wait for a compilation."""
-        zeros = np.zeros(self.vocab, np.int32)
-        self.device = _write_row(self.device, np.int32(self.ranks * self.slots), zeros, zeros.astype(np.float32))
-
-    def release(self, request_id: str) -> None:
-        held = self.held.pop(request_id, None)
-        if held is not None and held[0] < self.ranks:
-            self.free[held[0]].append(held[1])
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_row(table: _TableArrays, index, counts, bias) -> _TableArrays:
-    """Writes one slot's row (index = rank * S + slot) on the rank that holds it."""
-    def local(c, b, index, counts, bias):
-        S = c.shape[0]
-        mine = (index // S) == (jax.lax.axis_index(RANK_AXIS) if table.mesh is not None else 0)
-        row = jnp.where(mine, index % S, S)  # out of range: dropped on the other ranks
-        return c.at[row].set(counts, mode="drop"), b.at[row].set(bias, mode="drop")
-    if table.mesh is None:
-        c, b = local(table.counts, table.bias, index, counts, bias)
-    else:
-        c, b = jax.shard_map(local, mesh=table.mesh, in_specs=(BY_RANK, BY_RANK, P(), P(), P()),
-                             out_specs=(BY_RANK, BY_RANK), check_vma=False)(table.counts, table.bias, index,
-                                                                             counts, bias)
-    return dataclasses.replace(table, counts=c, bias=b)

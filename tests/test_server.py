@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP server (serving/server/): a real server on a loopback port, the real
 `openai` client. Its outputs equal LLM.generate's; concurrent requests share engine steps; /metrics
-counts what was sent; a client that goes away frees its KV blocks; bad requests get OpenAI errors.
+counts what was sent; a client that goes away frees its KV blocks; bad requests get OpenAI errors;
+DeepSeek's tool-call and reasoning tokens are parsed out of the output (--tool-call-parser
+deepseek_v3, --reasoning-parser deepseek_v3), streamed and not.
 
-The checkpoint is built here (random weights for configs/tiny, a character-level tokenizer with a
-DeepSeek-style chat template), so the tests need nothing else on disk."""
+The checkpoint is built here (random weights for configs/tiny, a character-level tokenizer whose
+last ids are DeepSeek's <think>, </think> and tool-call tokens, a DeepSeek-style chat template that
+renders tools), so the tests need nothing else on disk."""
 
 import asyncio
 import json
@@ -19,14 +22,18 @@ import openai
 import pytest
 
 from serving import LLM, SamplingParams
-from serving.server import create_app, warm_up
+from serving.server import Options, create_app, warm_up
+from serving.server.parsers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, THINK_END, THINK_START, TOOL_SEP
 from server_util import ROOT, free_port, serving, value
 from tiny import save_tiny
 
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
-# ids 4..127: printable ASCII, newline, tab, then Latin-1 letters, so every id of the vocabulary is a character
-CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(0xC0, 0xC0 + 27)]
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+# DeepSeek's reasoning and tool-call tokens (plain added tokens, as in DeepSeek's tokenizer.json)
+MARKERS = [THINK_START, THINK_END, CALLS_BEGIN, CALL_BEGIN, TOOL_SEP, CALL_END, CALLS_END]
+# ids 4..127: printable ASCII, newline, tab, Latin-1 letters, then the markers: every id is one piece of text
+CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(0xC0, 0xC0 + 20)] + MARKERS
+TEMPLATE = ("{{ bos_token }}{% for t in tools or [] %}{{ t['function']['name'] }} {% endfor %}"
+            "{% for m in messages %}"
             "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
             "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
             "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
@@ -49,6 +56,7 @@ def write_tokenizer(path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKERS])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "chat_template": TEMPLATE}))
@@ -86,7 +94,8 @@ def reference(llm):
 
 @pytest.fixture(scope="module")
 def server(llm, reference, checkpoint):
-    app = create_app(llm, model_name=checkpoint[0].name)
+    app = create_app(llm, model_name=checkpoint[0].name,
+                     options=Options(reasoning_parser="deepseek_v3", tool_parser="deepseek_v3"))
     with serving(app) as running:
         running.compiled_at_start = llm.engine.compilations
         yield running
@@ -293,7 +302,7 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         ("/v1/completions", {"model": name, "prompt": "hi", "temperature": -1}, 400, "invalid_value"),
         ("/v1/completions", {"model": name, "prompt": "hi", "top_p": 0}, 400, "invalid_value"),
         ("/v1/completions", {"model": name, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),
-        ("/v1/completions", {"model": name, "prompt": "hi", "beam_width": 4}, 400, "unknown_parameter"),
+        ("/v1/completions", {"model": name, "prompt": "hi", "best_of": 4}, 400, "unsupported"),
         ("/v1/completions", {"model": name, "prompt": "hi", "stream": "yes"}, 400, "invalid_value"),
         ("/v1/completions", b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % name.encode(), 400,
          "invalid_json"),
@@ -301,8 +310,8 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
         ("/v1/chat/completions", {"model": name}, 400, "missing_required_parameter"),
         ("/v1/chat/completions", {"model": name, "messages": [{"content": "no role"}]}, 400, "invalid_value"),
         ("/v1/chat/completions", {"model": name, "messages": CHAT, "top_logprobs": 2}, 400, "invalid_value"),
-        ("/v1/chat/completions", {"model": name, "messages": CHAT, "response_format": {"type": "json_object"}}, 400,
-         "unsupported"),
+        ("/v1/chat/completions", {"model": name, "messages": CHAT, "response_format": {"type": "xml"}}, 400,
+         "invalid_value"),
         ("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
          "invalid_value"),
         ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "y" * 300}]}, 400,
@@ -322,7 +331,7 @@ def test_bad_requests_get_openai_errors(server, checkpoint):
     with pytest.raises(openai.BadRequestError, match="does not fit the context|maximum context length"):
         server.client.completions.create(model=name, prompt=[5] * 128)
     with pytest.raises(openai.BadRequestError, match="response_format"):
-        server.client.chat.completions.create(model=name, messages=CHAT, response_format={"type": "json_object"})
+        server.client.chat.completions.create(model=name, messages=CHAT, response_format={"type": "xml"})
     # none of them reached the engine, and it still serves, even values past the engine's 32-bit arrays
     assert server.metrics()[("jaxseek_engine_requests_total", ())] == engine_requests
     out = server.client.completions.create(model=name, prompt="ok", max_tokens=3, seed=2 ** 40 + 7, top_p=0.9,
@@ -456,3 +465,68 @@ def test_developer_and_tool_roles(server, llm, checkpoint):
     ok = tiny.prepare(json.dumps({"messages": [{"role": "developer", "content": "x"}, user]}).encode(), chat=True)
     assert ok.prompts[0] == tiny.prepare(json.dumps({"messages": [{"role": "system", "content": "x"}, user]}).encode(),
                                          chat=True).prompts[0]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"]}}}
+# DeepSeek-V3's tool-call format, made the only output the grammar allows (the random model could not
+# produce it otherwise): content, then one call in the model's own tokens
+V3_CALL = (f'start: "Checking." "{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\\n```json\\n" ARGS '
+           f'"\\n```{CALL_END}{CALLS_END}"\nARGS: "{{\\"city\\": \\"" ("Oslo" | "Rome") "\\"}}"')
+
+
+def test_auto_tool_calls_parsed_from_deepseek_tokens(server, checkpoint):
+    """--tool-call-parser deepseek_v3: V3's tool-call tokens become message.tool_calls (id, name,
+    arguments as a JSON string), finish_reason "tool_calls"; streamed, the name comes first, then the
+    arguments, and the stream adds up to the non-streamed message."""
+    kw = dict(model=checkpoint[0].name, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+              max_tokens=80, temperature=1.0, seed=5, extra_body={"structured_outputs": {"grammar": V3_CALL}})
+    out = server.client.chat.completions.create(**kw).choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.content == "Checking."
+    (call,) = out.message.tool_calls
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Oslo", "Rome")
+    content, calls, order = "", {}, []
+    for chunk in server.client.chat.completions.create(stream=True, **kw):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            if d.index not in calls:
+                calls[d.index] = [d.id, d.function.name, ""]
+                order.append("name")
+            calls[d.index][2] += d.function.arguments or ""
+            order += ["arguments"] * bool(d.function.arguments)
+        finish = chunk.choices[0].finish_reason
+    assert content == "Checking." and finish == "tool_calls" and order[0] == "name" and "arguments" in order
+    assert [(name, args) for _, name, args in calls.values()] == [("get_weather", call.function.arguments)]
+    # tool_choice "none": the same tokens stay plain text
+    none = server.client.chat.completions.create(tool_choice="none", **kw).choices[0]
+    assert none.finish_reason == "stop" and none.message.tool_calls is None
+    assert none.message.content.startswith("Checking." + CALLS_BEGIN)
+
+
+def test_reasoning_parsed_and_grammar_after_it(server, checkpoint, llm):
+    """--reasoning-parser deepseek_v3 with chat_template_kwargs.thinking: the output up to </think> is
+    reasoning_content (and reasoning); a grammar applies only after </think> (vLLM's behaviour), so
+    here </think> (pushed by logit_bias) passes, then the choice holds. Without thinking it is content."""
+    end = 4 + CHARS.index(THINK_END)
+    kw = dict(model=checkpoint[0].name, messages=CHAT, max_tokens=10, temperature=1.0, seed=2)
+    thinking = {"chat_template_kwargs": {"thinking": True}, "logit_bias": {str(end): 100},
+                "structured_outputs": {"choice": ["yes", "no"]}, "return_token_ids": True}
+    out = server.client.chat.completions.create(extra_body=thinking, **kw).choices[0]
+    assert out.model_extra["token_ids"][0] == end and out.finish_reason == "stop"
+    assert out.message.model_extra["reasoning_content"] == out.message.model_extra["reasoning"] == ""
+    assert out.message.content in ("yes", "no")
+    chunks = list(server.client.chat.completions.create(stream=True, extra_body=thinking, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.message.content
+    # no </think> ever (biased away): all of it is reasoning, and there is no content
+    never = {"chat_template_kwargs": {"thinking": True}, "logit_bias": {str(end): -100}, "ignore_eos": True,
+             "return_token_ids": True}
+    out = server.client.chat.completions.create(extra_body=never, **kw).choices[0]
+    text = llm.tokenizer.decode(out.model_extra["token_ids"])
+    assert len(out.model_extra["token_ids"]) == 10 and out.message.content is None
+    assert out.message.model_extra["reasoning_content"] == text.removeprefix(THINK_START)
+    # without thinking the reasoning parser leaves everything as content, and the grammar holds from the start
+    plain = server.client.chat.completions.create(extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+                                                  **kw).choices[0]
+    assert plain.message.content in ("yes", "no") and "reasoning_content" not in plain.message.model_extra

@@ -1,13 +1,15 @@
 """No compilation after warm-up under any load: skewed routing (every token's gate prefers the
 same experts, so the hot EP rank's rows overflow the first capacity bucket) driven through the
 HTTP server after warm-up must neither compile (jaxseek_compilations_total stays put) nor stall a
-request's first token.
+request's first token; half the requests are grammar-constrained (token masks on both dp ranks'
+rows, in the same compiled steps), and their outputs follow the grammar.
 
 This needs the engine to warm up every EP capacity level a step can escalate to and to step back
 down (issue 23's engine split); until that lands the escalation compiles a new program mid-serve and
 this test fails, as it should."""
 
 import asyncio
+import re
 
 import jax.numpy as jnp
 import pytest
@@ -48,15 +50,18 @@ def test_skewed_routing_after_warm_up_compiles_nothing(llm):
         assert value(before, "jaxseek_compilations_total") == compiled
 
         async def one(client, i):
+            extra = {"ignore_eos": True, **({"structured_outputs": {"regex": "[a-f]{4}"}} if i % 2 else {})}
             stream = await client.completions.create(model="jaxseek-tiny", prompt=f"sort {4321 + i}=", max_tokens=4,
-                                                     temperature=0, stream=True, extra_body={"ignore_eos": True})
+                                                     temperature=0, stream=True, extra_body=extra)
             loop = asyncio.get_running_loop()
-            start, first, finish = loop.time(), None, None
+            start, first, finish, text = loop.time(), None, None, ""
             async for chunk in stream:  # (a chunk per engine step: with MTP drafts, up to 1 + k tokens)
                 if chunk.choices and chunk.choices[0].text:
                     first = first or loop.time() - start
+                    text += chunk.choices[0].text
                 if chunk.choices:
                     finish = chunk.choices[0].finish_reason or finish
+            assert not i % 2 or re.fullmatch("[a-f]{4}", text), text
             return first, finish
 
         async def burst():

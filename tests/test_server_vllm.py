@@ -2,10 +2,16 @@
 required): each request feature checked against a plain reference computed here from the model's
 own logits (one full forward, `net(tokens)`), API keys, several served names, and hostile inputs
 (lone surrogates, 100,000-deep nesting, 10 MB bodies while a stream is in flight, bodies past the
-limit), each answered with OpenAI's error JSON on a connection that stays open."""
+limit), each answered with OpenAI's error JSON on a connection that stays open. Structured outputs
+(every kind, sampled, n > 1, logprobs, streamed, with the tiny model's MTP drafts), grammar-enforced
+tool choice, min_p / min_tokens / skip_special_tokens, /tokenize and /detokenize, unknown fields,
+and malformed grammars refused while other requests go on, with nothing compiled after warm-up."""
 
+import asyncio
 import http.client
 import json
+import logging
+import re
 import threading
 import time
 
@@ -15,8 +21,8 @@ import openai
 import pytest
 
 from serving import LLM
-from serving.server import create_app, warm_up
-from server_util import TINY_MODEL, serving, write_deployment
+from serving.server import Options, create_app, warm_up
+from server_util import TINY_MODEL, serving, value, write_deployment
 
 KEY = "test-key-1234"
 NAMES = ["jaxseek-tiny", "tiny-alias"]
@@ -35,7 +41,9 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with serving(create_app(llm, NAMES, api_keys=[KEY], max_body_bytes=LIMIT), api_key=KEY) as running:
+    options = Options(reasoning_parser="deepseek_v3")
+    with serving(create_app(llm, NAMES, api_keys=[KEY], max_body_bytes=LIMIT, options=options), api_key=KEY) as running:
+        running.compiled_at_start = llm.engine.compilations
         yield running
 
 
@@ -300,3 +308,240 @@ def test_big_bodies_while_a_stream_is_in_flight(server):
     gaps = np.diff([sent_at] + [t for t, _ in arrivals if sent_at < t < end] + [end])
     assert gaps.max() < 1.0, gaps.max()  # tokens kept coming while the big bodies were handled
     assert health and max(health) < 1.0, max(health)
+
+
+# ---- structured outputs, tools, the rest of vLLM's request surface --------------------------------
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999},
+                                           "sure": {"type": "boolean"}, "tag": {"enum": ["a", "b", "c"]}},
+          "required": ["answer", "sure", "tag"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                 "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: an empty object
+GRAMMAR = 'start: "sum(" NUM "," NUM ")"\nNUM: /[0-9]{1,3}/'
+
+
+def valid_answer(v) -> bool:
+    return isinstance(v, dict) and set(v) == {"answer", "sure", "tag"} and type(v["answer"]) is int and \
+        0 <= v["answer"] <= 999 and type(v["sure"]) is bool and v["tag"] in ("a", "b", "c")
+
+
+def json_object_prefix(text: str) -> bool:
+    """Whether text begins some JSON object: closed by one of a few completions, it parses as one."""
+    stack, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return False
+        elif ch == '"':
+            in_string = True
+    closers = "".join(reversed(stack))
+    base = text + ("n\"" if in_string and escaped else '"' if in_string else "")
+    for extra in ("", "0", ":0", '"":0', "e", "ue", "rue", "se", "lse", "l", "ll", "ull"):
+        try:
+            if isinstance(json.loads(base + extra + closers), dict):
+                return True
+        except json.JSONDecodeError:
+            pass
+    return False
+
+
+def valid_call(name: str, arguments: str) -> bool:
+    args = json.loads(arguments)
+    if name == "now":
+        return args == {}
+    return name == "weather" and set(args) == {"city", "days"} and args["city"] in ("Oslo", "Rome") and \
+        type(args["days"]) is int and 1 <= args["days"] <= 7
+
+
+def test_structured_outputs_every_kind(server):
+    """Each kind, sampled over many seeds (temperature 1, MTP drafts verified against the grammar), in
+    one concurrent batch: every output parses and validates; n > 1, logprobs and streaming too; and
+    nothing compiles after warm-up."""
+    chat = [{"role": "user", "content": "sort 3141="}]
+
+    async def one(client, kind, seed):
+        kw = dict(model=NAMES[0], max_tokens=100, temperature=1.0, seed=seed)
+        if kind == "json_schema":
+            out = await client.chat.completions.create(messages=chat, n=2, response_format={
+                "type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}, **kw)
+            return kind, [(c.message.content, c.finish_reason) for c in out.choices]
+        if kind == "stream":
+            stream = await client.chat.completions.create(messages=chat, stream=True, extra_body={"guided_json": SCHEMA},
+                                                          **kw)
+            text, finish = "", None
+            async for chunk in stream:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            return kind, [(text, finish)]
+        if kind == "json_object":
+            out = await client.chat.completions.create(messages=chat, response_format={"type": "json_object"}, **kw)
+            return kind, [(out.choices[0].message.content, out.choices[0].finish_reason)]
+        body = {"regex": {"regex": r"(yes|no)-[0-9]{2,4}"}, "choice": {"choice": ["red", "green", "blue"]},
+                "grammar": {"grammar": GRAMMAR}, "gbnf": {"grammar": 'root ::= "up" | "down"'}}[kind]
+        out = await client.completions.create(prompt=PROMPT, logprobs=2, extra_body={"structured_outputs": body}, **kw)
+        c = out.choices[0]
+        assert all(-9999 <= v <= 0 for v in c.logprobs.token_logprobs)
+        return kind, [(c.text, c.finish_reason)]
+
+    async def main():
+        async with server.async_client() as client:
+            return await asyncio.gather(*(one(client, kind, seed) for kind in
+                                          ("json_schema", "stream", "json_object", "regex", "choice", "grammar", "gbnf")
+                                          for seed in range(6)))
+
+    before = server.metrics()
+    results = asyncio.run(main())
+    checks = {"json_schema": lambda t: valid_answer(json.loads(t)), "stream": lambda t: valid_answer(json.loads(t)),
+              "json_object": lambda t: isinstance(json.loads(t), dict),
+              "regex": lambda t: re.fullmatch(r"(yes|no)-[0-9]{2,4}", t), "choice": lambda t: t in ("red", "green", "blue"),
+              "grammar": lambda t: re.fullmatch(r"sum\([0-9]{1,3},[0-9]{1,3}\)", t), "gbnf": lambda t: t in ("up", "down")}
+    outputs = {}
+    for kind, pairs in results:
+        for text, finish in pairs:
+            if kind == "json_object" and finish == "length":  # free keys and strings can outrun max_tokens
+                assert json_object_prefix(text), text
+                continue
+            assert finish == "stop" and checks[kind](text), (kind, text, finish)
+            outputs.setdefault(kind, set()).add(text)
+    assert all(len(outputs[k]) > 1 for k in ("json_schema", "regex", "grammar"))  # sampled, not one string
+    after = server.metrics()
+    assert value(after, "jaxseek_compilations_total") == value(before, "jaxseek_compilations_total") == \
+        server.compiled_at_start
+    assert value(after, "jaxseek_spec_decode_num_drafts_total") > value(before, "jaxseek_spec_decode_num_drafts_total")
+
+
+def test_tool_choice_required_and_named(server):
+    """tool_choice "required" and a named function are grammars from the tools' schemas: valid calls
+    from the embedded model (which spells JSON), streamed as vLLM streams them (the name first, then
+    argument deltas) and equal to the non-streamed call with the same seed."""
+    messages = [{"role": "user", "content": "weather?"}]
+    named = {"type": "function", "function": {"name": "weather"}}
+
+    async def one(client, choice, seed):
+        # (parallel_tool_calls false: one call, which fits the 128-token context)
+        kw = dict(model=NAMES[0], messages=messages, tools=[WEATHER, NOW], tool_choice=choice, max_tokens=100,
+                  temperature=0.8, seed=seed, parallel_tool_calls=seed % 2 == 0)
+        whole = (await client.chat.completions.create(**kw)).choices[0]
+        streamed, firsts, finish = {}, [], None
+        async for chunk in await client.chat.completions.create(stream=True, **kw):
+            for d in chunk.choices[0].delta.tool_calls or []:
+                if d.index not in streamed:
+                    firsts.append(d)
+                    streamed[d.index] = [d.function.name, ""]
+                else:
+                    assert d.id is None and not d.function.name  # the name comes once, first
+                streamed[d.index][1] += d.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return choice, whole, [tuple(v) for _, v in sorted(streamed.items())], firsts, finish
+
+    async def main():
+        async with server.async_client() as client:
+            return await asyncio.gather(*(one(client, choice, seed) for choice in ("required", named)
+                                          for seed in range(4)))
+
+    for choice, whole, streamed, firsts, finish in asyncio.run(main()):
+        want = "tool_calls" if choice == "required" else "stop"
+        calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        assert whole.finish_reason == want and calls and all(valid_call(*c) for c in calls), whole
+        assert all(c.id.startswith("chatcmpl-tool-") and c.type == "function" for c in whole.message.tool_calls)
+        assert choice == "required" or calls[0][0] == "weather"
+        assert streamed == calls and finish == want
+        assert all(d.id.startswith("chatcmpl-tool-") and d.function.name for d in firsts)
+
+
+def test_min_tokens_min_p_skip_special_tokens(server, llm):
+    plain = generate(server, "reverse 12=", max_tokens=8, extra_body={"ignore_eos": False}).choices[0]
+    assert plain.finish_reason == "stop" and len(plain.token_ids) < 6  # the model ends this one early
+    held = generate(server, "reverse 12=", max_tokens=8, extra_body={"ignore_eos": False, "min_tokens": 6})
+    assert len(held.choices[0].token_ids) >= 6 and 1 not in held.choices[0].token_ids[:6]  # EOS masked until then
+    # min_p 1: only the most likely token survives, so sampling is greedy
+    greedy = generate(server, PROMPT, max_tokens=8).choices[0].token_ids
+    assert generate(server, PROMPT, max_tokens=8, temperature=1.0, seed=3, extra_body={"min_p": 1.0}).choices[0] \
+        .token_ids == greedy
+    kw = dict(max_tokens=8, extra_body={"ignore_eos": False, "include_stop_str_in_output": True})
+    shown = generate(server, "reverse 12=", **kw).choices[0].text
+    kw["extra_body"]["skip_special_tokens"] = False
+    assert generate(server, "reverse 12=", **kw).choices[0].text == shown + "<｜end▁of▁sentence｜>"
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        generate(server, PROMPT, max_tokens=4, extra_body={"min_tokens": 5})
+
+
+def test_tokenize_detokenize_and_chat_template_options(server, llm):
+    plain = httpx.Client(base_url=server.base, timeout=60)  # outside /v1: no API key needed, as vLLM's
+    out = plain.post("/tokenize", json={"model": NAMES[0], "prompt": PROMPT, "return_token_strs": True}).json()
+    assert out["tokens"] == ids_of(llm, PROMPT) and out["count"] == len(out["tokens"]) and out["max_model_len"] == 128
+    assert "".join(out["token_strs"][1:]) == PROMPT
+    bare = plain.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()["tokens"]
+    assert bare == out["tokens"][1:]
+    assert plain.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": PROMPT}
+    messages = [{"role": "user", "content": "sort 21="}, {"role": "assistant", "content": "12"}]
+    chat = plain.post("/tokenize", json={"messages": messages[:1]}).json()["tokens"]
+    assert chat == llm.chat_prompt(messages[:1])
+    # continue_final_message: the assistant's message left open; add_generation_prompt false: no turn opened
+    head = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    opened = plain.post("/tokenize", json={"messages": messages, "continue_final_message": True}).json()["tokens"]
+    assert llm.tokenizer.decode(opened, skip_special_tokens=False) + "<｜end▁of▁sentence｜>" == head
+    closed = plain.post("/tokenize", json={"messages": messages[:1], "add_generation_prompt": False}).json()["tokens"]
+    assert closed == chat[:-1]  # without the final <｜Assistant｜>
+    for path, body in (("/detokenize", {"tokens": [5, 101]}), ("/tokenize", {"prompt": 5}),
+                       ("/tokenize", {"messages": messages, "add_generation_prompt": True,
+                                      "continue_final_message": True})):
+        r = plain.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"], r.text
+    # the same options through chat completions
+    cont = server.client.chat.completions.create(model=NAMES[0], messages=messages, max_tokens=2, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "return_token_ids": True})
+    assert cont.model_extra["prompt_token_ids"][0] == opened
+    plain.close()
+
+
+def test_unknown_fields_are_ignored_with_one_warning(server, caplog):
+    with caplog.at_level(logging.WARNING, logger="serving.server"):
+        for _ in range(2):
+            out = generate(server, PROMPT, max_tokens=2, extra_body={"frobnicate": 1, "beam_width": 4})
+            assert out.choices[0].finish_reason == "length"
+    warned = [r.getMessage() for r in caplog.records if "is not supported by this server and is ignored" in r.getMessage()]
+    assert sorted(warned) == ["request field 'beam_width' is not supported by this server and is ignored",
+                              "request field 'frobnicate' is not supported by this server and is ignored"]
+
+
+def test_hostile_grammars_refused_while_a_stream_goes_on(server):
+    """Malformed and huge schemas, regexes that match nothing the vocabulary spells, bad grammars: each a
+    400 naming its field, while a constrained stream already running finishes untouched."""
+    kw = dict(model=NAMES[0], prompt=PROMPT, max_tokens=60, temperature=0, stream=True,
+              extra_body={"structured_outputs": {"regex": "[0-9]{50}"}, "return_token_ids": True})
+    stream = server.client.completions.create(**kw)
+    first = next(iter(stream))
+    huge = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(20_000)},
+            "required": [f"k{i}" for i in range(20_000)]}
+    cases = [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+              "response_format"),
+             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+             ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+             ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs"),
+             ({"structured_outputs": {"regex": "é+"}}, "structured_outputs"),  # no token spells it
+             ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+             ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs"),
+             ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+             ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+             ({"guided_json": huge}, "guided_json"),
+             ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),  # no --enable-auto-tool-choice here
+             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+             ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name")]
+    for extra, param in cases:
+        chat = "tools" in extra
+        body = {"model": NAMES[0], "max_tokens": 5, **extra,
+                **({"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": PROMPT})}
+        r = server.http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+        assert r.status_code == 400, (extra, r.text[:300])
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"], error
+    tokens = first.choices[0].token_ids + [t for chunk in stream for t in chunk.choices[0].token_ids]
+    text = server.http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert re.fullmatch("[0-9]{50}", text), text

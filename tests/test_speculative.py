@@ -111,7 +111,8 @@ def test_sampled_tokens_distributed_as_plain_sampling(plain, mtp):
 
 def _verify_draws(acceptance, temperature, n=6000):
     """verify() on fixed logits: 2 window positions, one draft (the second most likely token) per row."""
-    from serving.sampling import PenaltyTable, accept_probability, sampling_arrays, verify
+    from serving.penalties import PenaltyTable
+    from serving.sampling import accept_probability, sampling_arrays, verify
     V = 6
     logits = np.random.default_rng(3).normal(size=(2, V)).astype(np.float32) * 1.5
     draft = int(np.argsort(logits[0])[-2])

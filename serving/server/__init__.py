@@ -3,17 +3,20 @@
     python -m serving.server --model DIR [--deployment F] [--host 127.0.0.1 --port 8000] [--api-key KEY]
 
 POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events),
-GET /v1/models, GET /health, GET /metrics (Prometheus).
+GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus).
 
 Modules: worker (the one thread that owns the engine), protocol (a request body -> validated
-sampling parameters and token ids, run off the event loop), output (choices: text, stops,
-logprobs), app (routes, streaming, the edge: request ids, API keys, body limit, errors), cli
-(the command line, the compilation cache, warm-up). Token ids become text through
-serving/detokenizer.py, shared with `LLM.stream`.
+sampling parameters and token ids, run off the event loop), chat (messages, the chat template,
+tools and tool_choice), constraints (the fields that ask for structured outputs), parsers
+(reasoning and tool calls read out of a chat choice's text), output (choices: text, stops,
+logprobs, messages), tokenize (/tokenize, /detokenize), app (routes, streaming, the edge: request
+ids, API keys, body limit, errors), cli (the command line, the compilation cache, warm-up). Token
+ids become text through serving/detokenizer.py, shared with `LLM.stream`.
 """
 
 from serving.server.app import DEFAULT_MAX_BODY_BYTES, Server, create_app
-from serving.server.protocol import ApiError
+from serving.server.errors import ApiError
+from serving.server.protocol import Options
 from serving.server.worker import EngineWorker, Update
 
 
@@ -23,4 +26,5 @@ def warm_up(engine) -> int:
     return engine.warmup()
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiError", "EngineWorker", "Server", "Update", "create_app", "warm_up"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiError", "EngineWorker", "Options", "Server", "Update", "create_app",
+           "warm_up"]

@@ -32,13 +32,16 @@ from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
 from serving.metrics import ServerMetrics, engine_snapshot
+from serving.server.errors import ApiError
 from serving.server.output import Call, Choice
-from serving.server.protocol import ApiError, Protocol
+from serving.server.protocol import Options, Protocol
+from serving.server.tokenize import Tokenization
 from serving.server.worker import EngineWorker
 
 log = logging.getLogger("serving.server")
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+             "/metrics")
 DEFAULT_MAX_BODY_BYTES = 32 * 2 ** 20  # a 128k-token prompt as token ids is ~1 MB of JSON
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's X-Request-Id is echoed only if it is this
 
@@ -51,13 +54,14 @@ class Server:
     """Holds the LLM, the engine thread and the metrics; `app` is the ASGI application."""
 
     def __init__(self, llm, served_names: list[str], default_max_tokens: int = 16, aliases=(),
-                 api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, options: Options = Options()):
         self.llm, self.engine, self.tokenizer = llm, llm.engine, llm.tokenizer
         self.served_names = list(served_names)
         self.model_name = self.served_names[0]  # what responses report
         cfg = self.engine.net.config
         self.protocol = Protocol(self.tokenizer, self.engine.context_len, cfg.vocab_size, cfg.bos_token_id,
-                                 self.served_names, aliases, default_max_tokens)
+                                 self.served_names, aliases, default_max_tokens, self.engine.grammars, options)
+        self.tokenization = Tokenization(self.protocol)
         self.api_keys = [k.encode() for k in api_keys if k]
         self.max_body_bytes = max_body_bytes
         self.eos = tuple(self.engine.net.config.eos_token_ids)
@@ -123,10 +127,10 @@ class Server:
         for c in call.choices:
             item: dict = {"index": c.index}
             if chat:
-                item["message"] = {"role": "assistant", "content": c.text}
+                item["message"] = call.message(c)
             else:
                 item["text"] = c.text
-            item.update(logprobs=call.logprobs(c, c.logprobs), finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            item.update(logprobs=call.logprobs(c, c.logprobs), finish_reason=call.finish(c), stop_reason=c.stop_reason)
             if call.prep.return_token_ids:
                 item["token_ids"] = c.token_ids
             choices.append(item)
@@ -150,14 +154,11 @@ class Server:
         def piece(c: Choice, text: str, tokens: list[int], logprobs: list, first: bool = False) -> dict:
             item: dict = {"index": c.index}
             if chat:
-                delta: dict = {"role": "assistant", "content": ""} if first else {}
-                if text:
-                    delta["content"] = text
-                item["delta"] = delta
+                item["delta"] = {"role": "assistant", "content": ""} if first else call.chat_delta(c, text)
             else:
                 item["text"] = text
             item.update(logprobs=None if first else call.logprobs(c, logprobs),
-                        finish_reason=None if first else c.finish_reason,
+                        finish_reason=None if first else call.finish(c),
                         stop_reason=None if first else c.stop_reason)
             if tokens_too:
                 item["token_ids"] = tokens
@@ -247,6 +248,16 @@ class Server:
                 raise ApiError(404, f"The model '{model}' does not exist", "model", "model_not_found")
             return card(model)
 
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            raw = await self._body(request)
+            return await asyncio.get_running_loop().run_in_executor(self.parsers, self.tokenization.tokenize, raw)
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request):
+            raw = await self._body(request)
+            return await asyncio.get_running_loop().run_in_executor(self.parsers, self.tokenization.detokenize, raw)
+
         @app.get("/health")
         async def health():
             if not self.worker.alive:
@@ -322,9 +333,9 @@ async def _drain(receive) -> None:
 
 
 def create_app(llm, model_name: str | list[str] | None = None, default_max_tokens: int = 16, *, aliases=(),
-               api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+               api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, options: Options = Options()):
     """The ASGI app serving `llm` (its `.state.server` is the Server). model_name: the name (or
     names) clients send as `model`, the first reported in responses (default "jaxseek"); aliases:
-    more names accepted but not listed."""
+    more names accepted but not listed; options: parsers, chat template, generation defaults."""
     names = [model_name] if isinstance(model_name, str) else list(model_name or ["jaxseek"])
-    return Server(llm, names, default_max_tokens, aliases, api_keys, max_body_bytes).app
+    return Server(llm, names, default_max_tokens, aliases, api_keys, max_body_bytes, options).app

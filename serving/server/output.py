@@ -9,8 +9,12 @@ import time
 import uuid
 
 from serving.detokenizer import Detokenizer, text_ids
-from serving.server.protocol import ApiError, Prepared, bad
+from serving.server.errors import ApiError, bad
+from serving.server.parsers import Message
+from serving.server.protocol import Prepared
 from serving.server.worker import EngineWorker, Update
+
+MIN_LOGPROB = -9999.0  # what a token the grammar ruled out (logprob -inf) reports: JSON has no infinity (vLLM's)
 
 
 class Choice:
@@ -19,7 +23,7 @@ class Choice:
     def __init__(self, index: int, request_id: str, prompt: list[int], params, tokenizer, stops: tuple[str, ...],
                  echo: str, eos: tuple[int, ...]):
         self.index, self.request_id, self.prompt, self.params = index, request_id, prompt, params
-        self.detok = Detokenizer(tokenizer)
+        self.detok = Detokenizer(tokenizer, params.skip_special_tokens)
         self.stops, self.echo = stops, echo
         self.longest_stop = max((len(s) for s in stops), default=0)
         self.stop_tokens = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
@@ -32,6 +36,8 @@ class Choice:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string (None: EOS)
         self.cached_tokens = 0
+        self.parser: Message | None = None  # a streamed chat choice's output parsers (Call.chat_delta)
+        self.called = False  # the output held a tool call
 
     def feed(self, update: Update) -> bool:
         """Takes an update; returns True if a stop string ended the choice (the engine must abort it)."""
@@ -45,7 +51,9 @@ class Choice:
         self.finish_reason = update.finish_reason
         if update.finish_reason == "stop" and self.token_ids and self.token_ids[-1] in self.params.stop_token_ids:
             self.stop_reason = self.token_ids[-1]
-        if self.stops and self.finish_reason != "error":
+        if self.stops and len(self.token_ids) <= self.params.min_tokens:  # (vLLM: no stop string before min_tokens)
+            self.checked = len(self.text)
+        elif self.stops and self.finish_reason != "error":
             start = max(len(self.echo), self.checked - self.longest_stop + 1)
             hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
             self.checked = len(self.text)
@@ -86,10 +94,10 @@ def completion_logprobs(tokenizer, entries: list, offset: int) -> tuple[dict, in
     after them."""
     out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, lp, top in entries:
-        text = token_text(tokenizer, token)
+        text, lp = token_text(tokenizer, token), max(lp, MIN_LOGPROB)
         out["tokens"].append(text)
         out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({**{token_text(tokenizer, t): v for t, v in top}, text: lp})
+        out["top_logprobs"].append({**{token_text(tokenizer, t): max(v, MIN_LOGPROB) for t, v in top}, text: lp})
         out["text_offset"].append(offset)
         offset += len(text)
     return out, offset
@@ -98,7 +106,7 @@ def completion_logprobs(tokenizer, entries: list, offset: int) -> tuple[dict, in
 def chat_logprobs(tokenizer, entries: list) -> dict:
     def item(token, lp) -> dict:
         text = token_text(tokenizer, token)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace"))}
+        return {"token": text, "logprob": max(lp, MIN_LOGPROB), "bytes": list(text.encode("utf-8", "replace"))}
     return {"content": [{**item(token, lp), "top_logprobs": [item(t, v) for t, v in top]}
                         for token, lp, top in entries]}
 
@@ -120,6 +128,8 @@ class Call:
                     params = dataclasses.replace(params, seed=(params.seed + 1) & 0xFFFFFFFF)
                 self.choices.append(Choice(index, f"{engine_id}-{index}", prompt, params, tokenizer, prep.stops,
                                            echo, eos))
+        for c in self.choices:
+            c.parser = self.parser()
         self.by_id = {c.request_id: c for c in self.choices}
         self.live: set[str] = set()
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
@@ -183,3 +193,61 @@ class Call:
         completion = sum(len(c.token_ids) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in self.choices[::self.prep.n])}}
+
+    # -- chat messages: reasoning and tool calls read out of the text (serving/server/parsers.py) --
+    def parser(self) -> Message | None:
+        """A fresh parser for one chat choice's text (None: the text is the content)."""
+        p, tools = self.prep, self.prep.tools
+        if not p.chat or (not p.reasoning and (tools is None or tools.mode == "none")):
+            return None
+        return Message(p.reasoning, tools.mode if tools else None, tools.name if tools else None)
+
+    def finish(self, choice: Choice) -> str | None:
+        """vLLM's finish_reason: "tool_calls" when an auto or required choice called tools and stopped."""
+        tools = self.prep.tools
+        if choice.called and tools is not None and tools.mode in ("auto", "required") and choice.finish_reason == "stop":
+            return "tool_calls"
+        return choice.finish_reason
+
+    def message(self, choice: Choice) -> dict:
+        """A finished chat choice's message: content, and with the parsers its reasoning and tool calls."""
+        parser = self.parser()
+        if parser is None:
+            return {"role": "assistant", "content": choice.text}
+        d = parser.feed(choice.text, final=True)
+        calls = tool_calls(d.calls)
+        choice.called = bool(calls)
+        out: dict = {"role": "assistant", "content": d.content or None}
+        if self.prep.reasoning:
+            out["reasoning_content"] = out["reasoning"] = d.reasoning
+        if calls:
+            out["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        return out
+
+    def chat_delta(self, choice: Choice, text: str) -> dict:
+        """The delta fields of a streamed chat chunk for the choice's next text (the last once it finished)."""
+        if choice.parser is None:
+            return {"content": text} if text else {}
+        d = choice.parser.feed(text, final=choice.finish_reason is not None)
+        out: dict = {}
+        if d.reasoning:
+            out["reasoning_content"] = out["reasoning"] = d.reasoning
+        if d.content:
+            out["content"] = d.content
+        if d.calls:
+            out["tool_calls"] = tool_calls(d.calls)
+            choice.called = True
+        return out
+
+
+def tool_calls(pieces: list) -> list[dict]:
+    """Parser call events (index, id, name, arguments) -> OpenAI's tool_calls entries, one per call: the
+    first piece of a call carries its id, type and name (as vLLM streams them), later ones arguments."""
+    entries: dict[int, dict] = {}
+    for index, cid, name, arguments in pieces:
+        entry = entries.get(index)
+        if entry is None:
+            entry = entries[index] = {"index": index, **({"id": cid, "type": "function"} if cid else {}),
+                                      "function": {**({"name": name} if cid else {}), "arguments": ""}}
+        entry["function"]["arguments"] += arguments
+    return list(entries.values())
