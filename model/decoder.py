@@ -104,7 +104,7 @@ class DecoderLayer(nnx.Module):
         s.sent, s.routed = self.mlp.dispatch(s.routed), None
 
     def experts(self, s: LayerState) -> None:
-        s.experts_out = self.mlp.run_experts(s.sent)
+        s.experts_out = self.mlp.run_experts(s.sent, s.absorbed)
 
     def combine(self, s: LayerState) -> None:
         h, s.stats = self.mlp.combine(s.sent, s.experts_out, s.h)

@@ -152,7 +152,7 @@ def _dispatch_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int,
         pair_w = jnp.where(pair_ids >= 0, jnp.repeat(weights, k, axis=0), 0.0)
         send_w = jnp.zeros((R, C, k), jnp.float32).at[pair_dest, slots].set(pair_w, mode="drop")
 
-    exchange = EXCHANGES[ep.wire]
+    exchange = EXCHANGES[ep.transport]
     with jax.named_scope("ep_dispatch"):
         wire = payload(ep, fp8_experts)
         parts = _encode(jnp.concatenate([x, jnp.zeros_like(x[:1])]), wire)
@@ -188,18 +188,18 @@ def ep_dispatch(x, ids, weights, valid, ep: EPConfig, experts_local: int, fp8_ex
     return Dispatched(*body(x, ids, weights, valid), n_dp=n_dp, n=n, capacity=C, dtype=x.dtype)
 
 
-def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, impl: str = "auto"):
-    """Each device's received rows through its local experts (model.experts.grouped_ffn: the
-    contiguous layout on GPU, the masked one with capacity buckets on CPU) -> (rows out
-    [R * R*C, D] float32, tokens per physical expert [P], overflow per device [R])."""
-    layout, impl = expert_layout(impl, expert_parallel=True)
+def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, gemm: str = "xla", decode: bool = False):
+    """Each device's received rows through its local experts (model.experts.grouped_ffn, in the layout
+    of the deployment's GEMMs: expert_layout) -> (rows out [R * R*C, D] float32, tokens per physical
+    expert [P], overflow per device [R])."""
+    layout = expert_layout(gemm, True, decode)
     El = experts.gate.shape[0] // ep.ranks  # the global [P, F, D]
     _, Ce = capacities(d.n, d.ids.shape[1], ep.ranks, El, ep.capacity_factor)
 
     def local(x, x_scale, ids, w, experts):
         with jax.named_scope("ep_experts"):
             rows = x if x_scale is None else (x, x_scale)
-            out, counts, overflow = grouped_ffn(rows, ids, w, experts, layout, capacity=Ce, dtype=d.dtype, impl=impl)
+            out, counts, overflow = grouped_ffn(rows, ids, w, experts, layout, capacity=Ce, dtype=d.dtype, gemm=gemm)
         return out, counts, overflow[None]
 
     spec = P(ep.axes)
@@ -210,7 +210,7 @@ def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, impl: str = 
 def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
     """Rows back to their senders in the combine precision; each token's returns summed -> [N_padded, D]."""
     other, split = ep.split_axes
-    exchange = EXCHANGES[ep.wire]
+    exchange = EXCHANGES[ep.transport]
     R, C = ep.ranks, d.capacity
 
     def local(out, recv_counts, src_token):
@@ -228,13 +228,14 @@ def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
                          check_vma=False)(out, d.recv_counts, d.src_token)
 
 
-def ep_routed_experts(x, ids, weights, valid, experts: ExpertWeights, ep: EPConfig, impl: str = "auto"):
+def ep_routed_experts(x, ids, weights, valid, experts: ExpertWeights, ep: EPConfig, gemm: str = "xla",
+                      decode: bool = False):
     """x [N, D] (sharded over the batch axis), ids int32[N, k] physical experts, weights [N, k],
     valid bool[N]; expert weights [P, ...] sharded over ep.axes.
     Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank
     sent [R], overflow (the step must re-run at the next capacity bucket)."""
     d = ep_dispatch(x, ids, weights, valid, ep, experts.gate.shape[0] // ep.ranks, experts.fp8)
-    out, counts, expert_overflow = ep_experts(d, experts, ep, impl)
+    out, counts, expert_overflow = ep_experts(d, experts, ep, gemm, decode)
     y = ep_combine(d, out, ep, x.dtype)
     return y[:x.shape[0]], ep_stats(d, counts, expert_overflow)
 

@@ -36,7 +36,10 @@ class Gate(nnx.Module):
         """x [N, D] -> weights float32[N, k], logical expert ids int32[N, k]."""
         cfg = self.cfg
         N, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
-        scores = jax.nn.sigmoid(x.astype(jnp.float32) @ self.weight[...].astype(jnp.float32).T)  # [N, E]
+        # float32 products and sums of the activations' dtype (DeepSeek: bf16 inputs, float32 scores),
+        # on the weight as held: a converted copy of it would be a copy of the layer's weight every step
+        scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x, self.weight[...].astype(x.dtype),
+                                           preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST))
         # The bias only steers *which* experts are chosen (auxiliary-loss-free balancing);
         # the weights come from the unbiased scores so the bias never changes the output scale.
         biased = scores + self.e_score_correction_bias[...]
@@ -93,7 +96,7 @@ class MoE(nnx.Module):
     def __call__(self, x, valid):
         """x [B, S, D] (normalised), valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
         sent = self.dispatch(self.route(x, valid))
-        return self.combine(sent, self.run_experts(sent), x)
+        return self.combine(sent, self.run_experts(sent, x.shape[1] == 1), x)
 
     # ---- stages ------------------------------------------------------------------------------------
     def route(self, x, valid) -> "Routed":
@@ -110,14 +113,14 @@ class MoE(nnx.Module):
         return ep_dispatch(routed.x, routed.ids, routed.weights, routed.valid, self.ep,
                            w.gate.shape[0] // self.ep.ranks, w.fp8)
 
-    def run_experts(self, sent):
+    def run_experts(self, sent, decode: bool = False):
         """The routed-expert FFN over what dispatch delivered -> (rows out, tokens per physical expert
-        [P], overflow)."""
+        [P], overflow). decode: a decode step's (the kernels' masked layout)."""
+        gemm = self.experts.gemm
         if self.ep is not None:
-            return ep_experts(sent, self.experts.weights(), self.ep, self.experts.impl)
-        layout, impl = expert_layout(self.experts.impl, expert_parallel=False)
+            return ep_experts(sent, self.experts.weights(), self.ep, gemm, decode)
         out, load, _ = grouped_ffn(sent.x, jnp.where(sent.valid[:, None], sent.ids, -1), sent.weights,
-                                   self.experts.weights(), layout, impl=impl)
+                                   self.experts.weights(), expert_layout(gemm, False, decode), gemm=gemm)
         return out, load, jnp.bool_(False)
 
     def combine(self, sent, experts_out, x):

@@ -63,7 +63,7 @@ def test_dense_in_interpret_mode_matches_reference(M, N, K, block_m, k_splits):
     assert got.shape == (M, N) and got.dtype == jnp.float32
     assert_close(got, reference(x_q, x_scale, w_q, w_scale, np.zeros(M, int)))
     # model/quant.py's XLA implementation of the same op (what the registry falls back to) agrees
-    assert_close(got, np.asarray(quant.fp8_matmul(*args, jnp.float32, impl="xla"), np.float64))
+    assert_close(got, np.asarray(quant.fp8_matmul(*args, jnp.float32), np.float64))
 
 
 def test_contiguous_layout_in_interpret_mode():
