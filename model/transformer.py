@@ -22,6 +22,7 @@ from model.checkpoint import load, save_orbax  # checkpoint takes the model clas
 from model.config import ModelConfig
 from model.decoder import DecoderLayer  # the layer's stages and plain forward
 from model.layers import Linear, RMSNorm, param, rope_cos_sin
+from model.overlap import join_trees, overlapped_stack, splits
 from model.quant import check_quantization
 
 
@@ -150,14 +151,18 @@ class DeepseekV3(nnx.Module):
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         return DenseCache(jnp.zeros(shape, dtype or self.dtype))
 
-    def forward_step(self, tokens, positions, cache, absorbed: bool = False):
+    def forward_step(self, tokens, positions, cache, absorbed: bool = False, head=None):
         """Runs tokens int32[B, S] at positions int32[B, S] (-1: padding) over the cache (DenseCache
         [L, B, T, C] or the engine's paged cache: anything with write/read and `max_len`).
 
-        Returns the final-norm hidden states [B, S, D], the cache with these tokens' rows written,
-        and the routed-expert stats per MoE layer (expert_load [L, P], rows_sent [L, R], overflow).
-        A full forward, a prefill, a chunked prefill and a decode step are all this call.
+        Returns head's output (default: the final-norm hidden states [B, S, D]), the cache with these
+        tokens' rows written, and the routed-expert stats per MoE layer (expert_load [L, P], rows_sent
+        [L, R], overflow). head(hidden [b, S, D], rows int32[b]) -> arrays with leading axis b: it runs
+        per micro-batch under the overlap schedules (the first one's under the other's last combine,
+        model/overlap.py), on rows `rows` of the batch. A full forward, a prefill, a chunked prefill and a
+        decode step are all this call.
         """
+        head = head or (lambda hidden, rows: hidden)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         mask = causal_mask(positions, cache.max_len)
@@ -165,10 +170,17 @@ class DeepseekV3(nnx.Module):
         if self.dense_layers is not None:
             x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
         if self.moe_layers is not None:
+            ep = self.moe_layers.mlp.ep
+            if ep is not None and ep.overlap != "none" and splits(x, ep):
+                outs, cache, stats = overlapped_stack(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
+                                                      positions, mask, absorbed, ep.overlap,
+                                                      lambda x, rows: head(self.norm(x), rows))
+                out = join_trees(*outs, ep.mesh.shape[ep.batch_axis])
+                return out, cache, {**stats, "overflow": jnp.any(stats["overflow"])}
             x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
                                            positions, mask, absorbed)
             stats = {**stats, "overflow": jnp.any(stats["overflow"])}
-        return self.norm(x), cache, stats
+        return head(self.norm(x), jnp.arange(x.shape[0], dtype=jnp.int32)), cache, stats
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
@@ -198,6 +210,8 @@ class DeepseekV3(nnx.Module):
         x = mtp.eh_proj(jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1))
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         x, cache, stats = mtp(x, cos, sin, cache, layer, positions, causal_mask(positions, cache.max_len), absorbed)
+        if "overflow" in stats:  # per EP rank until here (model/ep.py: ep_stats)
+            stats = {**stats, "overflow": jnp.any(stats["overflow"])}
         head = mtp.shared_head
         logits = jnp.einsum("...d,vd->...v", head.norm(x), head.head.weight[...], preferred_element_type=jnp.float32)
         return x, logits, cache, stats
@@ -236,8 +250,7 @@ class DeepseekV3(nnx.Module):
         return logits, {"overflow": stats.get("overflow", False) | mtp_stats["overflow"]}
 
     def _step_logits(self, tokens, positions, cache, absorbed):
-        hidden, cache, stats = self.forward_step(tokens, positions, cache, absorbed)
-        return self.logits(hidden), cache, stats
+        return self.forward_step(tokens, positions, cache, absorbed, head=lambda hidden, rows: self.logits(hidden))
 
     # ---- host-facing calls (each jitted on the split state) ---------------------------------------
     def run(self, method: str, *args, **kwargs):
