@@ -11,8 +11,15 @@ shared key (P = 64): 576 values instead of 2 x 128 heads x 128. Two ways to atte
   output, so attention runs directly in the 512-wide latent space and the cache is never
   expanded; cheapest for one query per sequence.
 Both give the same numbers up to float rounding. With FP8 weights every projection is an FP8 GEMM
-(its input quantised 1x128), kv_b_proj included in the naive form; the absorbed form folds
-kv_b_proj into other products and so uses it dequantised, as DeepSeek's inference does.
+(its input quantised 1x128), kv_b_proj included. The absorbed form multiplies per head by kv_b_proj's
+key half contracted over its rows and by its value half contracted over the latent; Hopper's FP8 MMA
+reads both operands K-major (the contraction dimension contiguous), which the value half is as stored
+and the key half is only transposed. So the absorbed form holds both halves as weights of their own,
+made once at load from kv_b_proj (`AbsorbedKV`: the key half transposed [H, R, K], the value half
+[H, V, R], FP8 with their 128x128 scales moved with them, exact when K and V are multiples of 128 as
+DeepSeek's are), and runs them as per-head FP8 GEMMs: no float copy of an FP8 weight exists at any
+time (DeepSeek's own inference dequantises kv_b_proj per call instead; docs/DESIGN_NOTES.md).
+Each stage's kernel is the deployment's choice by name (model/kernels/registry.py).
 """
 
 from __future__ import annotations
@@ -24,10 +31,44 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import Linear, RMSNorm, apply_rope
+from model.kernels import registry
+from model.layers import Derived, Linear, RMSNorm, apply_rope
+from model.quant import dequantize_weight, quantize_activations, quantize_blocks
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 MASKED = -1e30  # finite, so a padding query whose every key is masked gives zeros, not NaN
+
+
+def absorbed_weights(w, scale, cfg: ModelConfig):
+    """kv_b_proj's weight [..., H*(K+V), R] (and its 128x128 scales, or None) -> the absorbed form's
+    weights: key half transposed [..., H, R, K], value half [..., H, V, R] (and their scales)."""
+    H, K, V, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    lead = w.shape[:-2]
+    if scale is not None and (K % 128 or V % 128):  # blocks straddle the halves: re-blocked (test models)
+        w, scale = dequantize_weight(w, scale), None
+        uk, uv = absorbed_weights(w, None, cfg)[::2]
+        (uk, uk_s), (uv, uv_s) = quantize_blocks(uk, xp=jnp), quantize_blocks(uv, xp=jnp)
+        return uk, uk_s, uv, uv_s
+    w = w.reshape(*lead, H, K + V, R)
+    uk, uv = jnp.swapaxes(w[..., :K, :], -1, -2), w[..., K:, :]
+    if scale is None:
+        return uk, None, uv, None
+    scale = scale.reshape(*lead, H, (K + V) // 128, scale.shape[-1])  # each head's rows are whole blocks
+    return uk, jnp.swapaxes(scale[..., :K // 128, :], -1, -2), uv, scale[..., K // 128:, :]
+
+
+class AbsorbedKV(nnx.Module):
+    """The absorbed form's per-head weights, derived from kv_b_proj (not in the checkpoint): made at
+    init from its value and again by every load (DeepseekV3.refresh_derived)."""
+
+    def __init__(self, kv_b_proj: Linear, cfg: ModelConfig):
+        w, s = kv_b_proj.weight[...], kv_b_proj.weight_scale_inv
+        uk, uk_s, uv, uv_s = absorbed_weights(w, None if s is None else s[...], cfg)
+        self.w_uk_t = Derived(uk, out_sharding=("heads", "kv_latent", None), eager_sharding=False)  # [H, R, K]
+        self.w_uv = Derived(uv, out_sharding=("heads", None, "kv_latent"), eager_sharding=False)  # [H, V, R]
+        scales = (None, None, None)  # (tiny: replicated)
+        self.w_uk_t_scale = None if uk_s is None else Derived(uk_s, out_sharding=scales, eager_sharding=False)
+        self.w_uv_scale = None if uv_s is None else Derived(uv_s, out_sharding=scales, eager_sharding=False)
 
 
 class MLA(nnx.Module):
@@ -45,7 +86,9 @@ class MLA(nnx.Module):
         self.kv_b_proj = Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("heads", "kv_latent"), dtype, rngs,
                                 fp8)
         self.o_proj = Linear(H * cfg.v_head_dim, D, ("embed", "heads"), dtype, rngs, fp8)
-        self.decode_kernel = "xla"  # sharding.kernels.Kernels.attention_decode, set by DeepseekV3.set_kernels
+        self.absorbed = AbsorbedKV(self.kv_b_proj, cfg)
+        # the deployment's resolved kernels (sharding.kernels.Kernels), set by DeepseekV3.set_kernels
+        self.decode_kernel, self.prefill_kernel, self.gemm, self.sms = "xla", "xla", "xla", 0
 
     def queries(self, x, cos, sin):
         """x [B, S, D] -> q_nope [B, S, H, K], q_pe [B, S, H, P] (roped)."""
@@ -60,22 +103,43 @@ class MLA(nnx.Module):
         kv, k_pe = jnp.split(self.kv_a_proj_with_mqa(x), [self.cfg.kv_lora_rank], axis=-1)
         return jnp.concatenate([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], axis=-1)
 
-    def _kv_b(self, dtype=None):
-        cfg = self.cfg
-        w = self.kv_b_proj.dense_weight(dtype).reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
-                                                       cfg.kv_lora_rank)
-        return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]  # [H, K, R], [H, V, R]
+    def _per_head(self, x, w, scale):
+        """x [..., H, in] -> [..., H, out]: per head h, x[..., h, :] times w[h] [out, in] (the masked
+        GEMM layout with every row used; FP8 weights take their input quantised 1x128)."""
+        lead, (H, N, K) = x.shape[:-2], w.shape
+        xh = jnp.swapaxes(x.reshape(-1, H, K), 0, 1)  # [H, M, in]
+        counts = jnp.full((H,), xh.shape[1], jnp.int32)
+        fn = registry.gemm(self.gemm, "masked", fp8=scale is not None, n=N, k=K)
+        out = fn(xh if scale is None else quantize_activations(xh), w, scale, counts, x.dtype)  # [H, M, out]
+        return jnp.swapaxes(out, 0, 1).reshape(*lead, H, N)
+
+    def absorb_query(self, q_nope):
+        """q_nope [..., H, K] -> q_latent [..., H, R]: kv_b_proj's key half folded into the query."""
+        a = self.absorbed
+        return self._per_head(q_nope, a.w_uk_t[...], None if a.w_uk_t_scale is None else a.w_uk_t_scale[...])
+
+    def absorb_output(self, context):
+        """context [..., H, R] (in latent space) -> [..., H, V]: kv_b_proj's value half."""
+        a = self.absorbed
+        return self._per_head(context, a.w_uv[...], None if a.w_uv_scale is None else a.w_uv_scale[...])
 
     def _softmax(self, scores, mask):
         scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, MASKED)
         return jax.nn.softmax(scores, axis=-1)
 
-    def attend_naive(self, q_nope, q_pe, rows, mask):
-        """rows [B, T, C] of the cache, mask bool[B, S, T] -> [B, S, H, V]."""
+    def attend_naive(self, q_nope, q_pe, rows, mask, positions=None):
+        """rows [B, T, C] of the cache, mask bool[B, S, T] (key t visible to the query at positions
+        int32[B, S] iff t <= its position: the deployment's prefill kernel takes that bound) -> [B, S, H, V]."""
         cfg = self.cfg
         latent, k_pe = jnp.split(rows, [cfg.kv_lora_rank], axis=-1)
         kv = self.kv_b_proj(latent).reshape(*latent.shape[:2], cfg.num_attention_heads, -1)  # [B, T, H, K + V]
         k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
+        if self.prefill_kernel != "xla" and positions is not None:
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], *k_nope.shape[2:3],
+                                                                               k_pe.shape[-1]))], axis=-1)
+            k_end = jnp.maximum(positions + 1, 1)  # a padding query sees key 0 (finite; its output is unused)
+            return registry.prefill_attention(self.prefill_kernel)(
+                jnp.concatenate([q_nope, q_pe], axis=-1), k, v, k_end, cfg.softmax_scale).astype(v.dtype)
         scores = (jnp.einsum("bshk,bthk->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
         probs = self._softmax(scores, mask).astype(v.dtype)
@@ -83,14 +147,13 @@ class MLA(nnx.Module):
 
     def attend_absorbed(self, q_nope, q_pe, rows, mask):
         """Same contract as attend_naive, computed in latent space."""
-        w_k, w_v = self._kv_b(q_nope.dtype)
         latent, k_pe = jnp.split(rows, [self.cfg.kv_lora_rank], axis=-1)
-        q_latent = jnp.einsum("bshk,hkr->bshr", q_nope, w_k)
+        q_latent = self.absorb_query(q_nope)
         scores = (jnp.einsum("bshr,btr->bhst", q_latent, latent, preferred_element_type=jnp.float32)
                   + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
         probs = self._softmax(scores, mask).astype(latent.dtype)
         context = jnp.einsum("bhst,btr->bshr", probs, latent)
-        return jnp.einsum("bshr,hvr->bshv", context, w_v)
+        return self.absorb_output(context.astype(q_nope.dtype))
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed: bool):
         """x [B, S, D]; cache: model.cache.DenseCache or a paged equivalent; slots int32[B, S]
@@ -120,8 +183,9 @@ class MLA(nnx.Module):
         """Core attention -> [B, S, H, V]."""
         if isinstance(keys, InCache):
             return self.attend_in_cache(q_nope, q_pe, keys.cache, keys.layer, slots)
-        attend = self.attend_absorbed if absorbed else self.attend_naive
-        return attend(q_nope, q_pe, keys, mask)
+        if absorbed:
+            return self.attend_absorbed(q_nope, q_pe, keys, mask)
+        return self.attend_naive(q_nope, q_pe, keys, mask, slots)
 
     def output(self, core):
         """[B, S, H, V] -> o_proj -> [B, S, D]."""
@@ -133,19 +197,26 @@ class MLA(nnx.Module):
         return absorbed and self.decode_kernel != "xla" and cache.in_place_decode
 
     def attend_in_cache(self, q_nope, q_pe, cache, layer, slots):
-        """attend_absorbed for decode, with the cache's own kernel reading its pages in place
-        (model/kernels/mla_decode.py) instead of gathering rows -> [B, S, H, V]. Several query positions
-        per row (a speculative step's last token and drafts) run as S rows sharing the page table, each
-        over the keys up to its own position."""
+        """attend_absorbed for decode, with the deployment's decode kernel reading the cache's pages in
+        place (model/kernels/registry.py) instead of gathering rows -> [B, S, H, V]. Several query
+        positions per row (a speculative step's last token and drafts) run as S rows sharing the page
+        table, each over the keys up to its own position."""
         B, S = slots.shape
-        w_k, w_v = self._kv_b(q_nope.dtype)
-        q_latent = jnp.einsum("bshk,hkr->bshr", q_nope, w_k).reshape(B * S, *q_nope.shape[2:3], -1)
+        cfg, H = self.cfg, q_nope.shape[2]
+        q_latent = self.absorb_query(q_nope).reshape(B * S, H, -1)
         lengths = jnp.maximum(slots.reshape(-1) + 1, 1)  # padding rows (-1) read one row; their output is unused
         if S > 1:  # (row b's S queries stay within its rank's contiguous rows)
             cache = cache.select_rows(lambda table: jnp.repeat(table, S, axis=0))
+        name, kernel = registry.decode_attention(self.decode_kernel, rank=cfg.kv_lora_rank, rope=cfg.qk_rope_head_dim,
+                                                 block_size=cache.block_size, dtype=cache.dtype)
+
+        def attend(q_latent, q_pe, pool, table, lengths, scale, plan):  # one rank's rows over its blocks
+            if plan is None:  # no plan made for the step (a view of some rows): this layer's own
+                plan = registry.decode_plan(name, lengths, self.sms, H)
+            return kernel(q_latent, q_pe, pool, table, lengths, scale, plan=plan)
         context = cache.absorbed_context(layer, q_latent, q_pe.reshape(B * S, *q_pe.shape[2:]), lengths,
-                                         self.cfg.softmax_scale, self.decode_kernel)
-        return jnp.einsum("bhr,hvr->bhv", context.astype(q_nope.dtype), w_v).reshape(B, S, *w_v.shape[:2])
+                                         cfg.softmax_scale, attend)
+        return self.absorb_output(context.astype(q_nope.dtype)).reshape(B, S, H, -1)
 
 
 @jax.tree_util.register_dataclass

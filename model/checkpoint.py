@@ -168,7 +168,14 @@ class _TensorReader:
         return any(info["dtype"] == "F8_E4M3" for _, info in self.files.entries.values())
 
 
+def _derived(path: tuple[str, ...]) -> bool:
+    """Weights made from others at load (model/layers.py: Derived; DeepseekV3.refresh_derived), not read."""
+    return "absorbed" in path
+
+
 def _load_leaf(reader: _TensorReader, cfg, placement, path, abstract, sharding) -> jax.Array:
+    if _derived(path):  # where it goes: refresh_derived computes it from the loaded weights
+        return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
     if path[-1] in placement:  # expert maps are not in the checkpoint: every layer starts at the default
         return jax.device_put(np.broadcast_to(placement[path[-1]], abstract.shape).astype(abstract.dtype), sharding)
     n_stacked = stacked_dims(path)
@@ -216,25 +223,29 @@ def load(cls, path, dtype=jnp.float32, mesh=None, deployment=None, quantization=
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     cfg = ModelConfig.from_json(path / "config.json")
-    ep, n_physical = None, None
+    ep, n_physical, kernels = None, None, None
+    platform = jax.devices()[0].platform  # no deployment: where the weights go
     if mesh is not None or deployment is not None:
+        from model.kernels import registry
         from sharding.deployment import resolve
         deployment, mesh = resolve(deployment, mesh)
-        kernels = deployment.kernels_for(mesh)
+        platform = deployment.platform_for(mesh)  # decided once, here
+        kernels = registry.resolve(deployment.kernels, platform, mesh.devices.flat[0])
         ep = deployment.ep_config(mesh, kernels)
         n_physical = deployment.n_physical_experts(cfg.n_routed_experts) if cfg.n_routed_experts else None
         quantization = quantization or deployment.quantization
     if (path / ORBAX_DIR).is_dir():
-        net = _load_orbax(cls, path, cfg, dtype, mesh, n_physical, quantization)
+        net = _load_orbax(cls, path, cfg, dtype, mesh, n_physical, quantization, platform)
     else:
-        net = _load_hf(cls, path, cfg, dtype, mesh, n_physical, quantization)
+        net = _load_hf(cls, path, cfg, dtype, mesh, n_physical, quantization, platform)
+    net.refresh_derived()
     net.set_expert_parallel(ep)
-    if deployment is not None:
+    if kernels is not None:
         net.set_kernels(kernels)
     return net
 
 
-def _load_hf(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantization):
+def _load_hf(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantization, platform):
     files = SafetensorsDir(path)
     if cfg.n_mtp_layers and not any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in files.entries):
         # transformers' save_pretrained drops DeepSeek's MTP layer; serve without it.
@@ -242,7 +253,7 @@ def _load_hf(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantiz
                     path, cfg.n_mtp_layers)
         cfg = cfg.replace(num_nextn_predict_layers=0)
     reader = _TensorReader(files, cfg)
-    graphdef, abstract = _abstract(cls, cfg, dtype, n_physical, default_quantization(quantization, reader.fp8))
+    graphdef, abstract = _abstract(cls, cfg, dtype, n_physical, default_quantization(quantization, reader.fp8, platform))
     placement = default_placement(cfg.n_routed_experts, n_physical or cfg.n_routed_experts) if cfg.n_moe_layers else {}
     shardings = _shardings(abstract, mesh)
     state = jax.tree_util.tree_map_with_path(
@@ -266,7 +277,7 @@ def save_orbax(net, path) -> None:
         ckptr.wait_until_finished()
 
 
-def _load_orbax(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantization):
+def _load_orbax(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quantization, platform):
     """Restores the exact state saved, physical expert slots and their placement included; then
     (de)quantises it if another quantization is asked for."""
     import orbax.checkpoint as ocp
@@ -284,7 +295,7 @@ def _load_orbax(cls, path: Path, cfg: ModelConfig, dtype, mesh, n_physical, quan
             restored = ckptr.restore(path.absolute() / ORBAX_DIR, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path / ORBAX_DIR}: cannot restore onto {path / 'config.json'}'s model ({e})") from None
-    quantization = default_quantization(quantization, saved_quantization == "fp8")
+    quantization = default_quantization(quantization, saved_quantization == "fp8", platform)
     if quantization != saved_quantization:
         graphdef, abstract = _abstract(cls, cfg, dtype, saved, quantization)
         restored = _requantized(restored, nnx.to_pure_dict(abstract), _shardings(abstract, mesh))
@@ -299,6 +310,8 @@ def _requantized(saved: dict, target: dict, shardings: dict) -> dict:
 
     def leaf(key_path, abstract, sharding):
         path = _key_path(key_path)
+        if _derived(path):  # made again from the requantised weights (load: refresh_derived)
+            return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
         parent = saved
         for key in path[:-1]:
             parent = parent[key]

@@ -134,7 +134,7 @@ class DecoderLayer(nnx.Module):
         s.sent = self.mlp.dispatch(s.sent)
 
     def experts(self, s: LayerState) -> None:
-        s.experts_out, s.stats = self.mlp.run_experts(s.sent)
+        s.experts_out, s.stats = self.mlp.run_experts(s.sent, s.absorbed)
 
     def shared(self, s: LayerState) -> None:
         s.shared, s.h = self.mlp.shared_experts(s.h), None

@@ -198,7 +198,7 @@ def _plan_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int, fp8
         pieces = [*rows, send_ids, send_w]
         sent = jnp.minimum(send_counts, C)
         # the ragged transport's receive sizes, learnt before the payload goes (the padded one's arrive with it)
-        recv_counts = exchange_counts(sent, axes) if ep.wire == "ragged" else jnp.zeros_like(sent)
+        recv_counts = exchange_counts(sent, axes) if ep.transport == "ragged" else jnp.zeros_like(sent)
     return (pack(pieces).reshape(R * C, -1), recv_counts, sent, src_token, jnp.any(send_counts > C)[None],
             jnp.sum(send_counts)[None]), tuple((p.shape, p.dtype) for p in pieces)
 
@@ -208,7 +208,7 @@ def _dispatch_local(send, recv_counts, sent, *, ep: EPConfig, pieces):
     R = sent.shape[0]
     with jax.named_scope("ep_dispatch"):
         send = send.reshape(R, -1, send.shape[-1])
-        if ep.wire == "ragged":
+        if ep.transport == "ragged":
             return ragged_exchange(send, sent, recv_counts, ep.axes).reshape(-1, send.shape[-1]), recv_counts
         buf = padded_exchange(send, sent, None, ep.axes)  # every slot travels: a used one carries an expert
         recv_ids = unpack(buf, pieces)[-2]
@@ -278,11 +278,11 @@ def ep_dispatch(d: Dispatched, ep: EPConfig) -> Dispatched:
     return dataclasses.replace(d, send=None, buf=buf, recv_counts=recv_counts)
 
 
-def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, impl: str = "auto"):
-    """Each device's received rows through its local experts (model.experts.grouped_ffn: the
-    contiguous layout on GPU, the masked one with capacity buckets on CPU) -> (rows out
-    [R * R*C, D] float32, tokens per physical expert [P], overflow per device [R])."""
-    layout, impl = expert_layout(impl, expert_parallel=True)
+def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, gemm: str = "xla", decode: bool = False):
+    """Each device's received rows through its local experts (model.experts.grouped_ffn, in the layout
+    of the deployment's GEMMs: expert_layout) -> (rows out [R * R*C, D] float32, tokens per physical
+    expert [P], overflow per device [R])."""
+    layout = expert_layout(gemm, True, decode)
     El = experts.gate.shape[0] // ep.ranks  # the global [P, F, D]
     k = d.pieces[-1][0][-1]
     _, Ce = capacities(d.n, k, ep.ranks, El, ep.capacity_factor)
@@ -290,7 +290,7 @@ def ep_experts(d: Dispatched, experts: ExpertWeights, ep: EPConfig, impl: str = 
     def local(buf, recv_counts, experts):
         with jax.named_scope("ep_experts"):
             rows, ids, w = _unpack_received(buf, recv_counts, d)
-            out, counts, overflow = grouped_ffn(rows, ids, w, experts, layout, capacity=Ce, dtype=d.dtype, impl=impl)
+            out, counts, overflow = grouped_ffn(rows, ids, w, experts, layout, capacity=Ce, dtype=d.dtype, gemm=gemm)
         return out, counts, overflow[None]
 
     spec = P(ep.axes)
@@ -306,7 +306,7 @@ def ep_combine(d: Dispatched, out, ep: EPConfig, dtype):
     def local(out, recv_counts, sent):
         with jax.named_scope("ep_combine"):
             wire = dtype if ep.combine_dtype == "auto" else PAYLOAD_DTYPES[ep.combine_dtype]
-            back = EXCHANGES[ep.wire](out.astype(wire).reshape(R, C, -1), recv_counts, sent, ep.axes)
+            back = EXCHANGES[ep.transport](out.astype(wire).reshape(R, C, -1), recv_counts, sent, ep.axes)
         return back.reshape(R * C, -1)
 
     spec = P(ep.axes)
@@ -332,13 +332,14 @@ def ep_land(d: Dispatched, back, ep: EPConfig, dtype):
                          check_vma=False)(back, d.src_token)
 
 
-def ep_routed_experts(x, ids, weights, valid, experts: ExpertWeights, ep: EPConfig, impl: str = "auto"):
+def ep_routed_experts(x, ids, weights, valid, experts: ExpertWeights, ep: EPConfig, gemm: str = "xla",
+                      decode: bool = False):
     """x [N, D] (sharded over the batch axis), ids int32[N, k] physical experts, weights [N, k],
     valid bool[N]; expert weights [P, ...] sharded over ep.axes.
     Returns the routed output [N, D] and stats: tokens per physical expert [P], rows each rank
     sent [R], overflow (the step must re-run at the next capacity bucket)."""
     d = ep_dispatch(ep_plan(x, ids, weights, valid, ep, experts.gate.shape[0] // ep.ranks, experts.fp8), ep)
-    out, counts, expert_overflow = ep_experts(d, experts, ep, impl)
+    out, counts, expert_overflow = ep_experts(d, experts, ep, gemm, decode)
     y = ep_land(d, ep_combine(d, out, ep, x.dtype), ep, x.dtype)
     stats = ep_stats(d, counts, expert_overflow)
     return y[:x.shape[0]], {**stats, "overflow": jnp.any(stats["overflow"])}

@@ -5,13 +5,14 @@ expert slots here, D hidden, F expert intermediate, G groups of a masked layout,
 
 `grouped_ffn` takes rows each carrying up to k (local expert, gate weight) pairs and returns one
 vector per row: sum over its pairs of weight x SwiGLU_expert(row). The pairs are laid out for the
-GEMMs in one of three ways (`expert_layout` picks by backend):
-- contiguous: pairs sorted by expert, one grouped GEMM per projection (the GPU kernels' layout);
-- masked: pairs packed into [El, Ce] slots (a capacity bucket per expert) for batched GEMMs
-  (expert parallelism on CPU: XLA:CPU computes ragged_dot densely; an overflow is reported, and
-  the step re-runs at a larger bucket);
+GEMMs in one of three ways (`expert_layout` picks by the deployment's GEMMs and the step's phase):
+- contiguous: pairs sorted by expert, one grouped GEMM per projection (the GPU kernels' prefill
+  layout, DeepGEMM's "contiguous");
+- masked: pairs packed into [El, Ce] slots (a capacity bucket per expert) for batched GEMMs (the GPU
+  kernels' decode layout: static shapes; and expert parallelism with XLA's GEMMs, as XLA:CPU computes
+  ragged_dot densely); an overflow is reported, and the step re-runs at a larger bucket;
 - tiles: pairs packed into tiles of `tile` rows, each tile one expert's, every tile one small GEMM
-  against its expert's weights (one device on CPU, and training: no capacity, nothing dropped).
+  against its expert's weights (one device with XLA's GEMMs, and training: no capacity, nothing dropped).
 With FP8 weights the rows are quantised 1x128 once (or arrive quantised from the dispatch) and
 the gate and up projections consume them as they are; SwiGLU's output is quantised for the down
 projection, as DeepSeek's expert does.
@@ -26,12 +27,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.kernels.grouped_gemm import grouped_matmul
+from model.kernels import registry
 from model.layers import fp8_param, param
-from model.quant import (dequantize_activations, fp8_grouped_matmul, fp8_masked_matmul, quantize_activations)
+from model.quant import dequantize_activations, quantize_activations
 
 LAYOUTS = ("contiguous", "masked", "tiles")
-IMPLS = ("auto", "xla", "pallas", "interpret")  # interpret: the Pallas kernels run by the interpreter (CPU tests)
 MAX_TILE = 64  # rows per tile: big enough for the GEMMs, small enough that a last, part-empty tile wastes little
 
 
@@ -73,7 +73,7 @@ class Experts(nnx.Module):
         self.gate_proj = ExpertLinear(phy2log, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs, fp8)
         self.up_proj = ExpertLinear(phy2log, D, F, ("expert", "expert_mlp", "embed"), dtype, rngs, fp8)
         self.down_proj = ExpertLinear(phy2log, F, D, ("expert", "embed", "expert_mlp"), dtype, rngs, fp8)
-        self.impl = "auto"  # the GEMMs: auto | xla | pallas | interpret (DeepseekV3.set_expert_impl)
+        self.gemm = "xla"  # the deployment's kernels.gemm (DeepseekV3.set_kernels)
 
     def weights(self) -> ExpertWeights:
         projs = (self.gate_proj, self.up_proj, self.down_proj)
@@ -81,15 +81,14 @@ class Experts(nnx.Module):
         return ExpertWeights(*(p.weight[...] for p in projs), *scales)
 
 
-def expert_layout(impl: str, expert_parallel: bool) -> tuple[str, str]:
-    """-> (layout, GEMM impl). A GPU (or a Pallas impl) runs the contiguous layout, the grouped GEMM
-    kernels' own; elsewhere XLA computes ragged_dot densely (docs/DESIGN_NOTES.md), so expert parallelism uses
-    the masked layout (per-expert capacity buckets, as the dispatch has) and one device the tiles."""
-    if impl not in IMPLS:
-        raise ValueError(f"expert GEMM impl {impl!r} must be one of {IMPLS}.")
-    if impl in ("pallas", "interpret") or jax.default_backend() == "gpu":
-        return "contiguous", impl
-    return ("masked" if expert_parallel else "tiles"), "xla"
+def expert_layout(gemm: str, expert_parallel: bool, decode: bool) -> str:
+    """The layout for the deployment's GEMMs (kernels.gemm): a kernel's own, masked at decode (static
+    shapes) and contiguous at prefill, as DeepGEMM's; with XLA's GEMMs, which XLA:CPU runs for ragged_dot
+    as densely as for every row against every expert (docs/DESIGN_NOTES.md), expert parallelism uses the
+    masked layout (per-expert capacity buckets, as the dispatch has) and one device the tiles."""
+    if gemm != "xla":
+        return "masked" if decode else "contiguous"
+    return "masked" if expert_parallel else "tiles"
 
 
 def slots_by_key(keys, n_keys: int):
@@ -123,28 +122,12 @@ def _take(x, index):
     return tuple(a[index] for a in x) if isinstance(x, tuple) else x[index]
 
 
-def masked_gemm(x, w, scale, counts, dtype, impl):
-    """x [G, Mmax, K] (or its FP8 pair), w [G, N, K] -> [G, Mmax, N] (rows past counts[g] are 0 for FP8;
-    float rows there are zeros already, so their products are too)."""
-    if scale is None:
-        return jnp.einsum("gmk,gnk->gmn", x, w.astype(dtype))
-    return fp8_masked_matmul(*x, w, scale, counts, dtype, impl=impl)
-
-
-def contiguous_gemm(x, w, scale, sizes, dtype, impl):
-    """x [M, K] sorted by group (or its FP8 pair), w [G, N, K] -> [M, N]. On GPU (impl auto or pallas)
-    the Pallas grouped GEMM of model/kernels/grouped_gemm.py: it keeps FP8 weights FP8 and
-    dequantises them per tile, and takes the activations dequantised to the compute dtype and its
-    weights as [G, K, N] (until an FP8 x FP8 kernel of fp8_grouped_matmul's signature replaces it)."""
-    kernel = "pallas" if impl in ("pallas", "interpret") or (impl == "auto" and jax.default_backend() == "gpu") \
-        else "xla"
-    if scale is not None and kernel == "xla":
-        return fp8_grouped_matmul(*x, w, scale, sizes, dtype, impl=impl if impl == "xla" else "auto")
-    if scale is not None:
-        x = dequantize_activations(*x, dtype)
-        scale = jnp.swapaxes(scale, 1, 2)
-    return grouped_matmul(x.astype(dtype), jnp.swapaxes(w, 1, 2), sizes, scale, impl=kernel,
-                          interpret=impl == "interpret").astype(dtype)
+def layout_gemm(layout: str, x, w, scale, sizes, dtype, gemm: str):
+    """One projection of every group: x [G, Mmax, K] (masked: rows past counts[g] give 0) or [M, K]
+    sorted by group (contiguous: group sizes), float or its FP8 pair; w [G, N, K] -> [G, Mmax, N] or
+    [M, N] in dtype, by the deployment's GEMM kernel (model/kernels/registry.py)."""
+    fn = registry.gemm(gemm, layout, fp8=scale is not None, n=w.shape[-2], k=w.shape[-1])
+    return fn(x, w, scale, sizes, dtype)
 
 
 def _swiglu(x, w: ExpertWeights, gemm, dtype):
@@ -172,12 +155,13 @@ def _pack(pair_expert, counts, layout: str, capacity: int | None, tile: int | No
 
 
 def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capacity: int | None = None,
-                tile: int | None = None, dtype=None, impl: str = "auto"):
+                tile: int | None = None, dtype=None, gemm: str = "xla"):
     """rows [M, D] (float, or an (e4m3 [M, D], float32 [M, D/128]) pair quantised by the dispatch),
     ids int32[M, k] local expert ids (-1: none), weights [M, k] gate weights ->
     (out float32 [M, D], pairs per expert int32[El], overflow). dtype: of the activations between
-    the GEMMs (default: the rows' dtype). capacity: rows per expert (masked); tile: rows per tile
-    (tiles; default tile_rows)."""
+    the GEMMs (default: the rows' dtype). capacity: rows per expert (masked; default every pair, which
+    cannot overflow), rounded up to the GEMM kernel's row tile; tile: rows per tile (tiles; default
+    tile_rows). gemm: the deployment's kernels.gemm."""
     if layout not in LAYOUTS:
         raise ValueError(f"expert layout {layout!r} must be one of {LAYOUTS}.")
     M, k = ids.shape
@@ -190,10 +174,14 @@ def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capa
 
     if layout == "contiguous":
         order = jnp.argsort(pair_expert, stable=True)  # pairs of no expert sort last, outside every group
-        y = _swiglu(_take(x, order // k), experts, lambda a, w, s: contiguous_gemm(a, w, s, counts, dtype, impl), dtype)
+        gemm_fn = lambda a, w, s: layout_gemm("contiguous", a, w, s, counts, dtype, gemm)  # noqa: E731
+        y = _swiglu(_take(x, order // k), experts, gemm_fn, dtype)
         y = y.astype(jnp.float32) * pair_w[order][:, None]
         return jnp.zeros((M, y.shape[-1]), jnp.float32).at[order // k].add(y), counts, jnp.bool_(False)
 
+    if layout == "masked":
+        align = registry.masked_rows(gemm)
+        capacity = -(-(M * k if capacity is None else capacity) // align) * align
     group, slot, group_rows, tile_expert = _pack(pair_expert, counts, layout, capacity, tile)
     n_groups = El if tile_expert is None else tile_expert.shape[0]
     w = experts if tile_expert is None else experts.take(tile_expert)
@@ -203,7 +191,7 @@ def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capa
     slot_w = jnp.zeros((n_groups, group_rows), jnp.float32).at[group, slot].set(pair_w, mode="drop")
     used = jnp.bincount(jnp.where(group < n_groups, group, n_groups), length=n_groups + 1)[:n_groups]
     padded = tuple(map(_zero_row, x)) if isinstance(x, tuple) else _zero_row(x)  # row M: the empty slots' input
-    y = _swiglu(_take(padded, src), w, lambda a, w_, s: masked_gemm(a, w_, s, used, dtype, impl), dtype)
+    y = _swiglu(_take(padded, src), w, lambda a, w_, s: layout_gemm("masked", a, w_, s, used, dtype, gemm), dtype)
     y = y.astype(jnp.float32) * slot_w[..., None]
     out = jnp.zeros((M + 1, y.shape[-1]), jnp.float32).at[src].add(y)[:M]
     return out, counts, overflow

@@ -4,7 +4,8 @@ Axis legend: B batch, S query positions, T key positions, D hidden, H heads, F i
 Weights keep DeepSeek's [out, in] layout, so checkpoint tensors load without transposes and
 FP8 128x128 scale blocks keep their meaning. An FP8 Linear (quantization "fp8") holds its weight
 as e4m3 with `weight_scale_inv` beside it, as DeepSeek's checkpoint stores it, and quantises its
-input 1x128 right before the FP8 GEMM (model/quant.py).
+input 1x128 right before the FP8 GEMM: the deployment's `kernels.gemm` (model/kernels/registry.py),
+which takes the weight as it is held.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
-from model.quant import dequantize_weight, fp8_matmul, quantize_activations, quantize_blocks
+from model.kernels import registry
+from model.quant import quantize_activations, quantize_blocks
 
 INIT_STD = 0.02  # HF initializer_range; only random-init models (tests, training) see it
 
@@ -36,6 +38,11 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", rows=
         value = value[jnp.asarray(rows)]
     # eager_sharding off: placement is decided once, by sharding.mesh's rule table, not at init.
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Derived(nnx.Variable):
+    """A weight computed from checkpoint weights at load (model/attention.py: AbsorbedKV), held beside
+    them: not a parameter of the network (param_count, checkpoints and training leave it out)."""
 
 
 def fp8_param(rngs: nnx.Rngs | None, shape, axes, rows=None) -> tuple[nnx.Param, nnx.Param]:
@@ -59,22 +66,15 @@ class Linear(nnx.Module):
             self.weight, self.weight_scale_inv = fp8_param(rngs, (d_out, d_in), axes)  # [out, in], [out/128, in/128]
         else:
             self.weight, self.weight_scale_inv = param(rngs, (d_out, d_in), axes, dtype), None
+        self.gemm = "xla"  # the deployment's kernels.gemm (DeepseekV3.set_kernels)
 
     def __call__(self, x):
         if self.weight_scale_inv is None:
             return linear(x, self.weight[...])
-        x_q, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]))
-        out = fp8_matmul(x_q, x_scale, self.weight[...], self.weight_scale_inv[...], x.dtype)
-        return out.reshape(*x.shape[:-1], -1)
-
-    def dense_weight(self, dtype=None) -> jax.Array:
-        """The weight [out, in] in `dtype` (default: its own; float32 for FP8): dequantised when FP8 (the
-        absorbed MLA folds kv_b_proj into other products, so it needs real values, as DeepSeek's
-        inference dequantises it per call)."""
         w = self.weight[...]
-        if self.weight_scale_inv is None:
-            return w if dtype is None else w.astype(dtype)
-        return dequantize_weight(w, self.weight_scale_inv[...], dtype or jnp.float32)
+        gemm = registry.gemm(self.gemm, "dense", fp8=True, n=w.shape[0], k=w.shape[1])
+        out = gemm(quantize_activations(x.reshape(-1, x.shape[-1])), w, self.weight_scale_inv[...], x.dtype)
+        return out.reshape(*x.shape[:-1], -1)
 
 
 class RMSNorm(nnx.Module):

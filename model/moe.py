@@ -38,7 +38,10 @@ class Gate(nnx.Module):
         """x [N, D] -> weights float32[N, k], logical expert ids int32[N, k]."""
         cfg = self.cfg
         N, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
-        scores = jax.nn.sigmoid(x.astype(jnp.float32) @ self.weight[...].astype(jnp.float32).T)  # [N, E]
+        # float32 products and sums of the activations' dtype (DeepSeek: bf16 inputs, float32 scores),
+        # on the weight as held: a converted copy of it would be a copy of the layer's weight every step
+        scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x, self.weight[...].astype(x.dtype),
+                                           preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST))
         # The bias only steers *which* experts are chosen (auxiliary-loss-free balancing);
         # the weights come from the unbiased scores so the bias never changes the output scale.
         biased = scores + self.e_score_correction_bias[...]
@@ -107,7 +110,7 @@ class MoE(nnx.Module):
     def __call__(self, x, valid):
         """x [B, S, D] (normalised), valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
         sent = self.dispatch(self.plan(self.route(x, valid)))
-        out, stats = self.run_experts(sent)
+        out, stats = self.run_experts(sent, x.shape[1] == 1)
         return self.land(sent, self.combine(sent, out, x.dtype), x.shape, x.dtype) + self.shared_experts(x), stats
 
     # ---- stages ------------------------------------------------------------------------------------
@@ -130,15 +133,16 @@ class MoE(nnx.Module):
         """Under EP: the all-to-all, -> every device's received rows; on one device: as they are."""
         return planned if self.ep is None else ep_dispatch(planned, self.ep)
 
-    def run_experts(self, sent):
+    def run_experts(self, sent, decode: bool = False):
         """The routed-expert FFN over what dispatch delivered -> (rows out, stats: expert_load [P]
-        tokens per physical expert, rows_sent [R], overflow (per EP rank: bool[R]))."""
+        tokens per physical expert, rows_sent [R], overflow (per EP rank: bool[R])). decode: a decode
+        step's (the kernels' masked layout)."""
+        gemm = self.experts.gemm
         if self.ep is not None:
-            out, load, overflow = ep_experts(sent, self.experts.weights(), self.ep, self.experts.impl)
+            out, load, overflow = ep_experts(sent, self.experts.weights(), self.ep, gemm, decode)
             return out, ep_stats(sent, load, overflow)
-        layout, impl = expert_layout(self.experts.impl, expert_parallel=False)
         out, load, _ = grouped_ffn(sent.x, jnp.where(sent.valid[:, None], sent.ids, -1), sent.weights,
-                                   self.experts.weights(), layout, impl=impl)
+                                   self.experts.weights(), expert_layout(gemm, False, decode), gemm=gemm)
         return out, {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": jnp.bool_(False)}
 
     def combine(self, sent, out, dtype):

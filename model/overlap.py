@@ -4,8 +4,8 @@ runs them (deepseek-ai/profile-data; docs/ARCHITECTURE.md draws the compiled sch
 Each dp rank's rows are split into two micro-batches (the first and second half of its rows; the
 engine orders rows with `balanced_slots` so the halves carry equal work). The MoE layers then run
 the decoder layer's stages (model/decoder.py) for both micro-batches, interleaved: a schedule is a
-list of steps, and between steps an optimization_barrier joins what both micro-batches' stages produced
-(PRODUCTS), so what one step holds runs together: one micro-batch's all-to-all in flight while the
+list of steps, and between steps an optimization_barrier joins all that both micro-batches hold
+(HELD), so what one step holds runs together: one micro-batch's all-to-all in flight while the
 other computes. One micro-batch (`lag`) runs a stage behind: its combine, which reads no weight,
 runs at the start of the next layer's body, under the other's attention, so no all-to-all is left
 at the end of a layer with nothing of the other micro-batch to hide it:
@@ -65,12 +65,11 @@ SCHEDULES: dict[str, Schedule] = {
     ]),
 }
 
-# What each stage hands on: the values a barrier joins (after the step that ran it), so that
-# both are computed before either is used while the rest stays free for XLA to schedule. An
-# all-to-all's result goes to the barrier as it arrived, so the step's end waits on it directly.
-PRODUCTS = {"prepare": ("q_nope", "q_pe"), "attention": ("core",), "gate": ("h",), "route": ("routed",), "plan": ("sent",), "dispatch": ("sent",),
-            "experts": ("experts_out", "stats"), "shared": ("shared", "x"), "combine": ("back",), "land": ("y", "x"),
-            "mlp": ("x",)}
+# What a barrier joins: every value a (micro-)batch holds between stages (LayerState's, but the cache
+# views), so that nothing of a later step starts before the step before it ends, while inside a step
+# XLA is free to run one micro-batch's all-to-all under the other's compute. An all-to-all's result goes
+# to the barrier as it arrived, so the step's end waits on it directly.
+HELD = ("x", "h", "q_nope", "q_pe", "core", "routed", "sent", "experts_out", "stats", "shared", "back", "y")
 
 
 def resolve(schedule: str, absorbed: bool) -> Schedule:
@@ -154,7 +153,7 @@ def _run_body(layer, lead_x, lag: Lagging, ref: CacheRef, parts: list[dict], sch
     stages = layer.stages(ref)
     for i, step in enumerate(sched.steps):
         if i:
-            _barrier(states, sched.steps[i - 1])
+            _barrier(states)
         for mb, name in step:
             with jax.named_scope(f"mb{mb}/{name}"):
                 stages[name](states[mb])
@@ -166,10 +165,8 @@ def _run_body(layer, lead_x, lag: Lagging, ref: CacheRef, parts: list[dict], sch
     return states[F].x, Lagging(late.x, late.shared, late.sent.for_combine(), late.experts_out), stats
 
 
-def _barrier(states: list, step: Step) -> None:
-    """Joins what each micro-batch's stages of this step produced (PRODUCTS, those still held)."""
-    fields = [list(dict.fromkeys(f for m, name in step if m == mb for f in PRODUCTS[name]
-                                 if getattr(states[mb], f) is not None)) for mb in (0, 1)]
+def _barrier(states: list) -> None:
+    fields = [[f for f in HELD if getattr(s, f) is not None] for s in states]
     joined = jax.lax.optimization_barrier(tuple(tuple(getattr(s, f) for f in fs) for s, fs in zip(states, fields)))
     for s, fs, values in zip(states, fields, joined):
         for f, v in zip(fs, values):

@@ -13,10 +13,10 @@ implement the same signatures):
     fp8_grouped_matmul  x [M, K] rows sorted by group x w [G, N, K]   contiguous layout (prefill)
     fp8_masked_matmul   x [G, Mmax, K] x w [G, N, K], counts [G]     masked layout (decode)
 Block scaling is linear, so the sum above equals dequantise-then-multiply in float32: the XLA
-implementations here do exactly that (impl "xla": the reference, every backend). impl "auto" is
-"xla" except on a GPU, where it is the fastest path XLA offers today, "bf16": operands
-dequantised to bfloat16 for one BF16 GEMM. (The routed experts' grouped GEMM on GPU is a Pallas
-kernel: model/experts.py chooses it.)
+implementations here do exactly that. They are the references, and the "xla" entries of the kernel
+registry (model/kernels/registry.py), which maps a deployment's `kernels.gemm` to the implementation
+that runs (on GPU the Mosaic FP8 kernels of model/kernels/fp8_gemm.py, which never make a float copy
+of a weight).
 """
 
 from __future__ import annotations
@@ -72,11 +72,12 @@ def scale_shape(shape, block=WEIGHT_BLOCK) -> tuple[int, ...]:
     return (*lead, math.ceil(M / block[0]), math.ceil(N / block[1]))
 
 
-def default_quantization(requested: str | None, fp8_checkpoint: bool) -> str:
-    """The rule: what was asked for; unasked, "fp8" on a GPU when the checkpoint is FP8 (FP8 GEMMs pay
-    there), "none" otherwise (elsewhere an FP8 GEMM is emulated and only adds rounding)."""
+def default_quantization(requested: str | None, fp8_checkpoint: bool, platform: str) -> str:
+    """The rule: what was asked for; unasked, "fp8" on a GPU (the deployment's platform) when the
+    checkpoint is FP8 (FP8 GEMMs pay there), "none" otherwise (elsewhere an FP8 GEMM is emulated and
+    only adds rounding)."""
     if requested is None:
-        return "fp8" if fp8_checkpoint and jax.default_backend() == "gpu" else "none"
+        return "fp8" if fp8_checkpoint and platform == "gpu" else "none"
     check_quantization(requested)
     return requested
 
@@ -113,18 +114,9 @@ def dequantize_weight(w_q, w_scale, dtype=jnp.float32):
     return (w_q.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _impl(impl: str) -> str:
-    if impl not in ("auto", "xla", "bf16"):
-        raise ValueError(f"impl {impl!r} must be one of 'auto', 'xla', 'bf16'.")
-    if impl == "auto":
-        return "bf16" if jax.default_backend() == "gpu" else "xla"
-    return impl
-
-
-def _operands(x_q, x_scale, w_q, w_scale, impl: str):
-    """Dequantised operands: float32 for the reference, bfloat16 for the GPU's BF16 GEMM."""
-    dtype = jnp.float32 if impl == "xla" else jnp.bfloat16
-    return dequantize_activations(x_q, x_scale, dtype), dequantize_weight(w_q, w_scale, dtype)
+def _operands(x_q, x_scale, w_q, w_scale):
+    """Both operands dequantised to float32 (the reference's exact products)."""
+    return dequantize_activations(x_q, x_scale), dequantize_weight(w_q, w_scale)
 
 
 def _check(x_q, x_scale, w_q, w_scale, x_rank: int, w_rank: int):
@@ -138,33 +130,31 @@ def _check(x_q, x_scale, w_q, w_scale, x_rank: int, w_rank: int):
         raise ValueError(f"w_scale {w_scale.shape} must hold one scale per 128x128 block of w_q {w_q.shape}.")
 
 
-def fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, *, impl: str = "auto"):
+def fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype):
     """x_q e4m3 [M, K], x_scale f32 [M, K/128], w_q e4m3 [N, K], w_scale f32 [N/128, K/128] -> [M, N]."""
     _check(x_q, x_scale, w_q, w_scale, 2, 2)
-    impl = _impl(impl)
-    x, w = _operands(x_q, x_scale, w_q, w_scale, impl)
+    x, w = _operands(x_q, x_scale, w_q, w_scale)
     out = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
     return out.astype(out_dtype)
 
 
-def fp8_grouped_matmul(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype, *, impl: str = "auto"):
+def fp8_grouped_matmul(x_q, x_scale, w_q, w_scale, group_sizes, out_dtype):
     """Contiguous layout: x_q e4m3 [M, K] (rows sorted by group, group_sizes int32[G] of each, sum <= M),
     x_scale f32 [M, K/128], w_q e4m3 [G, N, K], w_scale f32 [G, N/128, K/128] -> [M, N]; rows past
     sum(group_sizes) are 0."""
     _check(x_q, x_scale, w_q, w_scale, 2, 3)
-    x, w = _operands(x_q, x_scale, w_q, w_scale, _impl(impl))
+    x, w = _operands(x_q, x_scale, w_q, w_scale)
     out = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), jnp.asarray(group_sizes, jnp.int32),
                              preferred_element_type=jnp.float32, precision=HIGHEST)
     return out.astype(out_dtype)
 
 
-def fp8_masked_matmul(x_q, x_scale, w_q, w_scale, counts, out_dtype, *, impl: str = "auto"):
+def fp8_masked_matmul(x_q, x_scale, w_q, w_scale, counts, out_dtype):
     """Masked layout: x_q e4m3 [G, Mmax, K] of which group g uses its first counts[g] rows, x_scale f32
     [G, Mmax, K/128], w_q e4m3 [G, N, K], w_scale f32 [G, N/128, K/128] -> [G, Mmax, N]; rows at or
     past counts[g] are 0."""
     _check(x_q, x_scale, w_q, w_scale, 3, 3)
-    impl = _impl(impl)
-    x, w = _operands(x_q, x_scale, w_q, w_scale, impl)
+    x, w = _operands(x_q, x_scale, w_q, w_scale)
     out = jnp.einsum("gmk,gnk->gmn", x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
     used = jnp.arange(x_q.shape[1])[None, :] < jnp.asarray(counts)[:, None]  # [G, Mmax]
     return jnp.where(used[..., None], out, 0).astype(out_dtype)

@@ -10,6 +10,7 @@ layer body per kind.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,11 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.attention import MLA, absorbed_weights
 from model.cache import DenseCache
 from model.checkpoint import load, save_orbax  # checkpoint takes the model class as an argument: no cycle
 from model.config import ModelConfig
 from model.decoder import DecoderLayer  # the layer's stages and plain forward
-from model.layers import Linear, RMSNorm, param, rope_cos_sin
+from model.experts import Experts
+from model.kernels import registry
+from model.layers import Derived, Linear, RMSNorm, param, rope_cos_sin
 from model.overlap import join_trees, overlapped_stack, splits
 from model.quant import check_quantization
 
@@ -99,13 +103,34 @@ class DeepseekV3(nnx.Module):
         self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r, P, fp8, placement), cfg.n_mtp_layers, rngs)
 
     def set_kernels(self, kernels) -> None:
-        """The deployment's resolved kernel choices (sharding.kernels.Kernels): decode attention and the
-        routed experts' GEMMs here; the all-to-all transport travels on the EPConfig."""
+        """The deployment's kernel choices, resolved for its platform (model/kernels/registry.py: resolve):
+        each module that runs a hot path holds its name; the all-to-all transport travels on the EPConfig."""
+        if not kernels.resolved:
+            raise ValueError(f"set_kernels takes the kernels resolved for a platform (registry.resolve), got {kernels}")
         self.kernels = kernels
+        for module in [m for _, m in nnx.iter_graph(self) if isinstance(m, (Linear, Experts, MLA))]:
+            if isinstance(module, (Linear, Experts)):
+                module.gemm = kernels.gemm
+            elif isinstance(module, MLA):
+                module.decode_kernel, module.prefill_kernel = kernels.attention_decode, kernels.attention_prefill
+                module.gemm, module.sms = kernels.gemm, kernels.sms
+
+    def refresh_derived(self) -> None:
+        """Makes the weights derived from checkpoint weights again (the absorbed MLA's per-head halves of
+        kv_b_proj: model/attention.py), keeping where each is placed; after a load or training."""
+        @jax.jit
+        def derive(w, scale):
+            return absorbed_weights(w, scale, self.config)
+
         for stack in (self.dense_layers, self.moe_layers, self.mtp):
-            if stack is not None:
-                stack.self_attn.decode_kernel = kernels.attention_decode
-        self.set_expert_impl(kernels.expert_gemm)
+            if stack is None:
+                continue
+            kv_b, absorbed = stack.self_attn.kv_b_proj, stack.self_attn.absorbed
+            scale = None if kv_b.weight_scale_inv is None else kv_b.weight_scale_inv[...]
+            targets = (absorbed.w_uk_t, absorbed.w_uk_t_scale, absorbed.w_uv, absorbed.w_uv_scale)
+            for var, value in zip(targets, derive(kv_b.weight[...], scale)):
+                if var is not None:  # (a loader's placeholder is a ShapeDtypeStruct: where it goes)
+                    var.set_value(jax.device_put(value, var.get_value().sharding))
 
     def set_expert_parallel(self, ep) -> None:
         """Routes every MoE layer through model/ep.py with this EPConfig (None: single device)."""
@@ -114,18 +139,15 @@ class DeepseekV3(nnx.Module):
             if stack is not None:
                 stack.mlp.ep = ep
 
-    def set_expert_impl(self, impl: str) -> None:
-        """The routed experts' GEMMs: auto (the grouped GEMM kernel on GPU, XLA elsewhere) | xla | pallas |
-        interpret (the Pallas kernel run by its interpreter: CPU tests of the GPU path)."""
-        for stack in (self.moe_layers, self.mtp):
-            if stack is not None:
-                stack.mlp.experts.impl = impl
-
     @property
     def parameter_bytes(self) -> int:
         """Bytes of the parameters as held: one copy of each array (replicated ones once; every
-        physical expert slot, redundant replicas included)."""
-        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(self, nnx.Param))))
+        physical expert slot, redundant replicas included; the weights derived from them too)."""
+        return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.held_weights())))
+
+    def held_weights(self) -> nnx.State:
+        """The weights held: the parameters and the weights derived from them at load."""
+        return nnx.state(self, (nnx.Param, Derived))
 
     @property
     def n_physical_experts(self) -> int:
@@ -166,7 +188,8 @@ class DeepseekV3(nnx.Module):
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         mask = causal_mask(positions, cache.max_len)
-        stats = {}
+        cache = self._planned(cache, positions, absorbed)
+        stats, out = {}, None
         if self.dense_layers is not None:
             x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
         if self.moe_layers is not None:
@@ -176,11 +199,31 @@ class DeepseekV3(nnx.Module):
                                                       positions, mask, absorbed, ep.overlap,
                                                       lambda x, rows: head(self.norm(x), rows))
                 out = join_trees(*outs, ep.mesh.shape[ep.batch_axis])
-                return out, cache, {**stats, "overflow": jnp.any(stats["overflow"])}
-            x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
-                                           positions, mask, absorbed)
+            else:
+                x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
+                                               positions, mask, absorbed)
+                out = None
             stats = {**stats, "overflow": jnp.any(stats["overflow"])}
-        return head(self.norm(x), jnp.arange(x.shape[0], dtype=jnp.int32)), cache, stats
+        if getattr(cache, "plan", None) is not None:  # made for these positions only
+            cache = dataclasses.replace(cache, plan=None)
+        if out is None:
+            out = head(self.norm(x), jnp.arange(x.shape[0], dtype=jnp.int32))
+        return out, cache, stats
+
+    def _planned(self, cache, positions, absorbed: bool):
+        """The paged cache with the decode kernel's KV split for this step's rows, made once for every
+        layer (flash_mla's plan; other kernels take none). The rows are attend_in_cache's: each position
+        of each row, reading up to it."""
+        if not (absorbed and cache.in_place_decode and self.kernels is not None):
+            return cache
+        cfg = self.config
+        name, _ = registry.decode_attention(self.kernels.attention_decode, rank=cfg.kv_lora_rank,
+                                            rope=cfg.qk_rope_head_dim, block_size=cache.block_size, dtype=cache.dtype)
+        if name not in registry.NEEDS_PLAN:
+            return cache
+        heads = cfg.num_attention_heads
+        return cache.with_plan(jnp.maximum(positions.reshape(-1) + 1, 1),
+                               lambda lengths: registry.decode_plan(name, lengths, self.kernels.sms, heads))
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     sent = np.asarray(stats["rows_sent"])
     result = {
         "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(), "deployment": dep.name,
-        "transport": ep.wire, "dispatch": wire, "quantization": args.quantization, "ranks": R, "experts_per_rank": El, "tokens_per_rank": args.tokens_per_rank,
+        "transport": ep.transport, "dispatch": wire, "quantization": args.quantization, "ranks": R, "experts_per_rank": El, "tokens_per_rank": args.tokens_per_rank,
         "hidden": D, "top_k": k, "capacity_rows_per_peer": C, "capacity_rows_per_expert": Ce,
         "layer_ms": 1e3 * t_layer, "experts_ms": 1e3 * t_experts,
         "dispatch_combine_ms": 1e3 * max(t_layer - t_experts, 0.0),

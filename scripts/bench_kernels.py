@@ -12,6 +12,8 @@ Cases (full scale, one GPU):
                      einsums), tokamax_xla_contiguous (tokamax's XLA attention as MQA on pre-gathered KV).
   expert_gemm        FP8 x FP8 with 1x128 / 128x128 scales. decode, masked: 2 experts x 512 rows, 7168 -> 4096
                      (gate+up) and 2048 -> 7168 (down); prefill, contiguous: 9 experts x 14.5k rows, same widths.
+                     dense (the projections): kv_a_proj 7168 -> 576 and o_proj 16384 -> 7168 at 128 decode rows,
+                     the dense MLP's gate+up 7168 -> 18432 at 16,384 prefill rows.
                      FLOPs 2 rows N K; bytes: activations (FP8), weights (FP8) and output (BF16) once.
                      impls: mosaic_fp8 (model/kernels/fp8_gemm.py), xla_f32 (the reference semantics: operands
                      dequantised to float32), ragged_dot_bf16 (lax.ragged_dot / einsum on BF16 operands),
@@ -146,19 +148,19 @@ def gemm_case(layout, G, rows, N, K, label, scale_name, sweep):
     import jax.numpy as jnp
     import numpy as np
 
-    from model.kernels.fp8_gemm import fp8_grouped_matmul, fp8_masked_matmul
+    from model.kernels.fp8_gemm import fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul
 
     small = scale_name == "small"
     f8 = jnp.float8_e4m3fn
-    masked = layout == "masked"
-    M = G * rows if masked else rows  # rows: per group (masked) or in all (contiguous)
+    masked, dense = layout == "masked", layout == "dense"
+    M = G * rows if masked else rows  # rows: per group (masked) or in all (contiguous, dense: G = 1)
 
     def make():
         k = jax.random.split(jax.random.key(G * N + K), 4)
         x_q = (jax.random.normal(k[0], (M, K), jnp.float32) * 3).astype(f8)
         x_scale = jax.random.uniform(k[1], (M, K // 128), jnp.float32, 0.5, 2.0)
         w_q = (jax.random.normal(k[2], (G, N, K), jnp.float32) * 3).astype(f8)
-        w_scale = jax.random.uniform(k[3], (G, N // 128, K // 128), jnp.float32, 1e-3, 1e-2)
+        w_scale = jax.random.uniform(k[3], (G, -(-N // 128), K // 128), jnp.float32, 1e-3, 1e-2)  # N may be 4.5 x 128
         if masked:
             sizes = jnp.full((G,), rows, jnp.int32)
         else:  # balanced groups (dispatch's prefill load), the remainder on the first
@@ -171,6 +173,10 @@ def gemm_case(layout, G, rows, N, K, label, scale_name, sweep):
         return out.reshape(M, N)
 
     def mosaic(block_m, stages, interpret=False):
+        if dense:
+            fn = jax.jit(lambda x, s, w, ws: fp8_matmul(x, s, w[0], ws[0], jnp.bfloat16, block_m=block_m,
+                                                        stages=stages, interpret=interpret))
+            return lambda a: fn(a["x_q"], a["x_scale"], a["w_q"], a["w_scale"])
         if masked:
             fn = jax.jit(lambda x, s, w, ws, c: fp8_masked_matmul(
                 x.reshape(G, rows, K), s.reshape(G, rows, -1), w, ws, c, jnp.bfloat16, block_m=block_m, stages=stages,
@@ -184,12 +190,16 @@ def gemm_case(layout, G, rows, N, K, label, scale_name, sweep):
         key = f"_deq_{jnp.dtype(dtype).name}"
         if key not in a:  # outside the timing: what an XLA path holds when it computes in `dtype`
             x = a["x_q"].astype(jnp.float32) * jnp.repeat(a["x_scale"], 128, axis=1)
-            w = a["w_q"].astype(jnp.float32) * jnp.repeat(jnp.repeat(a["w_scale"], 128, 1), 128, 2)
+            w = a["w_q"].astype(jnp.float32) * jnp.repeat(jnp.repeat(a["w_scale"], 128, 1)[:, :N], 128, 2)
             a[key] = jax.block_until_ready((x.astype(dtype), jnp.swapaxes(w, 1, 2).astype(dtype)))  # w [G, K, N]
         return a[key]
 
     def xla(dtype):
         precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+        if dense:
+            fn = jax.jit(lambda x, w: jnp.einsum("mk,kn->mn", x, w[0], precision=precision,
+                                                 preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+            return lambda a: fn(*dequantised(a, dtype))
         if masked:
             fn = jax.jit(lambda x, w: jnp.einsum("gmk,gkn->gmn", x.reshape(G, rows, K), w, precision=precision,
                                                  preferred_element_type=jnp.float32).astype(jnp.bfloat16))
@@ -225,16 +235,17 @@ def gemm_case(layout, G, rows, N, K, label, scale_name, sweep):
             for bm, st in ((128, 3), (128, 5), (64, 4), (64, 6)):
                 impls[f"mosaic_fp8[block_m={bm},stages={st}]"] = (mosaic(bm, st), {"block_m": bm, "stages": st})
         impls["ragged_dot_bf16"] = (xla(jnp.bfloat16), {})
-        impls["triton_fp8w"] = (triton(), {})
+        if not dense:
+            impls["triton_fp8w"] = (triton(), {})
     skip = {}
-    if not small:
+    if not small and not dense:
         if importlib.util.find_spec("tokamax"):
             impls["tokamax_ragged_dot_bf16"] = (tokamax_ragged, {})
         else:
             skip["tokamax_ragged_dot_bf16"] = "tokamax is not installed (pip install jaxseek[gpu])"
     shapes = dict(layout=layout, groups=G, rows=M, rows_per_group=rows if masked else rows / G, n=N, k=K,
                   weights="fp8 e4m3 [G, N, K] + 128x128 f32 scales", activations="fp8 e4m3 + 1x128 f32 scales")
-    return Case(f"expert_gemm_{layout}_{label}", "gemm", shapes, flops=2.0 * M * N * K,
+    return Case(f"{'dense' if dense else 'expert'}_gemm_{layout}_{label}", "gemm", shapes, flops=2.0 * M * N * K,
                 bytes=M * K + G * N * K + M * N * 2.0 + M * K / 32 + G * N * K / 4096, make=make, impls=impls,
                 reference="xla_f32", skip=skip)
 
@@ -289,12 +300,16 @@ def cases(scale: str, only: set, sweep: bool) -> list:
     if "gemm" in only:
         if small:
             out += [gemm_case("masked", 2, 64, 128, 256, "small", scale, sweep),
-                    gemm_case("contiguous", 3, 128, 128, 256, "small", scale, sweep)]
+                    gemm_case("contiguous", 3, 128, 128, 256, "small", scale, sweep),
+                    gemm_case("dense", 1, 70, 192, 512, "small", scale, sweep)]
         else:
             out += [gemm_case("masked", 2, 512, 4096, 7168, "gate_up", scale, sweep),
                     gemm_case("masked", 2, 512, 7168, 2048, "down", scale, sweep),
                     gemm_case("contiguous", 9, 131072, 4096, 7168, "gate_up", scale, sweep),
-                    gemm_case("contiguous", 9, 131072, 7168, 2048, "down", scale, sweep)]
+                    gemm_case("contiguous", 9, 131072, 7168, 2048, "down", scale, sweep),
+                    gemm_case("dense", 1, 128, 576, 7168, "kv_a_decode", scale, sweep),
+                    gemm_case("dense", 1, 128, 7168, 16384, "o_proj_decode", scale, sweep),
+                    gemm_case("dense", 1, 16384, 18432, 7168, "mlp_gate_up_prefill", scale, sweep)]
     if "prefill" in only:
         shapes = [(2, 64, 80)] if small else [(4, 4096, 0), (4, 4096, 5216)]
         out += [prefill_case(B, S, prefix, scale) for B, S, prefix in shapes]

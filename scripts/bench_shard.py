@@ -72,9 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# DeepSeek's deployment (docs/DESIGN_NOTES.md, its day-6 overview): ranks per EP group, routed slots per rank.
+# DeepSeek's deployment (docs/DESIGN_NOTES.md, its day-6 overview): EP144 decode, EP32 prefill, 288 slots
 EXPERT_SLOTS = 256 + 32  # routed experts + redundant replicas = 32 * 9 = 144 * 2
-DEPLOYMENT = {"decode": {"ranks": 144, "experts_local": 2}, "prefill": {"ranks": 32, "experts_local": 9}}
+DEPLOYMENT = {"decode": ROOT / "configs/deploy/deepseek-decode-ep144.json",
+              "prefill": ROOT / "configs/deploy/deepseek-prefill-ep32.json"}
 KV_LEN = 4_989  # average KV length per output token (production figures)
 PUBLISHED = {"decode": 1_850.0, "prefill": 9_200.0}  # tok/s per H800 (14.8k and 73.7k per 8-GPU node)
 TARGET = {"decode": 3_700.0, "prefill": 8_000.0}  # 2x, prefill in computed (cache-miss) tokens
@@ -114,9 +115,10 @@ class Setup:
     prompts: int  # prefill
     prompt_len: int  # prefill
     attn_chunk: int  # prefill: query rows per naive-attention call
-    attn_kernel: str  # decode attention: pallas | xla | interpret (MLA.decode_kernel)
-    gemm_impl: str  # routed-expert GEMMs (DeepseekV3.set_expert_impl): pallas | xla | interpret
+    kernels: object  # sharding.kernels.Kernels, resolved for the platform (model/kernels/registry.py)
     quantization: str  # fp8 | none
+    platform: str = "cpu"  # what the step is built for (decided once: the device's, or --platform)
+    compiler_options: tuple = ()  # the step's jit compiler_options (the deployment's for the platform)
     dtype: str = "bf16"  # activations, KV pool and non-FP8 weights: bf16 | fp32
     mtp: int = 0  # decode: MTP draft tokens per request (the step verifies 1 + mtp query rows and drafts anew)
 
@@ -135,10 +137,12 @@ class Setup:
 
 
 def small_config(cfg):
-    """Every dimension shrunk; layer kinds, expert counts and routing rules kept."""
+    """Every dimension shrunk; layer kinds, expert counts and routing rules kept, and the GPU kernels' tile
+    sizes (the latent a multiple of 128 and the rope width of 64 flash_mla reads, so kv_a_proj's N of 192 is
+    off the GEMM's 128-wide tiles as DeepSeek's 576 is; the per-head halves of kv_b_proj 128-aligned)."""
     return cfg.replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-                       first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=64, q_lora_rank=128,
-                       qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, vocab_size=1024)
+                       first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=128, q_lora_rank=128,
+                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=1024)
 
 
 SCALES = {  # decode: batch, kv_len, block_size; prefill: prompts, prompt_len, attn_chunk
@@ -190,8 +194,7 @@ def rank_model(setup: Setup, seed: int, abstract: bool):
                                  nnx.state(stack))
         nnx.update(stack, tiled)
     net.config = cfg  # the whole model's layer counts (the stacks' offsets, the cache's layers)
-    from sharding.kernels import Kernels
-    net.set_kernels(Kernels(attention_decode=setup.attn_kernel, expert_gemm=setup.gemm_impl).resolve())
+    net.set_kernels(setup.kernels)
     return nnx.split(net)
 
 
@@ -309,12 +312,13 @@ def build(setup: Setup, abstract: bool = False):
 
     graphdef, state = rank_model(setup, 1, abstract)
     args = dict(state=state)
+    options = {"compiler_options": dict(setup.compiler_options)} if setup.compiler_options else {}
     if setup.phase == "decode":
         args.update(decode_inputs(setup, abstract))
-        fn = jax.jit(functools.partial(decode_step, graphdef=graphdef, setup=setup), donate_argnums=(1,))
+        fn = jax.jit(functools.partial(decode_step, graphdef=graphdef, setup=setup), donate_argnums=(1,), **options)
     else:
         args.update(prefill_inputs(setup, abstract))
-        fn = jax.jit(functools.partial(prefill_step, graphdef=graphdef, setup=setup), donate_argnums=(1,))
+        fn = jax.jit(functools.partial(prefill_step, graphdef=graphdef, setup=setup), donate_argnums=(1,), **options)
     return fn, args, weight_bytes(state)
 
 
@@ -376,26 +380,35 @@ def time_steps(compiled, args: dict, steps: int, donated: str | None):
     return times, out
 
 
-def resolve(choice: str, platform: str) -> str:
-    from sharding.kernels import default_impl  # the one platform rule behind "auto"
-    return default_impl(platform) if choice == "auto" else choice
+def make_setup(args, platform: str, device=None):
+    """The benchmark's setup for a platform (the device's, or --platform for a step compiled ahead of
+    time): one rank of the deployment file's mesh, its quantization, kernels resolved for the platform
+    (flags override the file's) and the platform's XLA options."""
+    import dataclasses as dc
 
-
-def make_setup(args, platform: str):
     from model import ModelConfig
+    from model.kernels import registry
+    from sharding.deployment import Deployment
 
+    platform = args.platform or platform
+    dep = Deployment.from_json(args.deployment or DEPLOYMENT[args.phase])
     cfg = ModelConfig.from_json(args.config)
+    slots = dep.n_physical_experts(cfg.n_routed_experts)
     if args.scale == "small":
         cfg = small_config(cfg)
+    flags = {"attention_decode": args.attn_kernel, "attention_prefill": args.prefill_kernel, "gemm": args.gemm}
+    kernels = dc.replace(dep.kernels, **{k: v for k, v in flags.items() if v != "auto"})
     sizes = dict(SCALES[args.scale])
     for name in ("batch", "kv_len", "block_size", "prompts", "prompt_len", "attn_chunk"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     if sizes["prompt_len"] % sizes["attn_chunk"]:
         raise SystemExit(f"--attn-chunk {sizes['attn_chunk']} must divide the prompt length {sizes['prompt_len']}.")
-    return Setup(phase=args.phase, scale=args.scale, cfg=cfg, **DEPLOYMENT[args.phase], **sizes,
-                 attn_kernel=resolve(args.attn_kernel, platform), gemm_impl=resolve(args.gemm_impl, platform),
-                 quantization=args.quantization, dtype=args.dtype, mtp=getattr(args, "mtp", 0))
+    return Setup(phase=args.phase, scale=args.scale, cfg=cfg, ranks=dep.ep_size, experts_local=slots // dep.ep_size,
+                 **sizes, kernels=registry.resolve(kernels, platform, device),
+                 quantization=args.quantization or dep.quantization or "fp8", dtype=args.dtype,
+                 mtp=getattr(args, "mtp", 0), platform=platform,
+                 compiler_options=tuple(sorted(dep.xla_options(platform).items())))
 
 
 def fit_batch(setup: Setup, limit: int | None, explicit: bool) -> tuple[Setup, str | None]:
@@ -424,11 +437,14 @@ def notes_for(setup: Setup) -> list[str]:
         f"(logical id mod {El}); no dispatch/combine communication is timed",
     ]
     if setup.quantization == "fp8":
-        how = ("the Pallas grouped GEMM, FP8 weights dequantised tile by tile, activations dequantised to BF16 "
-               "(BF16 MMA, not FP8 MMA)" if setup.gemm_impl != "xla" else "XLA, dequantised to float32")
-        out.append(f"quantization fp8: MLA projections, dense MLP, shared and routed experts stay FP8 e4m3 with "
-                   f"float32 128x128 scales, activations quantised 1x128 before each GEMM; routed experts: {how}; "
-                   f"dense FP8 GEMMs: both operands dequantised for one XLA GEMM (BF16 on GPU)")
+        how = {"xla": "XLA references (both operands dequantised to float32)",
+               "mosaic_fp8": "the Mosaic GPU FP8 x FP8 kernels (model/kernels/fp8_gemm.py: masked layout at decode, "
+                             "contiguous at prefill, one group for a projection)",
+               "triton": "the Pallas grouped GEMM for routed experts (FP8 weights dequantised tile by tile, BF16 "
+                         "MMA), XLA references elsewhere"}.get(setup.kernels.gemm.removesuffix("_interpret"), setup.kernels.gemm)
+        out.append(f"quantization fp8: MLA projections (the absorbed form's per-head halves of kv_b_proj included), "
+                   f"dense MLP, shared and routed experts stay FP8 e4m3 with float32 128x128 scales, activations "
+                   f"quantised 1x128 before each GEMM; GEMMs: {how}; lm_head BF16 (as DeepSeek's release)")
     else:
         out.append("quantization none: every weight BF16")
     out += [
@@ -438,7 +454,7 @@ def notes_for(setup: Setup) -> list[str]:
     ]
     if setup.phase == "decode":
         out.append(f"attention: MLA absorbed form over a paged {setup.dtype} latent pool ({setup.block_size}-token pages, "
-                   f"random page order), kernel={setup.attn_kernel}; each request writes its new row at position "
+                   f"random page order), kernel={setup.kernels.attention_decode}; each request writes its new row at position "
                    f"{setup.kv_len - 1} and attends over {setup.kv_len}")
         if setup.mtp:
             out.append(f"MTP: {1 + setup.mtp} query rows per request (the last token and {setup.mtp} draft(s)), "
@@ -457,8 +473,9 @@ def notes_for(setup: Setup) -> list[str]:
 
 
 def kernels(setup: Setup) -> dict:
-    """Prefill's naive attention is XLA einsums whatever --attn-kernel says (the kernel is decode's)."""
-    return {"attention": setup.attn_kernel if setup.phase == "decode" else "xla", "grouped_gemm": setup.gemm_impl,
+    """The kernels the step runs: decode's or prefill's attention, the FP8 GEMMs."""
+    k = setup.kernels
+    return {"attention": k.attention_decode if setup.phase == "decode" else k.attention_prefill, "gemm": k.gemm,
             "expert_dtype": "fp8" if setup.quantization == "fp8" else "bf16"}
 
 
@@ -540,7 +557,7 @@ def print_text(r: dict) -> None:
         work = (f"{s['tokens_per_step']:,} tokens = {s['prompts']} prompts x {s['prompt_len']:,}, "
                 f"{s['expert_rows_per_layer']:,} expert rows per MoE layer")
     print(f"shapes: {head}; {work}")
-    print(f"kernels: attention {r['kernels']['attention']}, grouped GEMM {r['kernels']['grouped_gemm']}")
+    print(f"kernels: attention {r['kernels']['attention']}, GEMMs {r['kernels']['gemm']}")
     times = r["step_ms_all"]
     print(f"step: {r['step_ms']:.2f} ms (median of {r['steps']}; min {min(times):.2f}, max {max(times):.2f})")
     line = f"throughput: {r['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU"
@@ -576,15 +593,16 @@ def print_text(r: dict) -> None:
 # ---- entry point -------------------------------------------------------------------------------------
 
 def check_lowering(setup: Setup, platform: str) -> int:
-    """Traces and lowers the step for `platform` from abstract shapes; prints what kernels it calls."""
+    """Traces and lowers the step for `platform` from abstract shapes; prints what kernels it calls (the
+    compiled program's structure: scripts/compile_gpu.py; tokamax lowers only with a GPU device at hand,
+    which that script has: here pass --prefill-kernel xla)."""
     from model.kernels import lower_for_gpu
     fn, args, nbytes = build(setup, abstract=True)
     text = lower_for_gpu(fn, *args.values(), platform=platform).as_text()
-    triton = text.count("xla.gpu.triton")
+    mosaic, triton = text.count("@mosaic_gpu"), text.count("xla.gpu.triton")
     print(f"lowered {setup.phase} ({setup.scale}) for {platform}: {len(text):,} chars of StableHLO, "
-          f"{triton} Triton (Pallas) kernel call sites, attention={kernels(setup)['attention']}, "
-          f"gemm={kernels(setup)['grouped_gemm']}, "
-          f"weights {_si(sum(nbytes.values()), 'B')}")
+          f"{mosaic} Mosaic GPU and {triton} Triton (Pallas) kernel call sites, attention={kernels(setup)['attention']}, "
+          f"gemm={kernels(setup)['gemm']}, weights {_si(sum(nbytes.values()), 'B')}")
     return 0
 
 
@@ -606,12 +624,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, help="prefill prompts per step (full: 4)")
     ap.add_argument("--prompt-len", type=int, help="prefill tokens per prompt (full: 4,096)")
     ap.add_argument("--attn-chunk", type=int, help="prefill query rows per attention call (full: 1,024)")
-    ap.add_argument("--attn-kernel", choices=("auto", "pallas", "xla", "interpret"), default="auto",
-                    help="decode attention: auto = the Pallas paged kernel on GPU, XLA elsewhere")
-    ap.add_argument("--gemm-impl", choices=("auto", "pallas", "xla", "interpret"), default="auto",
-                    help="routed-expert GEMMs: auto = the Pallas grouped GEMM on GPU, XLA elsewhere")
-    ap.add_argument("--quantization", choices=("fp8", "none"), default="fp8",
-                    help="fp8: DeepSeek's FP8 weights and GEMMs (the GPU default for FP8 checkpoints); none: BF16")
+    ap.add_argument("--deployment", help="the deployment file whose one rank this is (default: DeepSeek's, "
+                    "configs/deploy/deepseek-decode-ep144.json or deepseek-prefill-ep32.json): EP size, redundant "
+                    "experts, quantization, kernels, compiler options")
+    ap.add_argument("--platform", choices=("gpu", "cpu"),
+                    help="build the step for this platform (default: the device's; gpu: a step compiled ahead of "
+                         "time on a machine without one, scripts/compile_gpu.py)")
+    ap.add_argument("--attn-kernel", default="auto",
+                    help="decode attention kernel by its registry name (model/kernels/registry.py): auto = the "
+                         "platform's (flash_mla on GPU, xla elsewhere), xla, triton, flash_mla, *_interpret")
+    ap.add_argument("--prefill-kernel", default="auto",
+                    help="prefill attention: auto (tokamax on GPU, xla elsewhere), xla, tokamax, tokamax_*")
+    ap.add_argument("--gemm", default="auto",
+                    help="FP8 GEMMs: auto (mosaic_fp8 on GPU, xla elsewhere), xla, mosaic_fp8, triton, *_interpret")
+    ap.add_argument("--quantization", choices=("fp8", "none"),
+                    help="fp8: DeepSeek's FP8 weights and GEMMs; none: BF16 (default: the deployment's, else fp8)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="activations, KV cache and non-FP8 weights (fp32: for comparing code paths on a CPU)")
     ap.add_argument("--mtp", type=int, default=0, metavar="K",

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-TARGETS = {"h200": ROOT / "configs" / "gpu-targets" / "h200.txtpb",
-           "h100": ROOT / "configs" / "gpu-targets" / "h100_sxm.txtpb"}
 # Per-rank shapes of one step. decode: DeepSeek's 128 requests per GPU at KV 4,989 (64-token pages);
 # prefill: 4 rows of 1,024 tokens per GPU (the engine's long-prompt chunk), fresh prompts.
 SHAPES = {"full": {"decode": dict(rows=128, seq=1, kv_len=4989, block=64), "prefill": dict(rows=4, seq=1024, block=64)},
@@ -44,7 +43,7 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
                "collective-permute", "collective-broadcast")
-EXPERT_STAGES = ("plan", "dispatch", "combine")  # plan: the ragged transport's counts
+EXPERT_STAGES = ("plan", "dispatch", "combine")  # plan: the ragged transport's counts (R int32)
 
 
 # ---- reading a scheduled HLO module -----------------------------------------------------------------
@@ -130,30 +129,42 @@ def is_heavy(ins: Instr, comps: dict[str, list[Instr]]) -> bool:
     return False
 
 
-def _origin(ins: Instr, by_name: dict[str, Instr], depth: int = 8) -> str:
-    """The name stack of what an instruction carries (XLA drops it on some collectives): its own when
-    it names a micro-batch, else its operands' (through tuples and barriers, element by element)."""
-    if depth == 0 or re.search(r"mb\d/", ins.op_name):
-        return ins.op_name
-    if ins.opcode == "get-tuple-element":
-        path, src = [int(re.search(r"index=(\d+)", ins.line).group(1))], by_name.get(ins.operands[0])
-        while src is not None and path:
-            if src.opcode == "get-tuple-element":
-                path.insert(0, int(re.search(r"index=(\d+)", src.line).group(1)))
-                src = by_name.get(src.operands[0])
-            elif src.opcode == "opt-barrier":
-                src = by_name.get(src.operands[0])
-            elif src.opcode == "tuple" and path[0] < len(src.operands):
-                src = by_name.get(src.operands[path.pop(0)])
-            else:
-                break
-        if src is not None and not path:
-            return _origin(src, by_name, depth - 1) or ins.op_name
-    for o in ins.operands:
-        if o in by_name and by_name[o].opcode not in ("opt-barrier", "parameter"):
-            found = _origin(by_name[o], by_name, depth - 1)
-            if re.search(r"mb\d/", found):
-                return found
+def _through_tuples(ins: Instr, by_name: dict[str, Instr]) -> Instr | None:
+    """What a get-tuple-element reads, through barriers and tuples (None: a parameter or a call's result)."""
+    path, src = [], ins
+    while src is not None:
+        if src.opcode == "get-tuple-element":
+            path.insert(0, int(re.search(r"index=(\d+)", src.line).group(1)))
+            src = by_name.get(src.operands[0])
+        elif src.opcode == "opt-barrier":
+            src = by_name.get(src.operands[0])
+        elif src.opcode == "tuple" and path and path[0] < len(src.operands):
+            src = by_name.get(src.operands[path.pop(0)])
+        else:
+            return src if not path else None
+    return None
+
+
+def _origin(ins: Instr, by_name: dict[str, Instr], depth: int = 6) -> str:
+    """The name stack of what an instruction belongs to (XLA drops it on some collectives): its own
+    when it names a micro-batch, else the nearest operand's that does (breadth first, through tuples
+    and barriers), so a collective takes its own stage's name (its offsets, its output buffer) before
+    the name of what produced the rows it moves."""
+    frontier, seen = [ins], set()
+    for _ in range(depth):
+        for node in frontier:
+            if re.search(r"mb\d/", node.op_name):
+                return node.op_name
+        nxt = []
+        for node in frontier:
+            for o in node.operands:
+                src = by_name.get(o)
+                if src is not None and src.opcode == "get-tuple-element":
+                    src = _through_tuples(src, by_name)
+                if src is not None and src.name not in seen and src.opcode != "parameter":
+                    seen.add(src.name)
+                    nxt.append(src)
+        frontier = nxt
     return ins.op_name
 
 
@@ -179,6 +190,8 @@ def collectives(text: str) -> list[dict]:
             sync_flag = re.search(r'"is_sync":(true|false)', ins.line)
             op_name = _origin(ins, by_name) or (inner.op_name if inner is not None else "")
             mb, stage = scope(op_name)
+            if base == "ragged-all-to-all" and stage == "plan":  # XLA drops its name: the rows it moves are the plan's
+                stage = "dispatch"
             item = {"kind": base, "name": ins.name, "computation": comp, "runs": mult[comp],
                     "async": is_async and not (sync_flag and sync_flag.group(1) == "true"),
                     "micro_batch": mb, "stage": stage, "op_name": op_name}
@@ -222,14 +235,12 @@ def overlap_share(colls: list[dict]) -> dict:
 
 # ---- the step, compiled for deviceless GPUs --------------------------------------------------------
 
-def gpu_mesh(target: str, gpus: int):
-    import jax
+def gpu_mesh(target_name: str, gpus: int):
+    """(topology, dp x tp = gpus x 1 mesh) of N deviceless GPUs on one host (topology "1x1xN")."""
+    from compile_gpu import target
     from jax.experimental import topologies
-
-    spec = Path(TARGETS.get(target, target)).read_text()
-    topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{gpus}", target_config=spec)
-    mesh = topologies.make_mesh(topo, (gpus, 1), ("dp", "tp"))
-    return topo, mesh, jax
+    topo, _ = target(target_name, f"1x1x{gpus}")
+    return topo, topologies.make_mesh(topo, (gpus, 1), ("dp", "tp"))
 
 
 def model_config(scale: str):
@@ -237,7 +248,6 @@ def model_config(scale: str):
     cfg = ModelConfig.from_json(ROOT / "configs" / "deepseek-v3-671b" / "config.json")
     cfg = cfg.replace(num_hidden_layers=3, first_k_dense_replace=1, num_nextn_predict_layers=0)
     if scale == "small":
-        sys.path.insert(0, str(ROOT / "scripts"))
         from bench_shard import small_config
         cfg = small_config(cfg).replace(num_hidden_layers=3, first_k_dense_replace=1)
     return cfg
@@ -247,6 +257,7 @@ def compile_step(phase: str, scale: str, gpus: int, target: str, overlap: str, d
                  options: dict | None = None, extra_options: dict | None = None):
     """-> (compiled executable, what was compiled). options: the compiler options (default: the
     deployment's for this mesh); extra_options: set on top of them."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -256,7 +267,10 @@ def compile_step(phase: str, scale: str, gpus: int, target: str, overlap: str, d
     from sharding.deployment import Deployment
     from sharding.mesh import param_shardings
 
-    topo, mesh, jax = gpu_mesh(target, gpus)
+    from compile_gpu import cross_compiling
+    from model.kernels import registry
+
+    topo, mesh = gpu_mesh(target, gpus)
     cfg = model_config(scale)
     dep = deployment or Deployment(name=f"ep{gpus}", dp=gpus, redundant_experts=(-cfg.n_routed_experts) % gpus
                                    + (32 if scale == "full" and (cfg.n_routed_experts + 32) % gpus == 0 else 0),
@@ -268,11 +282,9 @@ def compile_step(phase: str, scale: str, gpus: int, target: str, overlap: str, d
     shardings = param_shardings(abstract, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings,
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    kernels = dep.kernels_for(mesh)
+    kernels = registry.resolve(dep.kernels, "gpu", topo.devices[0])
     ep = dep.ep_config(mesh, kernels)
-    if options is None:  # (a deployment without GPU options: a commit before they were configuration)
-        options = dep.compiler_options_for(mesh) if hasattr(dep, "compiler_options_for") else {}
-    compiler_options = {**options, **(extra_options or {})}
+    compiler_options = {**(dep.xla_options("gpu") if options is None else options), **(extra_options or {})}
 
     sh = SHAPES[scale][phase]
     rows, S, block = sh["rows"] * gpus, sh["seq"], sh["block"]
@@ -297,12 +309,12 @@ def compile_step(phase: str, scale: str, gpus: int, target: str, overlap: str, d
         return logits, cache.pool, stats["overflow"]
 
     t0 = time.time()
-    with jax.set_mesh(mesh):
+    with cross_compiling(topo, mesh):
         lowered = jax.jit(step, donate_argnums=(1,)).lower(state, *args.values())
         compiled = lowered.compile(compiler_options)
     return compiled, {"phase": phase, "scale": scale, "gpus": gpus, "device": topo.devices[0].device_kind,
                       "overlap": dep.overlap, "dispatch": ep.dispatch_dtype, "combine": ep.combine_dtype,
-                      "transport": ep.wire, "experts_per_gpu": n_physical // gpus, "rows_per_gpu": sh["rows"],
+                      "transport": ep.transport, "experts_per_gpu": n_physical // gpus, "rows_per_gpu": sh["rows"],
                       "seq": S, "kv_len": context, "compiler_options": compiler_options,
                       "compile_s": round(time.time() - t0, 1)}
 

@@ -251,10 +251,9 @@ def log_entry(step: int, sums: dict, n: int, lr: float) -> dict:
 
 def train(args, tok: Tokenizer):
     cfg = ModelConfig.from_dict(hf_config(tok.get_vocab_size()))
+    # (a model no deployment configured runs XLA's GEMMs, which have gradients, in the tiled layout of
+    # model/experts.py on one device: XLA:CPU computes lax.ragged_dot densely, 10x slower here)
     net = DeepseekV3(cfg, jnp.float32, nnx.Rngs(args.seed))
-    # The XLA expert GEMMs, which have gradients (the Pallas kernels do not); on CPU that is the
-    # tiled layout of model/experts.py (XLA:CPU computes lax.ragged_dot densely, 10x slower here).
-    net.set_expert_impl("xla")
     graphdef, bias, shared, params, rest = nnx.split(net, BIAS, MTP_SHARED, nnx.Param, ...)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.lr * 0.02)
     adamw = optax.adamw(schedule, b2=0.98, weight_decay=args.weight_decay)
@@ -275,7 +274,7 @@ def train(args, tok: Tokenizer):
             sums, since = None, 0
     progress.close()
     nnx.update(net, bias, shared_with_mtp(params, shared), params)
-    net.set_expert_impl("auto")
+    net.refresh_derived()  # the absorbed decode's halves of the trained kv_b_proj
     return net, log
 
 

@@ -144,7 +144,7 @@ class AotStep:
         if not missing:
             return
         # a few compilations at a time: each holds a whole step's compiler state (GPU: its autotuning)
-        with _fresh_compiles(), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        with _fresh_compiles(self.devices[0].platform), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
             compiles = {sig: pool.submit(self._compile_and_save, sig, todo[sig][0], self._lower(*todo[sig]))
                         for sig in missing}
             for sig, done in compiles.items():
@@ -213,11 +213,11 @@ _fresh_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _fresh_compiles():
-    """On CPU, JAX's persistent cache off for the block (see the module docstring: a program it
-    serves there cannot be saved whole). The switch is process-wide: compilations elsewhere in the
-    block only skip the cache."""
-    if jax.default_backend() != "cpu":
+def _fresh_compiles(platform: str):
+    """On CPU (the platform of the devices the step runs on), JAX's persistent cache off for the block
+    (see the module docstring: a program it serves there cannot be saved whole). The switch is
+    process-wide: compilations elsewhere in the block only skip the cache."""
+    if platform != "cpu":
         yield
         return
     with _fresh_lock:

@@ -113,7 +113,8 @@ class LLM:
             deployment = (dataclasses.replace(deployment, prefill=speculating(deployment.prefill),
                                               decode=speculating(deployment.decode))
                           if isinstance(deployment, Disaggregated) else speculating(deployment))
-        dtype = dtype or (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+        platform = (deployment.prefill if isinstance(deployment, Disaggregated) else deployment).platform_for()
+        dtype = dtype or (jnp.float32 if platform == "cpu" else jnp.bfloat16)  # decided once, from the deployment
         self.deployment = deployment
         if isinstance(deployment, Disaggregated):
             self.engine = build(path, deployment, dtype, quantization=quantization)

@@ -36,6 +36,9 @@ class PagedCache:
     pool: jax.Array  # [L, R * NB, BS, C], split over dp ranks on axis 1 (POOL_AXES)
     page_table: jax.Array  # int32[B, MB], local block ids (unused entries: any block, masked by position)
     mesh: Any = dataclasses.field(default=None, metadata={"static": True})
+    # the decode kernel's KV split for these rows (with_plan), made once per step for every layer; each
+    # rank's, stacked (a plan per rank: the ranks' rows and lengths differ)
+    plan: Any = None
     in_place_decode: ClassVar[bool] = True  # absorbed_context: the paged MLA kernel reads the pages
 
     def _per_rank(self, fn, out_spec, *args):
@@ -58,24 +61,39 @@ class PagedCache:
     def max_len(self) -> int:
         return self.page_table.shape[1] * self.pool.shape[2]
 
-    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float, kernel: str) -> jax.Array:
-        """Decode attention read straight from the pages: q_latent [B, H, R], q_pe [B, H, P], lengths
-        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks. kernel: the
-        deployment's kernels.attention_decode (pallas | interpret: the same in the Pallas interpreter)."""
-        from model.kernels.mla_decode import mla_decode
-        impl, interpret = ("pallas", True) if kernel == "interpret" else (kernel, False)
+    @property
+    def block_size(self) -> int:
+        return self.pool.shape[2]
 
-        def local(pool, table, q_latent, q_pe, lengths, layer):
+    @property
+    def dtype(self):
+        return self.pool.dtype
+
+    def absorbed_context(self, layer, q_latent, q_pe, lengths, scale: float, attend) -> jax.Array:
+        """Decode attention read straight from the pages: q_latent [B, H, R], q_pe [B, H, P], lengths
+        int32[B] -> context [B, H, R] (before w_v), each rank over its own blocks. attend: the
+        deployment's decode kernel, attend(q_latent, q_pe, pool [NB, BS, C], page_table, lengths, scale,
+        plan) with the rank's plan (with_plan) or None (model/attention.py: MLA.attend_in_cache)."""
+        def local(pool, table, q_latent, q_pe, lengths, plan, layer):
             # every layer's blocks as one [L * NB, BS, C] pool (a free reshape) and the table offset to
             # this layer's: pool[layer] with a traced layer would copy the layer's whole pool
             L, NB, BS, C = pool.shape
-            return mla_decode(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool.reshape(L * NB, BS, C),
-                              table + layer * NB, lengths, scale, block_size=BS, impl=impl, interpret=interpret)
-        return self._per_rank(local, ROWS, self.pool, self.page_table, q_latent, q_pe, lengths, layer)
+            return attend(q_latent.astype(pool.dtype), q_pe.astype(pool.dtype), pool.reshape(L * NB, BS, C),
+                          table + layer * NB, lengths, scale, plan)
+        return self._per_rank(local, ROWS, self.pool, self.page_table, q_latent, q_pe, lengths, self.plan, layer)
+
+    def with_plan(self, lengths, make_plan) -> "PagedCache":
+        """The cache with each rank's plan for its rows at these lengths int32[B] (make_plan: a rank's
+        lengths -> its plan), computed here once, before the layer loop (inside it XLA would not hoist it:
+        the plan's searches are loops of their own)."""
+        plan = self._per_rank(lambda pool, table, lengths, _: make_plan(lengths), ROWS, self.pool, self.page_table,
+                              lengths, jnp.int32(0))
+        return dataclasses.replace(self, plan=plan)
 
     def select_rows(self, pick) -> "PagedCache":
-        """A view of some batch rows: pick maps the page table [B, MB] to the rows wanted (reads only)."""
-        return dataclasses.replace(self, page_table=pick(self.page_table))
+        """A view of some batch rows: pick maps the page table [B, MB] to the rows wanted (reads only; a
+        plan made for all rows does not hold for the view)."""
+        return dataclasses.replace(self, page_table=pick(self.page_table), plan=None)
 
     def read(self, layer) -> jax.Array:
         """-> [B, MB * BS, C]: each row's blocks in position order."""

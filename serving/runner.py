@@ -165,8 +165,14 @@ class ModelRunner:
     def _use_step(self) -> None:
         key = self._key()
         leaves, step, options = build_step(self.net, self.mesh, self.cache_mesh, self.penalties.slots, self.drafts)
+        # the platform's XLA options (sharding/deployment.py: on GPU the latency-hiding scheduler, GEMMs
+        # reading stacked weights in place), decided once per mesh, never by a global flag
+        xla_options = self.deployment.xla_options(self.deployment.platform_for(self.mesh))
+        if xla_options:
+            options = dict(options, compiler_options=xla_options)
         if key not in self._steps:  # compiled programs kept on disk between starts (serving/aot.py)
-            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, self.penalties.slots, self.drafts))
+            identity = repr((nnx.graphdef(self.net), self.mesh, self.cache_mesh, self.penalties.slots, self.drafts,
+                             sorted(xla_options.items())))
             placed = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
             self._steps[key] = AotStep(step, options, aot_directory(), program_key(identity, leaves), placed,
                                        out_tree=lambda args: jax.tree.structure((0, *args[1:4])))

@@ -8,7 +8,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 COUNTERS = ("requests", "finished", "rejected", "prompt_tokens", "cached_prompt_tokens", "generated_tokens",
             "kv_tokens_read", "prefill_steps", "decode_steps", "prefill_s", "decode_s", "ep_overflow_retries",
@@ -71,7 +70,7 @@ def parameter_bytes(net) -> dict:
     """The weights on device: `parameter_bytes` counts each array once (one copy of a replicated
     weight; every physical expert slot), `parameter_bytes_per_device` the most any device holds."""
     per_device: collections.Counter = collections.Counter()
-    for a in jax.tree.leaves(nnx.state(net, nnx.Param)):
+    for a in jax.tree.leaves(net.held_weights()):
         for shard in a.addressable_shards:
             per_device[shard.device.id] += shard.data.nbytes
     return {"parameter_bytes": net.parameter_bytes, "parameter_bytes_per_device": max(per_device.values(), default=0)}

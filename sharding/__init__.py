@@ -8,10 +8,8 @@ overlap schedules that use it live with the model, in model/ep.py and model/over
 import os
 
 os.environ.setdefault("PJRT_NPROC", "16")  # see model/__init__.py: the emulated mesh needs it
-# On GPU, XLA overlaps the all-to-alls with compute only with its latency-hiding scheduler; the
-# flag is inert on other backends. Like every XLA flag it must be set before the backend starts.
-if "xla_gpu_enable_latency_hiding_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_latency_hiding_scheduler=true").strip()
+# (XLA's GPU options, the latency-hiding scheduler among them, are the step's jit compiler_options:
+# sharding/deployment.py COMPILER_OPTIONS. Importing changes no flag.)
 
 from sharding.mesh import make_mesh  # noqa: E402
 

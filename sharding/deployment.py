@@ -1,15 +1,22 @@
 """Deployment files (configs/deploy/*.json), parsed once into one frozen tree, `Deployment`:
 
     {"name": "cpu8",
+     "platform": "auto",
      "quantization": "fp8",
      "mesh": {"dp": 8, "tp": 1, "gpus_per_node": 8},
      "experts": {"redundant": 8, "rebalance_interval": 0, "rebalance_window": 4, "rebalance_threshold": 1.1},
      "dispatch": {"dtype": "auto", "combine_dtype": "auto", "capacity_factors": [2.0, 4.0, null],
                   "capacity_window": 64, "overlap": "none"},
-     "kernels": {"attention_decode": "auto", "attention_prefill": "auto", "expert_gemm": "auto",
-                 "transport": "auto"},
+     "kernels": {"attention_decode": "auto", "attention_prefill": "auto", "gemm": "auto", "transport": "auto"},
+     "compiler_options": {},
      "serving": {"block_size": 16, "kv_cache_mb": 64, "prefill_tokens": [16, 64, 256], ...},
      "speculative": {"method": "mtp", "num_tokens": 1}}
+
+platform: "auto" (default: the platform of the devices the mesh is built on) | "gpu" | "cpu" |
+"tpu": decided once, at load, and passed down as configuration (the kernels' "auto" resolves for it,
+model/kernels/registry.py; so does quantization's default). compiler_options: XLA options for the
+step's jit on top of the platform's defaults (COMPILER_OPTIONS: on GPU the latency-hiding scheduler,
+and GEMMs that read one layer's slice of a stacked weight in place).
 
 quantization: "fp8" | "none"; left out, the default rule (fp8 on a GPU for an FP8 checkpoint, none
 otherwise; a `quantization` argument or flag overrides the file). dispatch.dtype "auto" (default)
@@ -21,8 +28,7 @@ dtype; "bf16" is DeepSeek's (their activations are BF16).
 Every section but `name` is optional. EP spans every device of the mesh (dp x tp); routed experts
 + redundant replicas must divide evenly over it (DeepSeek: 256 + 32 = 288 = 32 x 9 for prefill,
 144 x 2 for decode). The model loader and the serving engine read this one object; the run-time
-EPConfig is derived from it on a mesh (`ep_config`), the kernels resolved for the mesh's platform
-(`kernels_for`).
+EPConfig is derived from it on a mesh (`ep_config`, with the kernels resolved for its platform).
 
 A disaggregated deployment is two such deployments, {"prefill": {...}, "decode": {...}}: the
 prefill slice takes the first devices, the decode slice the next (configs/deploy/cpu8-disagg.json).
@@ -34,6 +40,8 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+
+import jax
 
 from sharding.ep import EPConfig
 from sharding.kernels import Kernels
@@ -49,7 +57,16 @@ FLAT_SECTIONS = {
                  "capacity_factors": ("capacity_factors", tuple), "capacity_window": ("capacity_window", int),
                  "overlap": ("overlap", str)},
 }
-SECTIONS = ("name", "description", "quantization", *FLAT_SECTIONS, "kernels", "serving", "speculative")
+SECTIONS = ("name", "description", "platform", "quantization", "compiler_options", *FLAT_SECTIONS, "kernels", "serving",
+            "speculative")
+PLATFORMS = ("auto", "gpu", "cpu", "tpu")
+# XLA options of every step on a platform (docs/DESIGN_NOTES.md, "GPU"): collectives overlap compute only
+# under the latency-hiding scheduler; a GEMM on one layer's slice of a stacked weight reads the slice in
+# place (a dynamic-slice fusion) when the GEMM is a custom call or cuBLAS, while a Triton GEMM fusion
+# copies the slice first, so XLA's GEMMs go to cuBLAS.
+COMPILER_OPTIONS = {"gpu": {"xla_gpu_enable_latency_hiding_scheduler": True,
+                            "xla_gpu_enable_dynamic_slice_fusion": True,
+                            "xla_gpu_enable_triton_gemm": False}}
 PLACEMENTS = ("balanced", "round_robin")  # serving/balance.py
 KV_DTYPES = ("auto", "bf16", "fp32")
 QUANTIZATIONS = ("fp8", "none")  # model/quant.py: FP8 e4m3 weights with 128x128 scales, or none
@@ -155,6 +172,8 @@ class Deployment:
     # "auto": MTP drafts 1 token where the checkpoint has MTP weights; None (the file's null): off
     speculative: Speculative | str | None = "auto"  # (a dict is taken as the file's section)
     quantization: str | None = None  # fp8 | none | None (the default rule, model.quant.default_quantization)
+    platform: str = "auto"  # auto (the mesh's devices') | gpu | cpu | tpu
+    compiler_options: tuple[tuple[str, object], ...] = ()  # (option, value) pairs over the platform's defaults
     source: str = "<deployment>"  # the file, for error messages
     _ep: EPConfig = dataclasses.field(init=False, repr=False, compare=False)  # the dispatch section, validated
 
@@ -173,6 +192,16 @@ class Deployment:
                 check_quantization(self.quantization)
             except ValueError as e:
                 raise ValueError(f"{self.source}: {e}") from None
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"{self.source}: platform {self.platform!r} is not one of {', '.join(PLATFORMS)}")
+        options = self.compiler_options
+        if isinstance(options, dict):
+            options = tuple(sorted(options.items()))
+        if not all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str)
+                   and isinstance(kv[1], (bool, int, float, str)) for kv in options):
+            raise ValueError(f"{self.source}: compiler_options must map XLA option names to booleans, numbers "
+                             f"or strings, got {self.compiler_options!r}")
+        object.__setattr__(self, "compiler_options", tuple(options))
         if self.capacity_window < 1:
             raise ValueError(f"{self.source}: dispatch.capacity_window={self.capacity_window} must be >= 1")
         try:
@@ -226,7 +255,8 @@ class Deployment:
         sections = {k: raw[k] for k in ("kernels", "serving") if raw.get(k) is not None}
         if "speculative" in raw:  # null turns it off
             sections["speculative"] = raw["speculative"]
-        return cls(name=raw.get("name", name), **fields, **sections, quantization=raw.get("quantization"),
+        top = {k: raw[k] for k in ("platform", "compiler_options") if k in raw}
+        return cls(name=raw.get("name", name), **fields, **sections, **top, quantization=raw.get("quantization"),
                    source=source)
 
     def n_physical_experts(self, n_routed_experts: int) -> int:
@@ -241,16 +271,23 @@ class Deployment:
     def make_mesh(self, devices=None):
         return make_mesh(self.dp, self.tp, devices)
 
-    def kernels_for(self, mesh) -> Kernels:
-        """The kernels section with every "auto" resolved for the platform of the mesh's devices."""
-        return self.kernels.resolve(None if mesh is None else mesh.devices.flat[0].platform)
+    def platform_for(self, mesh=None) -> str:
+        """The platform, decided once at load: as given, else that of the mesh's devices (no mesh: of
+        the first device present)."""
+        if self.platform != "auto":
+            return self.platform
+        return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
 
-    def ep_config(self, mesh, kernels: Kernels | None = None) -> EPConfig | None:
-        """The run-time EP configuration on this mesh; None for one device (the MoE layers then run
-        locally, without collectives)."""
+    def xla_options(self, platform: str) -> dict:
+        """The step's jit compiler_options: the platform's defaults, then the file's."""
+        return {**COMPILER_OPTIONS.get(platform, {}), **dict(self.compiler_options)}
+
+    def ep_config(self, mesh, kernels: Kernels) -> EPConfig | None:
+        """The run-time EP configuration on this mesh, with the kernels resolved for its platform
+        (model/kernels/registry.py: resolve); None for one device (the MoE layers then run locally,
+        without collectives)."""
         if mesh is None or mesh.size == 1:
             return None
-        kernels = kernels or self.kernels_for(mesh)
         return dataclasses.replace(self._ep, mesh=mesh, transport=kernels.transport)
 
 
@@ -281,13 +318,13 @@ def read(path) -> "Deployment | Disaggregated":
         raise ValueError(f"{path}: must hold a JSON object")
     if "prefill" not in raw and "decode" not in raw:
         return Deployment.from_dict(raw, str(path), path.stem)
-    extra = set(raw) - {"name", "description", "quantization", "prefill", "decode"}
+    extra = set(raw) - {"name", "description", "quantization", "platform", "prefill", "decode"}
     if extra or not isinstance(raw.get("prefill"), dict) or not isinstance(raw.get("decode"), dict):
         raise ValueError(f"{path}: a disaggregated deployment holds 'prefill' and 'decode' sections (each a "
                          f"deployment: mesh, experts, dispatch, kernels, serving), and may name a 'quantization' "
-                         f"for both, but nothing else{f', not {sorted(extra)}' if extra else ''}")
+                         f"and a 'platform' for both, but nothing else{f', not {sorted(extra)}' if extra else ''}")
     name = raw.get("name", path.stem)
-    both = {"quantization": raw["quantization"]} if "quantization" in raw else {}  # a slice may set its own
+    both = {k: raw[k] for k in ("quantization", "platform") if k in raw}  # a slice may set its own
     return Disaggregated(name, Deployment.from_dict({**both, **raw["prefill"]}, f"{path} [prefill]", f"{name}-prefill"),
                          Deployment.from_dict({**both, **raw["decode"]}, f"{path} [decode]", f"{name}-decode"), str(path))
 

@@ -15,13 +15,12 @@ import math
 
 from jax.sharding import Mesh
 
-from sharding.kernels import Kernels
-
 # What the dispatch may send ("auto": what the expert GEMMs consume: FP8 rows + scales for FP8
 # experts, else the activations as they are) and what the combine may return ("auto": the activations' dtype).
 DISPATCH_DTYPES = ("auto", "fp8", "bf16", "fp32")
 COMBINE_DTYPES = ("auto", "bf16", "fp32")
 OVERLAPS = ("none", "auto", "two_batch", "five_stage")  # model/overlap.py
+TRANSPORTS = ("padded", "ragged")  # model/ep.py's EXCHANGES
 ROW_ALIGN = 8  # capacities are rounded up to this, so nearby batch sizes share one compilation
 
 
@@ -36,14 +35,15 @@ class EPConfig:
     # overflow, so the last bucket always completes the step.
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     level: int = 0
-    # sharding.kernels.Kernels.transport (a deployment passes it resolved; "auto": by the mesh's platform)
-    transport: str = "auto"  # padded | ragged (ragged_all_to_all: GPU; XLA:CPU lacks it)
+    # the deployment's kernels.transport, resolved for its platform (model/kernels/registry.py)
+    transport: str = "padded"  # padded | ragged (ragged_all_to_all: GPU; XLA:CPU lacks it)
     overlap: str = "none"  # none | auto | two_batch | five_stage: model/overlap.py
 
     def __post_init__(self):
         if self.overlap not in OVERLAPS:
             raise ValueError(f"overlap {self.overlap!r} must be 'none', 'auto', 'two_batch' or 'five_stage'")
-        Kernels(transport=self.transport)  # validates it
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r} must be one of {TRANSPORTS}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch_dtype {self.dispatch_dtype!r} is not one of {sorted(DISPATCH_DTYPES)}")
         if self.combine_dtype not in COMBINE_DTYPES:
@@ -56,11 +56,6 @@ class EPConfig:
     @property
     def ranks(self) -> int:
         return math.prod(self.mesh.shape[a] for a in self.axes)
-
-    @property
-    def wire(self) -> str:
-        """The transport, "auto" resolved for the mesh's platform."""
-        return Kernels(transport=self.transport).resolve(self.mesh.devices.flat[0].platform).transport
 
     @property
     def capacity_factor(self) -> float | None:

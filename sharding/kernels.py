@@ -1,54 +1,41 @@
-"""Which implementation runs each hot path: the deployment's `kernels` section, chosen once.
+"""The deployment's `kernels` section: which implementation runs each hot path, by name.
 
-The kernels themselves (Pallas, with their XLA references) are in model/kernels/; this is data, so
-the deployment tree (sharding/deployment.py) and the model read it without reaching into them.
+Data only: the names, what "auto" means on each platform and what each name is (the functions, and
+the shapes each kernel takes) are model/kernels/registry.py's, the one kernel registry. A deployment
+resolves its section there once, for the platform it runs on (Deployment.platform), and the resolved
+names travel with the model and the EP configuration, so no call site decides again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
-import jax
-
-
-def on_gpu(platform: str | None = None) -> bool:
-    return (platform or jax.default_backend()) == "gpu"
-
-
-def default_impl(platform: str | None = None) -> str:
-    """The one platform rule behind every "auto": the Pallas kernel on GPU, its XLA reference elsewhere."""
-    return "pallas" if on_gpu(platform) else "xla"
+ROLES = ("attention_decode", "attention_prefill", "gemm", "transport")
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """The deployment's `kernels` section. "auto" is resolved once (`resolve`), by the platform the
-    deployment runs on; the resolved choices travel with the model (attention) and the EP config
-    (expert GEMM, transport), so no call site decides again."""
-    # decode attention: xla (gather the rows, einsums) | pallas (model/kernels/mla_decode.py over the
-    # paged pool in place) | interpret (that kernel in the Pallas interpreter: CPU tests of the GPU path)
+    # paged absorbed-MLA decode: xla | triton | flash_mla (| their _interpret: the kernel run by the
+    # Mosaic GPU / Pallas interpreter, CPU tests of the GPU path)
     attention_decode: str = "auto"
-    attention_prefill: str = "auto"  # xla (naive MLA; the only implementation so far)
-    # routed-expert GEMMs (model/experts.py): xla (XLA's GEMMs: masked capacity buckets under EP, tiles
-    # on one device; XLA:CPU computes ragged_dot densely, docs/DESIGN_NOTES.md) | pallas (the grouped
-    # GEMM kernel over rows sorted by expert, model/kernels/grouped_gemm.py) | interpret (that kernel
-    # in the Pallas interpreter: CPU tests of the GPU path)
-    expert_gemm: str = "auto"
+    # naive-form MLA prefill attention: xla | tokamax | tokamax_cudnn | tokamax_triton | tokamax_xla
+    attention_prefill: str = "auto"
+    # the FP8 GEMMs (projections, dense MLP, shared and routed experts, the absorbed MLA's per-head
+    # products): xla (the references of model/quant.py) | mosaic_fp8 (| mosaic_fp8_interpret) | triton
+    # (the first Pallas grouped GEMM: routed experts only, BF16 MMA after in-kernel dequantisation)
+    gemm: str = "auto"
     transport: str = "auto"  # all-to-all: padded (all_to_all) | ragged (ragged_all_to_all; XLA:CPU lacks it)
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "attention_decode": ("auto", "xla", "pallas", "interpret"), "attention_prefill": ("auto", "xla"),
-        "expert_gemm": ("auto", "xla", "pallas", "interpret"), "transport": ("auto", "padded", "ragged")}
+    # the device's streaming multiprocessors (the paged decode kernel splits the KV over them:
+    # registry.decode_parts); 0 until resolved
+    sms: int = 0
 
     def __post_init__(self):
-        for name, choices in self.CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"kernels.{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name in ROLES:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"kernels.{name} must be a kernel name (a string), got {getattr(self, name)!r}")
+        if not isinstance(self.sms, int) or self.sms < 0:
+            raise ValueError(f"kernels.sms must be a non-negative integer, got {self.sms!r}")
 
-    def resolve(self, platform: str | None = None) -> "Kernels":
-        """Every "auto" replaced by the platform's choice (platform: a device's, default JAX's backend)."""
-        gpu = on_gpu(platform)
-        auto = {"attention_decode": default_impl(platform), "attention_prefill": "xla",
-                "expert_gemm": default_impl(platform), "transport": "ragged" if gpu else "padded"}
-        return Kernels(**{k: auto[k] if getattr(self, k) == "auto" else getattr(self, k) for k in auto})
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, name) != "auto" for name in ROLES)

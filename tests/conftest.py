@@ -15,6 +15,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-compilation"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# The GPU program's structure is checked in a venv of its own (scripts/test_gpu_compile.sh): not here.
+collect_ignore = ["gpu_compile"]
+
 # The slowest files first (single-process seconds on 2 cores: disagg 190, engine 184, multihost 85,
 # ep 75, ...): the two workers take whole files in this order, so the long ones do not start last
 # and leave one worker running alone at the end.

@@ -1,7 +1,8 @@
 """scripts/bench_shard.py: one GPU's share of DeepSeek's deployment, run at --scale small on the CPU.
 
 The script runs as subprocesses (all started together, so the two CPU cores overlap them); the
-report's fields are checked for presence, sign and arithmetic against the published figures.
+report's fields are checked for presence and sign, and the steps it times are checked against the model
+(the absorbed decode against the naive form, the chunked prefill against one call).
 The GPU code path (Pallas kernels reading every layer's pages and experts in place) is checked
 by lowering the full-scale step for CUDA and by running its kernels in interpret mode here.
 """
@@ -23,7 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_shard.py"
-PUBLISHED = {"decode": 1_850.0, "prefill": 9_200.0}  # DeepSeek's tok/s per H800 (14.8k / 73.7k per node)
 SMALL = {"layers": 4, "dense_layers": 1, "moe_layers": 3, "hidden": 256, "moe_intermediate": 128}
 RUNS = {
     "decode": ["--phase", "decode", "--scale", "small", "--json", "--steps", "2"],
@@ -31,7 +31,7 @@ RUNS = {
     "decode_mtp": ["--phase", "decode", "--scale", "small", "--json", "--steps", "2", "--mtp", "1", "--acceptance", "0.9"],
     "refuse_full": ["--phase", "decode", "--scale", "full"],
     "lower_decode": ["--phase", "decode", "--check-lowering", "cuda"],
-    "lower_prefill": ["--phase", "prefill", "--check-lowering", "cuda"],
+    "lower_prefill": ["--phase", "prefill", "--check-lowering", "cuda", "--prefill-kernel", "xla"],
 }
 
 
@@ -67,27 +67,64 @@ def test_report_fields(runs, phase):
     assert r["tokens_per_s_per_gpu"] > 0 and r["ratio_to_published"] > 0
     assert r["finite"] is True
     assert {k: r["shapes"][k] for k in SMALL} == SMALL
-    # routed experts stay FP8 and are found by the Pallas path on GPU, the XLA one here
-    assert r["kernels"] == {"attention": "xla", "grouped_gemm": "xla", "expert_dtype": "fp8"}
+    # routed experts stay FP8; the platform's kernels (the registry's XLA references on a CPU)
+    assert r["kernels"] == {"attention": "xla", "gemm": "xla", "expert_dtype": "fp8"}
     assert any("all-to-all replaced" in n for n in r["notes"])
 
 
-@pytest.mark.parametrize("phase", ["decode", "prefill"])
-def test_throughput_arithmetic(runs, phase):
-    r = report(runs, phase)
-    step_s = r["step_ms"] / 1e3
-    tokens = r["shapes"]["tokens_per_step"]
-    assert tokens == (r["shapes"]["batch"] if phase == "decode" else r["shapes"]["prompts"] * r["shapes"]["prompt_len"])
-    assert r["tokens_per_s_per_gpu"] == pytest.approx(tokens / step_s, rel=1e-9)
-    assert r["published_tokens_per_s_per_gpu"] == PUBLISHED[phase]
-    assert r["ratio_to_published"] == pytest.approx(r["tokens_per_s_per_gpu"] / PUBLISHED[phase], rel=1e-9)
-    assert r["target_tokens_per_s_per_gpu"] == (3_700 if phase == "decode" else 8_000)
-    if phase == "decode":
-        assert r["tokens_per_s_per_user"] == pytest.approx(1 / step_s, rel=1e-9)
-        assert r["meets_target"] == (r["tokens_per_s_per_gpu"] >= 3_700 and r["tokens_per_s_per_user"] >= 20)
-    else:
-        assert r["tokens_per_s_per_user"] is None
-        assert r["meets_target"] == (r["tokens_per_s_per_gpu"] >= 8_000)
+def test_measured_decode_step_is_the_model():
+    """What the decode benchmark times computes the model: its absorbed-MLA step over the paged pool gives
+    the hidden states of the naive form (kv_b_proj applied to the cached latents: prefill's attention) over
+    the same pages, and writes exactly one new row per request and layer, at the request's position.
+    float32 and BF16 weights, so the two forms differ only by rounding."""
+    import functools
+
+    import jax
+    from flax import nnx
+
+    from serving.kv_cache import PagedCache
+
+    bench = _bench_module()
+    setup = bench.make_setup(bench.parse_args(["--phase", "decode", "--scale", "small", "--dtype", "fp32",
+                                               "--quantization", "none"]), "cpu")
+    graphdef, state = bench.rank_model(setup, 1, False)
+    inputs = bench.decode_inputs(setup, False)
+    hidden, pool, _ = jax.jit(functools.partial(bench.decode_step, graphdef=graphdef, setup=setup))(state, **inputs)
+
+    def naive(state, pool, tokens, page_table, positions):
+        net = nnx.merge(graphdef, state)
+        return net.forward_step(tokens, positions, PagedCache(pool, page_table), absorbed=False)[0]
+    want = np.asarray(jax.jit(naive)(state, **inputs))
+    np.testing.assert_allclose(np.asarray(hidden), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    changed = np.any(np.asarray(pool) != np.asarray(inputs["pool"]), axis=-1)  # [L, NB, BS]
+    pos, table = setup.kv_len - 1, np.asarray(inputs["page_table"])
+    expect = np.zeros_like(changed)
+    expect[:, table[:, pos // setup.block_size], pos % setup.block_size] = True
+    assert changed.sum() == setup.batch * setup.cfg.num_hidden_layers and (changed == expect).all()
+
+
+def test_measured_prefill_step_is_the_model():
+    """What the prefill benchmark times (each prompt in attention chunks, every chunk attending to the
+    prompt's pages so far) gives the last position's hidden state and the cache rows of one call over the
+    whole prompt."""
+    import dataclasses
+    import functools
+
+    import jax
+
+    bench = _bench_module()
+    setup = bench.make_setup(bench.parse_args(["--phase", "prefill", "--scale", "small", "--dtype", "fp32",
+                                               "--quantization", "none"]), "cpu")
+    assert setup.prompt_len // setup.attn_chunk >= 2
+    graphdef, state = bench.rank_model(setup, 1, False)
+    inputs = bench.prefill_inputs(setup, False)
+    out = {}
+    for name, s in (("chunked", setup), ("whole", dataclasses.replace(setup, attn_chunk=setup.prompt_len))):
+        hidden, pool = jax.jit(functools.partial(bench.prefill_step, graphdef=graphdef, setup=s))(state, **inputs)
+        out[name] = np.asarray(hidden), np.asarray(pool)
+    for got, want in zip(out["chunked"], out["whole"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.any(out["whole"][1] != 0, axis=-1).all()  # every position of every prompt was written
 
 
 @pytest.mark.parametrize("phase,ranks,local", [("decode", 144, 2), ("prefill", 32, 9)])
@@ -150,15 +187,18 @@ def test_full_scale_refused_on_cpu(runs):
     assert "--scale small" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("phase,kernels", [("decode", 4), ("prefill", 3)])
+@pytest.mark.parametrize("phase,kernels", [("decode", 13), ("prefill", 11)])
 def test_full_scale_lowers_for_gpu(runs, phase, kernels):
-    """Full DeepSeek shapes, lowered for CUDA from abstract arrays: decode calls the paged MLA kernel
-    and the three FP8 grouped GEMMs, prefill the GEMMs."""
+    """Full DeepSeek shapes, lowered for CUDA from abstract arrays with the GPU's kernels (the platform as
+    configuration, nothing patched): every GEMM a Mosaic FP8 kernel (kernel functions of distinct shapes in
+    the module), no Triton kernel, decode attention flash_mla (the compiled program's structure:
+    tests/gpu_compile)."""
     rc, out, err = runs[f"lower_{phase}"]
     assert rc == 0, err[-3000:]
-    attention = "pallas" if phase == "decode" else "xla"  # prefill's naive MLA is XLA einsums
-    found = re.search(rf"(\d+) Triton \(Pallas\) kernel call sites, attention={attention}, gemm=pallas", out)
-    assert found and int(found.group(1)) == kernels, out
+    attention = "flash_mla" if phase == "decode" else "xla"  # (tokamax lowers only beside a GPU device)
+    found = re.search(rf"(\d+) Mosaic GPU and (\d+) Triton \(Pallas\) kernel call sites, attention={attention}, "
+                      rf"gemm=mosaic_fp8", out)
+    assert found and (int(found.group(1)), int(found.group(2))) == (kernels, 0), out
 
 
 def _bench_module():
@@ -170,23 +210,27 @@ def _bench_module():
 
 
 def test_gpu_path_matches_xla_path():
-    """The Pallas kernels (interpret mode) in the engine's decode step, the paged MLA kernel reading
-    layer l's pages of the shared pool in place and the grouped GEMM over each layer's FP8 experts,
-    agree with the XLA path, with every layer's pages and expert scales made distinct so a wrong
-    layer offset would show."""
+    """A decode kernel (the Pallas one, interpret mode) in the engine's decode step, reading layer l's pages
+    of the shared pool in place, agrees with the XLA path, with every layer's pages and experts made distinct
+    so a wrong layer offset would show."""
     import dataclasses
 
     import jax
     import jax.numpy as jnp
 
+    from model.kernels import registry
+    from sharding.kernels import Kernels
+
     bench = _bench_module()
-    # float32: in bfloat16 the two paths' rounding flips a few tokens' expert choices, which says
-    # nothing about the kernels
-    ref = bench.make_setup(bench.parse_args(["--phase", "decode", "--scale", "small", "--dtype", "fp32"]), "cpu")
+    # float32 weights and activations: in bfloat16, or through FP8 quantisation of the activations, the two
+    # paths' last-bit differences flip a few tokens' expert choices or e4m3 steps, which says nothing about
+    # the kernel
+    ref = bench.make_setup(bench.parse_args(["--phase", "decode", "--scale", "small", "--dtype", "fp32",
+                                             "--quantization", "none"]), "cpu")
     L = ref.cfg.num_hidden_layers
 
-    def per_layer(path, a):  # each MoE layer's expert scales times (1 + its index)
-        if "experts" not in jax.tree_util.keystr(path) or "weight_scale_inv" not in jax.tree_util.keystr(path):
+    def per_layer(path, a):  # each MoE layer's expert weights times (1 + its index)
+        if "experts" not in jax.tree_util.keystr(path) or "absorbed" in jax.tree_util.keystr(path):
             return a
         return a * (1 + jnp.arange(a.shape[0], dtype=a.dtype)).reshape(-1, *[1] * (a.ndim - 1))
 
@@ -201,7 +245,9 @@ def test_gpu_path_matches_xla_path():
         return np.asarray(out, np.float32), np.asarray(fn(*inputs.values())[0], np.float32), fn, inputs
 
     want, same_layers, fn, inputs = run(ref)
-    got, _, _, _ = run(dataclasses.replace(ref, attn_kernel="interpret", gemm_impl="interpret"))
+    # (the Mosaic FP8 GEMMs' interpreter takes ~1.6 s a call: they are checked per GEMM, test_fp8.py)
+    got, _, _, _ = run(dataclasses.replace(ref, kernels=registry.resolve(Kernels(attention_decode="triton_interpret"),
+                                                                         "cpu")))
     tol = 0.02 * np.abs(want).max()  # rounding of different summation orders
     assert np.abs(got - want).max() <= tol
     assert np.abs(same_layers - want).max() > 10 * tol  # the distinct layers do change the output

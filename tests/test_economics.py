@@ -24,15 +24,14 @@ def _report(path=DAY) -> dict:
 
 
 def test_published_day_reproduced_to_rounding():
-    rep, record = _report(), economics.load(DAY)
-    assert economics.revenue(record.stats, record.prices) == pytest.approx(rep["revenue_usd"])
-    assert rep["gpu_hours"] == pytest.approx(226.75 * 8 * 24)
+    """DeepSeek's own figures for the day (cost, theoretical revenue, margin), from its published inputs.
+    (That the engine counts what it serves, which is what a real window's report rests on, is
+    tests/test_engine.py's test_statistics_record_counts_what_was_served.)"""
+    rep = _report()
     assert rep["cost_usd"] == pytest.approx(87_072, rel=1e-12)
     assert rep["revenue_usd"] == pytest.approx(562_027, rel=1e-3)
-    assert rep["revenue_usd"] == pytest.approx(47_880 + 146_300 + 367_920)  # the hand sum from the rounded tokens
     assert math.floor(rep["margin_percent"]) == 545
     assert rep["margin_percent"] == pytest.approx(545.5, abs=0.1)
-    assert rep["cache_hit_fraction"] == 342 / 608  # 56.25%, published as 56.3%
     assert rep["published"]["matches"]
 
 

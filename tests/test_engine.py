@@ -4,6 +4,7 @@ compilation buckets, sampling, bad requests."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,17 +175,29 @@ def test_generate_cli(hf, tmp_path):
     assert first["token_ids"] == hf_greedy(hf[1], PROMPTS[0], 4)[:len(first["token_ids"])]
 
 
-def test_statistics_record_feeds_the_cost_report(llm, tmp_path):
+def test_statistics_record_counts_what_was_served(llm, tmp_path):
+    """The record the cost report prices (serving/stats.py -> serving/economics.py) counts what the engine
+    served: the tokens the requests got back, their prompt tokens, and as cache hits exactly the full
+    prompt pages a later prompt shared (4-token pages: 8 of 12; the last prompt token is always computed)."""
     from serving.economics import load, report
-    llm.generate([[5, 6, 7, 8], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=3, ignore_eos=True))
-    stats = llm.stats()
-    assert stats["input_tokens_cache_hit"] + stats["input_tokens_cache_miss"] == stats["prompt_tokens"]
-    assert stats["average_kv_length_per_output_token"] > 4  # every token attended over >= its prompt
-    record = llm.engine.statistics_record()
+    first = list(range(70, 79))
+    second = first + [80, 81, 82]
+    t0 = time.perf_counter()
+    before = llm.engine.statistics_record()
+    outs = llm.generate([first], SamplingParams(max_tokens=3, ignore_eos=True))
+    outs += llm.generate([second], SamplingParams(max_tokens=4, ignore_eos=True))
+    after = llm.engine.statistics_record()
+    wall = time.perf_counter() - t0  # spans the two records' clock readings
+    delta = {k: after[k] - before[k] for k in ("output_tokens", "input_tokens_cache_hit", "input_tokens_cache_miss",
+                                               "gpu_seconds")}
+    assert delta["output_tokens"] == sum(len(o.token_ids) for o in outs) == 7
+    assert delta["input_tokens_cache_hit"] == 8
+    assert delta["input_tokens_cache_hit"] + delta["input_tokens_cache_miss"] == len(first) + len(second)
+    assert 0 < delta["gpu_seconds"] <= wall * llm.stats()["devices"]
     path = tmp_path / "stats.json"
-    path.write_text(json.dumps(record))
+    path.write_text(json.dumps(after))
     out = report(load(path).stats, load(ROOT / "configs/economics/deepseek-2025-02-27.json").prices)
-    assert out["cost_usd"] > 0 and out["revenue_usd"] > 0
+    assert out["cost_usd"] > 0 and out["output_tokens"] == after["output_tokens"]
 
 
 def test_warmup_covers_the_first_real_step(hf):

@@ -1,7 +1,7 @@
 """model/kernels/flash_mla.py: the KV split plan (every chunk once, balanced, distinct slots) at DeepSeek's
 shapes up to KV 32K; the log-sum-exp merge of per-segment partials; the Mosaic GPU kernel in interpret
-mode against the XLA reference (64-token and 16-token pages in random order, two head blocks, rows split
-over parts and parts spanning rows); its CUDA lowering at DeepSeek's shapes; on a GPU, the compiled
+mode against the XLA reference (64-, 32- and 16-token pages in random order, two head blocks, rows split
+over parts and parts spanning rows, odd and even chunk counts per segment); its CUDA lowering at DeepSeek's shapes; on a GPU, the compiled
 kernel at B = 1..128 and KV up to 32K."""
 
 import jax
@@ -111,19 +111,28 @@ TOL = dict(atol=1e-2, rtol=1e-2)
     (2, 128, 512, 64, [1, 500], 3),  # DeepSeek's widths (576 = 9 TMA tiles), two head blocks, 64-token pages;
     # an 8-chunk row over 3 parts: the two-stage ring wraps in every part
     (3, 64, 128, 16, [100, 1, 333], 9),  # 16-token pages (four copies per chunk), parts spanning rows, empty parts
+    # 32-token pages; 3, 1, 5 and 11 chunks over 5 parts: segments of odd length (the last pair of a row has
+    # only warpgroup 0's chunk), a part starting inside a row, a row of one full chunk
+    (4, 64, 128, 32, [129, 64, 320, 700], 5),
 ])
 def test_kernel_in_interpret_mode_matches_reference(B, H, R, BS, lengths, parts):
     q_latent, q_pe, pool, table, lengths = paged_case(B, H, R, 64, BS, lengths)
     plan = plan_decode(lengths, parts)
-    assert (parts < 9) or (np.diff(np.asarray(plan.part_chunk)) == 0).any()  # the 9-part case has an empty part
+    assert (parts != 9) or (np.diff(np.asarray(plan.part_chunk)) == 0).any()  # the 9-part case has an empty part
+    if parts == 5:  # the segments the 5-part case is meant to cover
+        seg = [(min(g1, e) - max(g0, s)) for g0, g1 in zip(plan.part_chunk[:-1], plan.part_chunk[1:])
+               for s, e in zip(plan.row_chunk[:-1], plan.row_chunk[1:]) if min(g1, e) > max(g0, s)]
+        assert any(n % 2 for n in seg) and any(n % 2 == 0 for n in seg)
+        assert not set(np.asarray(plan.part_chunk[1:-1])) <= set(np.asarray(plan.row_chunk))  # a part starts mid-row
     got = flash_mla_decode(q_latent, q_pe, pool, table, lengths, 0.07, plan, interpret=True)
     want = mla_decode(q_latent, q_pe, pool, table, lengths, 0.07, block_size=BS, impl="xla")
     assert got.shape == (B, H, R) and got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL)
     # a length-1 row attends to its single position only: its context is that position's latent
     b = int(np.argmin(np.asarray(lengths)))
-    np.testing.assert_allclose(np.asarray(got[b], np.float32),
-                               np.broadcast_to(np.asarray(pool[table[b, 0], 0, :R], np.float32), (H, R)), atol=1e-6)
+    if lengths[b] == 1:
+        np.testing.assert_allclose(np.asarray(got[b], np.float32),
+                                   np.broadcast_to(np.asarray(pool[table[b, 0], 0, :R], np.float32), (H, R)), atol=1e-6)
 
 
 def test_lowers_for_cuda_at_deepseek_shapes():

@@ -15,9 +15,11 @@ import torch
 
 from hf_reference import hf_logits, make_checkpoint, resave_fp8, tiny_config
 from model import DeepseekV3
-from model.experts import ExpertWeights, contiguous_gemm, grouped_ffn
-from model.quant import (FP8, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul, quantize_activations,
-                         quantize_blocks)
+from model.experts import ExpertWeights, grouped_ffn, layout_gemm
+from model.kernels import registry
+from model import ModelConfig
+from model.quant import (FP8, dequantize_weight, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul,
+                         quantize_activations, quantize_blocks)
 from sharding import make_mesh
 from sharding.deployment import Deployment
 from model.ep import ep_routed_experts
@@ -93,42 +95,31 @@ def test_dense_fp8_matmul_equals_numpy_per_block_semantics():
     close(got, np_fp8_gemm(x_q, x_s, w_q, w_s))
 
 
-def test_gpu_default_bf16_path_within_bf16_rounding():
-    """impl "bf16" (the GPU's default for the dense and masked FP8 GEMMs until FP8 MMA kernels land)
-    rounds the dequantised operands to bfloat16: within bfloat16's 2^-8 of the semantics (CPU run)."""
-    rng = np.random.default_rng(5)
-    x_q, x_s = np_quantize(activations(rng, (16, 256)))
-    w_q, w_s = fp8_weights(rng, (64, 256))
-    got = np.asarray(jax.jit(lambda *a: fp8_matmul(*a, jnp.float32, impl="bf16"))(x_q, x_s, w_q, w_s))
-    want = np_fp8_gemm(x_q, x_s, w_q, w_s)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.abs(want).max())
-    assert not np.array_equal(got, want)  # it did round
-
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the GPU's own FP8 GEMM path (CPU sibling above)")
 def test_fp8_gemms_on_gpu_match_numpy():
     rng = np.random.default_rng(6)
     x_q, x_s = np_quantize(activations(rng, (64, 512)))
     w_q, w_s = fp8_weights(rng, (256, 512))
-    got = np.asarray(jax.jit(lambda *a: fp8_matmul(*a, jnp.float32))(x_q, x_s, w_q, w_s))  # impl auto
+    dense = registry.gemm("mosaic_fp8", "dense", fp8=True, n=256, k=512)
+    got = np.asarray(jax.jit(lambda x_q, x_s, w, s: dense((x_q, x_s), w, s, jnp.float32))(x_q, x_s, w_q, w_s))
     want = np_fp8_gemm(x_q, x_s, w_q, w_s)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.abs(want).max())
+    close(got, want)
     sizes = jnp.asarray([20, 0, 30, 14])
     w3 = fp8_weights(rng, (4, 256, 512))
-    got = np.asarray(jax.jit(lambda x_q, x_s, w, s, n: contiguous_gemm((x_q, x_s), w, s, n, jnp.float32, "auto"))(
-        x_q, x_s, *w3, sizes))
+    got = np.asarray(jax.jit(lambda x_q, x_s, w, s, n: layout_gemm("contiguous", (x_q, x_s), w, s, n, jnp.float32,
+                                                                   "mosaic_fp8"))(x_q, x_s, *w3, sizes))
     start = 0
-    for g, n in enumerate([20, 0, 30, 14]):  # the Pallas grouped GEMM over BF16 activations
+    for g, n in enumerate([20, 0, 30, 14]):  # the Mosaic FP8 x FP8 grouped GEMM
         if n:
             ref = np_fp8_gemm(x_q[start:start + n], x_s[start:start + n], w3[0][g], w3[1][g])
-            np.testing.assert_allclose(got[start:start + n], ref, rtol=0, atol=2 ** -7 * np.abs(ref).max())
+            close(got[start:start + n], ref)
         start += n
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_grouped_fp8_matmul_contiguous_layout_equals_numpy(impl):
-    """reference: fp8_grouped_matmul; interpret: the GEMM the experts run on GPU (model.experts.
-    contiguous_gemm: the Pallas grouped GEMM, run by its interpreter here)."""
+    """reference: fp8_grouped_matmul; interpret: the GEMM the experts run on GPU (model.experts.layout_gemm
+    under kernels.gemm mosaic_fp8: the Mosaic FP8 kernel, run by its interpreter here)."""
     rng = np.random.default_rng(2)
     sizes = [10, 0, 25, 9]  # an empty group; 6 rows past the last group
     x_q, x_s = np_quantize(activations(rng, (50, 256)))
@@ -136,8 +127,9 @@ def test_grouped_fp8_matmul_contiguous_layout_equals_numpy(impl):
     if impl == "reference":
         got = jax.jit(lambda *a: fp8_grouped_matmul(*a, jnp.float32))(x_q, x_s, w_q, w_s, jnp.asarray(sizes))
     else:
-        got = jax.jit(lambda x_q, x_s, w_q, w_s, n: contiguous_gemm((x_q, x_s), w_q, w_s, n, jnp.float32, "interpret"))(
-            x_q, x_s, w_q, w_s, jnp.asarray(sizes))
+        got = jax.jit(lambda x_q, x_s, w_q, w_s, n: layout_gemm("contiguous", (x_q, x_s), w_q, w_s, n, jnp.float32,
+                                                                 "mosaic_fp8_interpret"))(x_q, x_s, w_q, w_s,
+                                                                                          jnp.asarray(sizes))
     want = np.zeros((50, 160), np.float32)
     start = 0
     for g, n in enumerate(sizes):
@@ -184,8 +176,21 @@ def moe_case():
 @pytest.mark.parametrize("layout", ["contiguous", "masked", "tiles"])
 def test_expert_ffn_equals_numpy_in_every_layout(moe_case, layout):
     x, ids, weights, experts, want = moe_case
-    run = jax.jit(lambda x, e: grouped_ffn(x, ids, weights, e, layout, capacity=64, tile=8, impl="xla")[0])
+    run = jax.jit(lambda x, e: grouped_ffn(x, ids, weights, e, layout, capacity=64, tile=8, gemm="xla")[0])
     close(run(x, experts), want)
+
+
+def test_expert_ffn_through_the_mosaic_kernel_equals_the_reference():
+    """The GPU's decode layout of the routed experts (masked: a capacity bucket per expert, rounded up to the
+    kernel's row tile) through the Mosaic FP8 grouped GEMM (kernels.gemm mosaic_fp8, its interpreter here):
+    the XLA reference's output. (The contiguous layout's kernel: test_grouped_fp8_matmul_contiguous_layout_...)"""
+    rng = np.random.default_rng(9)
+    ws = [fp8_weights(rng, s) for s in ((2, 128, 256), (2, 128, 256), (2, 256, 128))]
+    experts = ExpertWeights(*(w[0] for w in ws), *(w[1] for w in ws))
+    x, ids = activations(rng, (6, 256)) / 4, np.array([[0, 1], [1, -1], [0, -1], [1, 0], [0, 1], [-1, -1]], np.int32)
+    weights = rng.random((6, 2)).astype(np.float32)
+    run = jax.jit(lambda x, e, gemm: grouped_ffn(x, ids, weights, e, "masked", gemm=gemm)[0], static_argnums=2)
+    close(run(x, experts, "mosaic_fp8_interpret"), np.asarray(run(x, experts, "xla")))
 
 
 def test_expert_ffn_behind_fp8_dispatch_equals_numpy(moe_case):
@@ -313,3 +318,49 @@ def test_random_checkpoint_follows_fp8_numerics_on_one_device_and_ep8(tmp_path):
     assert mean(ref, deq) > 0.05 * np.abs(deq).mean()  # FP8 numerics really differ from the dequantised model
     assert mean(one, ref) < 0.05 * mean(one, deq)
     assert mean(ep8, ref) < 0.05 * mean(ep8, deq) and mean(ep8, ref) <= 2 * mean(one, ref)
+
+
+# ---- the absorbed MLA's per-head FP8 GEMMs (kv_b_proj's halves, made once at load) --------------------
+
+def test_absorbed_halves_of_an_fp8_kv_b_proj_are_its_own_blocks():
+    """With K = V = 128 (DeepSeek's) each head's halves are whole 128x128 blocks: the key half transposed and
+    the value half are kv_b_proj's own e4m3 values and scales moved, nothing requantised."""
+    from model.attention import absorbed_weights
+    cfg = ModelConfig.from_json("configs/tiny/config.json").replace(qk_nope_head_dim=128, v_head_dim=128,
+                                                                    kv_lora_rank=256)
+    H, R = cfg.num_attention_heads, cfg.kv_lora_rank
+    w, s = fp8_weights(np.random.default_rng(7), (H * 256, R))
+    uk, uk_s, uv, uv_s = jax.jit(lambda w, s: absorbed_weights(w, s, cfg))(w, s)
+    real = np.asarray(dequantize_weight(jnp.asarray(w), jnp.asarray(s))).reshape(H, 256, R)
+    assert uk.dtype == uv.dtype == FP8 and uk.shape == (H, R, 128) and uv.shape == (H, 128, R)
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(uk, uk_s)), real[:, :128].transpose(0, 2, 1))
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(uv, uv_s)), real[:, 128:])
+
+
+def test_absorbed_per_head_gemms_through_the_mosaic_kernel_equal_the_reference():
+    """MLA.absorb_query / absorb_output (the masked layout, one group per head) with kernels.gemm mosaic_fp8
+    (its interpreter here) equal the XLA reference, and the FP8 semantics read with numpy."""
+    from flax import nnx
+    from model.attention import MLA
+    cfg = ModelConfig.from_json("configs/tiny/config.json").replace(qk_nope_head_dim=128, v_head_dim=128,
+                                                                    kv_lora_rank=128, num_attention_heads=2)
+    mla = MLA(cfg, jnp.float32, nnx.Rngs(3), fp8=True)
+    rng = np.random.default_rng(8)
+    q_nope = jnp.asarray(activations(rng, (5, 2, 128)))  # [B, H, K]
+    context = jnp.asarray(activations(rng, (5, 2, 128)))  # [B, H, R]
+    graphdef, state = nnx.split(mla)
+
+    def run(gemm):
+        def f(state, q, c):
+            m = nnx.merge(graphdef, state)
+            m.gemm = gemm
+            return m.absorb_query(q), m.absorb_output(c)
+        return [np.asarray(a) for a in jax.jit(f)(state, q_nope, context)]
+
+    (q_ref, o_ref), (q_kernel, o_kernel) = run("xla"), run("mosaic_fp8_interpret")
+    close(q_kernel, q_ref)
+    close(o_kernel, o_ref)
+    a = mla.absorbed
+    for h in range(2):
+        close(q_ref[:, h], np_fp8_gemm(*np_quantize(np.asarray(q_nope[:, h])), np.asarray(a.w_uk_t[...][h]),
+                                       np.asarray(a.w_uk_t_scale[...][h])))

@@ -1,6 +1,7 @@
-"""model/kernels/fp8_gemm.py: the FP8 x FP8 grouped GEMM (Mosaic GPU, interpret mode on CPU) against a plain
-numpy implementation of DeepSeek's block-scaled semantics, in both layouts; its CUDA lowering at DeepSeek's
-decode and prefill shapes (FP8 wgmma); on a GPU, the compiled kernel; bad input.
+"""model/kernels/fp8_gemm.py: the FP8 x FP8 GEMM (Mosaic GPU, interpret mode on CPU) against a plain numpy
+implementation of DeepSeek's block-scaled semantics and model/quant.py's XLA reference, in the dense, contiguous
+and masked layouts, with M, N and K tails and split K; its CUDA lowering at DeepSeek's shapes (FP8 wgmma); on a
+GPU, the compiled kernel; bad input.
 
 The reference (written here, independent of the kernel): for each row m of group g and each 128-wide K
 block kb, (x_q[m, kb] . w_q[g, :, kb]) * x_scale[m, kb] * w_scale[g, n // 128, kb], summed in float32.
@@ -14,8 +15,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from model import quant
 from model.kernels import lower_for_gpu
-from model.kernels.fp8_gemm import fp8_grouped_matmul, fp8_masked_matmul
+from model.kernels.fp8_gemm import fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul
 
 E4M3 = ml_dtypes.float8_e4m3fn
 
@@ -27,9 +29,9 @@ def reference(x_q, x_scale, w_q, w_scale, group_of_row):
     for m, g in enumerate(group_of_row):
         if g < 0:
             continue
-        for kb in range(x.shape[1] // 128):
+        for kb in range(-(-x.shape[1] // 128)):  # the last block may be partial
             ks = slice(kb * 128, (kb + 1) * 128)
-            out[m] += (w[g, :, ks] @ x[m, ks]) * x_scale[m, kb] * np.repeat(w_scale[g, :, kb], 128)
+            out[m] += (w[g, :, ks] @ x[m, ks]) * x_scale[m, kb] * np.repeat(w_scale[g, :, kb], 128)[:w.shape[1]]
     return out
 
 
@@ -37,9 +39,9 @@ def operands(rows, G, N, K, seed):
     """Activations and weights as quantised e4m3 values with scales that differ per row, block and group."""
     rng = np.random.default_rng(seed)
     x_q = (rng.standard_normal((rows, K)) * 3).astype(E4M3)
-    x_scale = rng.uniform(0.5, 2.0, (rows, K // 128)).astype(np.float32)
+    x_scale = rng.uniform(0.5, 2.0, (rows, -(-K // 128))).astype(np.float32)
     w_q = (rng.standard_normal((G, N, K)) * 3).astype(E4M3)
-    w_scale = rng.uniform(1e-3, 1e-2, (G, N // 128, K // 128)).astype(np.float32)
+    w_scale = rng.uniform(1e-3, 1e-2, (G, -(-N // 128), -(-K // 128))).astype(np.float32)
     return x_q, x_scale, w_q, w_scale
 
 
@@ -47,6 +49,21 @@ def operands(rows, G, N, K, seed):
 # against a float64 reference that is ~K * 2^-24 relative: 1e-5 of the largest output leaves margin.
 def assert_close(got, want):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("M,N,K,block_m,k_splits", [
+    (70, 200, 272, 64, None),  # tails everywhere: 6 rows of a second row tile, 72 columns, 16 of a third K block
+    (130, 256, 512, 128, 3),  # split K: three f32 partials summed; 2 rows of a second 128-row tile
+    (3, 576, 1024, 64, None),  # decode-like: 3 rows in a 64-row tile, N = 4.5 weight tiles (kv_a_proj's 576),
+])                             # split K chosen to fill the GPU
+def test_dense_in_interpret_mode_matches_reference(M, N, K, block_m, k_splits):
+    x_q, x_scale, w_q, w_scale = operands(M, 1, N, K, seed=M)
+    args = tuple(map(jnp.asarray, (x_q, x_scale, w_q[0], w_scale[0])))
+    got = fp8_matmul(*args, jnp.float32, block_m=block_m, k_splits=k_splits, interpret=True)
+    assert got.shape == (M, N) and got.dtype == jnp.float32
+    assert_close(got, reference(x_q, x_scale, w_q, w_scale, np.zeros(M, int)))
+    # model/quant.py's XLA implementation of the same op (what the registry falls back to) agrees
+    assert_close(got, np.asarray(quant.fp8_matmul(*args, jnp.float32), np.float64))
 
 
 def test_contiguous_layout_in_interpret_mode():
@@ -78,11 +95,18 @@ def test_masked_layout_in_interpret_mode():
     assert not np.any(np.asarray(got[0, 5:], np.float32))  # rows at or past a group's count are exact zeros
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "masked"])
+@pytest.mark.parametrize("layout", ["contiguous", "masked", "dense"])
 def test_lowers_for_cuda_with_fp8_wgmma(layout):
     """DeepSeek's shapes (prefill: 9 experts, 16K x 8 rows, 7168 -> 4096; decode: 2 experts x 512 rows,
-    2048 -> 7168) through Mosaic GPU for sm90a: FP8 x FP8 wgmma (e4m3 . e4m3 -> f32), shared memory fits."""
+    2048 -> 7168; dense: kv_a_proj 7168 -> 576 at 128 decode rows, split K) through Mosaic GPU for sm90a:
+    FP8 x FP8 wgmma (e4m3 . e4m3 -> f32), shared memory fits."""
     sd, f8 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
+    if layout == "dense":
+        M, N, K = 128, 576, 7168
+        text = lower_for_gpu(jax.jit(lambda *a: fp8_matmul(*a, jnp.bfloat16)), sd((M, K), f8), sd((M, K // 128), jnp.float32),
+                             sd((N, K), f8), sd((5, K // 128), jnp.float32)).as_text()
+        assert "mosaic_gpu" in text and "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+        return
     if layout == "contiguous":
         G, N, K, rows = 9, 4096, 7168, (16384,)
         fn = functools.partial(fp8_grouped_matmul, out_dtype=jnp.bfloat16, block_m=128, stages=5)
@@ -112,11 +136,15 @@ def test_compiled_kernel_on_gpu(block_m):
                                jnp.asarray(counts, jnp.int32), jnp.float32, block_m=block_m)
     rows = np.concatenate([np.where(np.arange(512) < c, g, -1) for g, c in enumerate(counts)])
     assert_close(masked, reference(x_q[:1024], x_scale[:1024], w_q[:2], w_scale[:2], rows).reshape(2, 512, N))
+    for M, n, k in ((1, 384, 1024), (200, 448, 1008)):  # dense with tails, split K at one row
+        d = fp8_matmul(args[0][:M, :k], args[1][:M, :-(-k // 128)], args[2][0, :n, :k], args[3][0, :-(-n // 128),
+                       :-(-k // 128)], jnp.float32, block_m=block_m)
+        assert_close(d, reference(x_q[:M, :k], x_scale[:M], w_q[:1, :n, :k], w_scale[:1], np.zeros(M, int)))
 
 
 @pytest.mark.parametrize("change,match", [
     (dict(x_q=np.zeros((64, 256), np.float32)), "must be float8_e4m3fn"),
-    (dict(w_q=np.zeros((2, 100, 256), E4M3)), "K and N multiples of 128"),
+    (dict(x_q=np.zeros((64, 200), E4M3), w_q=np.zeros((2, 128, 200), E4M3)), "K a multiple of 16"),
     (dict(x_scale=np.zeros((64, 1), np.float32)), "x_scale must be float32 \\(64, 2\\)"),
     (dict(w_scale=np.zeros((2, 1, 1), np.float32)), "w_scale must be float32 \\(2, 1, 2\\)"),
     (dict(group_sizes=np.zeros(3, np.int32)), "int32\\[2\\], one per group"),

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig
-from model.attention import MLA
+from model.attention import MLA, AbsorbedKV
 from model.kernels import lower_for_gpu
 from model.kernels.mla_decode import mla_decode
 from tiny import TINY
@@ -100,7 +100,9 @@ def test_context_through_w_v_equals_model_attend_absorbed():
     # eagerly on CPU), then give it a concrete random kv_b_proj
     mla = nnx.eval_shape(lambda: MLA(cfg, jnp.float32, nnx.Rngs(0)))
     mla.kv_b_proj.weight = nnx.Param(0.2 * jax.random.normal(jax.random.key(0), mla.kv_b_proj.weight.shape))
-    w_k, w_v = mla._kv_b()
+    mla.absorbed = AbsorbedKV(mla.kv_b_proj, cfg)  # the absorbed form's halves, from this kv_b_proj
+    w = mla.kv_b_proj.weight[...].reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+    w_k, w_v = w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
     _, q_pe, pool, table, lengths = _case(jnp.float32, seed=1)
     q_nope = jax.random.normal(jax.random.key(1), (B, cfg.num_attention_heads, cfg.qk_nope_head_dim))
     q_pe = q_pe[:, :cfg.num_attention_heads]
@@ -191,12 +193,36 @@ def test_engine_decodes_through_the_kernel_path(monkeypatch):
     prompts = ["add 12+7=", "reverse 90817=", "sort 5210=", "add 3+44=", "reverse 123=", "sort 987="]
     params = SamplingParams(max_tokens=3, ignore_eos=True)  # 2 decode steps through the interpreted kernel
     outs = {}
-    for kernel in ("xla", "interpret"):
+    for kernel in ("xla", "triton_interpret"):
         dep = Deployment(name="kernel", dp=2, overlap="five_stage", serving=serving, kernels={"attention_decode": kernel})
         llm = LLM(deployment=dep)
         outs[kernel] = [o.token_ids for o in llm.generate(prompts, params)]
-    assert outs["interpret"] == outs["xla"] and all(len(t) == 3 for t in outs["xla"])
+    assert outs["triton_interpret"] == outs["xla"] and all(len(t) == 3 for t in outs["xla"])
     # a rank's 4 rows (the dense layer) and each micro-batch's 2 (the MoE layers under overlap), each
     # row's 1 + k query positions (its last token and k MTP drafts, on by default) as rows of the kernel
     S = 1 + llm.engine.drafts
     assert S == 2 and {table[0] for table in traced} == {4 * S, 2 * S}
+
+
+def test_flash_mla_in_the_model_step_equals_the_gathered_rows():
+    """MLA.attend_in_cache with the deployment's flash_mla (its Mosaic GPU interpreter here) over a paged
+    bfloat16 pool, with its per-step plan (registry.decode_plan over the rows' lengths), equals
+    attend_absorbed over the gathered rows: the absorbed query, the kernel, the value half after it."""
+    from serving.kv_cache import PagedCache
+    cfg = dataclasses.replace(ModelConfig.from_json(TINY), kv_lora_rank=128, qk_rope_head_dim=64,
+                              qk_nope_head_dim=32, v_head_dim=32, num_attention_heads=2)
+    mla = MLA(cfg, jnp.float32, nnx.Rngs(0))
+    mla.decode_kernel, mla.sms = "flash_mla_interpret", 4  # 4 SMs: the rows' pages split in 2 parts per head block
+    rng = np.random.default_rng(3)
+    Bq, MBq, BSq = 3, 4, 16
+    pool = jnp.asarray(rng.standard_normal((1, Bq * MBq, BSq, 192)), jnp.bfloat16)
+    table = jnp.asarray(rng.permutation(Bq * MBq).reshape(Bq, MBq), jnp.int32)
+    slots = jnp.asarray([[5], [63], [30]], jnp.int32)  # the new token's position per row
+    q_nope = jnp.asarray(rng.standard_normal((Bq, 1, 2, 32)), jnp.float32)
+    q_pe = jnp.asarray(rng.standard_normal((Bq, 1, 2, 64)), jnp.float32)
+    cache = PagedCache(pool, table)
+    got = jax.jit(lambda q, p, c: mla.attend_in_cache(q, p, c, jnp.int32(0), slots))(q_nope, q_pe, cache)
+    rows = cache.read(0).astype(jnp.float32)
+    mask = jnp.arange(MBq * BSq)[None, None, :] <= slots[:, :, None]
+    want = mla.attend_absorbed(q_nope, q_pe, rows, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-2, rtol=3e-2)  # bf16 keys and probs

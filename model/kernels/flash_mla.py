@@ -6,12 +6,18 @@ N parts of the KV split (CTAs per head block), S partial slots (N + B - 1).
 
 Why this shape (docs/KERNELS.md has the numbers): absorbed decode with 128 heads is compute-bound on
 Hopper, so each page must feed as many heads as one CTA can hold. A CTA takes 64 heads (one warpgroup's
-wgmma M) and streams its share of KV in 64-token chunks through shared memory (TMA, two stages, one
-producer warpgroup). Per chunk, warpgroup 0 computes the scores Q[64, C] . chunk[64, C]^T and the
-online softmax, and hands the probabilities P (bf16) and the rescale factor to warpgroup 1 through
-shared memory; each of the two warpgroups then accumulates half of the [64, R] f32 context
-(P . chunk[:, half]): a [64, 512] f32 accumulator does not fit one warpgroup's registers. The chunk
-feeds both products from shared memory, so each page is read once per 64-head block.
+wgmma M) and streams its share of KV in 64-token chunks through two shared-memory stages (TMA, one
+producer warpgroup that keeps 40 registers). FlashMLA's seesaw: a row's chunks go in pairs, the even
+chunk to stage 0 and the odd one to stage 1; math warpgroup w computes the scores Q[64, C] . chunk[64, C]^T
+of the chunk in stage w and the online softmax, and accumulates columns [w R/2, (w + 1) R/2) of the
+[64, R] f32 context for BOTH chunks (a [64, 512] f32 accumulator is one warpgroup's whole register file).
+Its own P multiplies its chunk's latent half from registers; the other warpgroup's P arrives in bf16
+through shared memory, written into the rope columns of that warpgroup's stage (free once its scores are
+done: no separate P buffer). Warpgroup 0 publishes its chunk's running max m0; warpgroup 1 takes the
+pair's max m1 and the factor exp2(m0 - m1), so both halves and both partial sums end relative to m1.
+Each warpgroup thus does one chunk's scores and two half-products per pair: equal work. Each page is read
+once per 64-head block, and V is the same shared-memory chunk as K. Shared memory: Q 72 KiB + two stages
+of 72 KiB + 1 KiB of row statistics = 217 KiB of Hopper's 227.
 
 The KV split: `plan_decode` cuts the concatenation of every row's chunks into N contiguous parts of
 equal cost (each row segment costs a fixed overhead on top of its chunks), once per step, from the
@@ -32,12 +38,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from model.kernels.mosaic import (CONSUMER_REGS, PRODUCER_REGS, interpret_params, mma, mma_into,
-                                  tiled_smem)
+from model.kernels.mosaic import CONSUMER_REGS, PRODUCER_REGS, interpret_params, mma, mma_chain, tiled_smem
 
 CHUNK = 64  # tokens per pipeline stage: the scores' wgmma N and the context's wgmma K
 HEADS = 64  # heads per CTA: one warpgroup's wgmma M
-STAGES = 2  # shared-memory KV stages (Q 72 KiB + 2 x 72 KiB + P 8 KiB fits Hopper's 227 KiB at C = 576)
 ROW_OVERHEAD = 2  # a row segment's fixed cost in chunks (Q load, epilogue, one more partial to combine)
 LOG2E = math.log2(math.e)
 
@@ -115,126 +119,207 @@ def combine(o, m, l, plan: DecodePlan, dtype):
 
 def _kernel(part_chunk_ref, part_rows_ref, row_chunk_ref, lengths_ref, table_ref, q_ref, pool_ref,
             o_ref, m_ref, l_ref,
-            q_smem, kv_smem, p_smem, alpha_smem, q_bar, kv_bar, kv_free, p_ready, p_free,
+            q_smem, kv_smem, stats, q_bar, kv_bar, kv_free, q_free, scale0, scale1, p0_ready, p1_ready,
             *, scale_log2: float, rank: int, block_size: int, interpret: bool):
     hb, part, wg = lax.axis_index("hb"), lax.axis_index("part"), lax.axis_index("wg")
     g0, g1 = part_chunk_ref[part], part_chunk_ref[part + 1]
     r0, r1 = part_rows_ref[part, 0], part_rows_ref[part, 1]
     half = rank // 2
     heads = pl.ds(hb * HEADS, HEADS)
+    # Refs inside a wgmma's run_state are indexed with traced values (static indices there do not lower):
+    # warpgroup w scores stage w, so `wg` and `1 - wg` name the stages and the column offsets derive from it.
+    zero = wg - wg
+    p_cols = pl.ds(pl.multiple_of(zero + rank, CHUNK), CHUNK)  # a stage's rope columns, free after its scores: a P
 
     def chunk_range(b):  # this part's chunks of row b, as chunk indices within the row
         base = row_chunk_ref[b]
         return jnp.maximum(g0, base) - base, jnp.minimum(g1, row_chunk_ref[b + 1]) - base
 
-    def for_each_chunk(fn, init):
-        """fn(b, c, t, carry) -> carry over this part's chunks in order; t counts chunks (ring position).
-        Also calls fn.row_start(b, carry) / fn.row_end(b, carry) around each row segment."""
-        def row_body(b, state):
-            t, carry = state
-            c0, c1 = chunk_range(b)
-            carry = fn.row_start(b, carry)
-            t, carry = lax.fori_loop(c0, c1, lambda c, s: (s[0] + 1, fn(b, c, s[0], s[1])), (t, carry))
-            return t, fn.row_end(b, carry)
-        return lax.fori_loop(r0, r1 + 1, row_body, (jnp.int32(0), init))
-
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
 
-        def load(b, c, t, carry):
-            slot = lax.rem(t, STAGES)
-
-            @pl.when(t >= STAGES)
-            def _():
-                plgpu.barrier_wait(kv_free.at[slot])  # both consumers are done with this stage
-
+        def load(b, c, buf):
             used = (lengths_ref[b] + block_size - 1) // block_size  # pages holding valid positions
             if block_size >= CHUNK:  # one page holds this chunk
                 start = c * CHUNK
                 page = table_ref[b, start // block_size]
                 plgpu.copy_gmem_to_smem(pool_ref.at[page, pl.ds(lax.rem(start, block_size), CHUNK)],
-                                        kv_smem.at[slot], kv_bar.at[slot])
+                                        kv_smem.at[buf], kv_bar.at[buf])
             else:  # CHUNK // block_size pages; ones past the row's last page re-read its first (masked)
                 for i in range(CHUNK // block_size):
                     idx = c * (CHUNK // block_size) + i
                     page = table_ref[b, jnp.where(idx < used, idx, 0)]
-                    plgpu.copy_gmem_to_smem(pool_ref.at[page], kv_smem.at[slot, pl.ds(i * block_size, block_size)],
-                                            kv_bar.at[slot])
-            return carry
+                    plgpu.copy_gmem_to_smem(pool_ref.at[page], kv_smem.at[buf, pl.ds(i * block_size, block_size)],
+                                            kv_bar.at[buf])
 
-        load.row_start = load.row_end = lambda b, carry: carry
-        for_each_chunk(load, None)
+        def row(b, uses):  # uses: chunks loaded into stage 0 and stage 1 so far
+            @pl.when(b > r0)
+            def _():
+                plgpu.barrier_wait(q_free)  # both consumers are done with the previous row's scores
+            plgpu.copy_gmem_to_smem(q_ref.at[b, heads], q_smem.at[0], q_bar)
+            c0, c1 = chunk_range(b)
 
-    @pl.when(wg < 2)
-    def _consumers():
-        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
-        cols = pl.ds(wg * half, half)  # this warpgroup's half of the context
-        zeros_acc = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
-        row_vec = lambda v: plgpu.layout_cast(jnp.full((HEADS,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            def chunk(c, uses):
+                buf = lax.rem(c - c0, 2)  # a row's even chunks go to stage 0, odd ones to stage 1
 
-        def start(b, carry):
-            @pl.when(wg == 0)
-            def _():  # the scores warpgroup loads this row's queries (only it reads them)
-                plgpu.copy_gmem_to_smem(q_ref.at[b, heads], q_smem, q_bar.at[0])
-                plgpu.barrier_wait(q_bar.at[0])
-            return zeros_acc, row_vec(-jnp.inf), row_vec(0.0)
-
-        def step(b, c, t, carry):
-            acc, m, l = carry  # [64, R/2] f32; [64] f32 (log2 units); [64] f32
-            slot = lax.rem(t, STAGES)
-            plgpu.barrier_wait(kv_bar.at[slot])
-
-            def scores_and_softmax(m, l):
-                s = mma(q_smem, kv_smem.at[slot].T, (HEADS, CHUNK))  # [64 heads, 64 tokens] f32
-                pos = c * CHUNK + plgpu.broadcasted_iota(jnp.int32, (HEADS, CHUNK), 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(pos < lengths_ref[b], s * scale_log2, -jnp.inf)  # each chunk has a valid position
-                m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
-
-                @pl.when(t > 0)
+                @pl.when(jnp.where(buf == 0, uses[0], uses[1]) > 0)
                 def _():
-                    plgpu.barrier_wait(p_free.at[0])  # warpgroup 1 has read the previous P
-                p_smem[...] = p.astype(p_smem.dtype)
-                alpha_smem[...] = alpha
+                    plgpu.barrier_wait(kv_free.at[buf])  # both consumers are done with its previous chunk
+                load(b, c, buf)
+                return uses[0] + (buf == 0), uses[1] + (buf == 1)
+            return lax.fori_loop(c0, c1, chunk, uses)
+
+        u0, u1 = lax.fori_loop(r0, r1 + 1, row, (jnp.int32(0), jnp.int32(0)))
+
+        # observe the last releases too (a barrier phase nobody awaits is an error in interpret mode)
+        @pl.when(u0 > 0)
+        def _():
+            plgpu.barrier_wait(kv_free.at[0])
+
+        @pl.when(u1 > 0)
+        def _():
+            plgpu.barrier_wait(kv_free.at[1])
+
+        @pl.when(r1 >= r0)
+        def _():
+            plgpu.barrier_wait(q_free)
+
+    row_vec = lambda v: plgpu.layout_cast(jnp.full((HEADS,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    bcast = lambda v, like: lax.broadcast_in_dim(v, like.shape, [0])
+    load_vec = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1))
+
+    def scores(b, c, buf, z):
+        """Q . chunk^T of the chunk in stage buf, masked past the row's length, in log2 units: [64, 64] f32."""
+        s = mma(q_smem.at[z], kv_smem.at[buf].T, (HEADS, CHUNK))
+        pos = c * CHUNK + plgpu.broadcasted_iota(jnp.int32, (HEADS, CHUNK), 1, layout=plgpu.Layout.WGMMA)
+        return jnp.where(pos < lengths_ref[b], s * scale_log2, -jnp.inf)  # each chunk has a valid position
+
+    def rows_of_this_part(pair_fn, epilogue):
+        """Runs pair_fn(b, c, has1, last, z, carry) -> carry over each row's chunk pairs (c, c + 1), then epilogue;
+        has1 says whether the pair has its second chunk (a row's odd chunk count leaves the last pair one
+        chunk). z is 0, but not to the compiler: shared-memory operands indexed by it get their wgmma
+        descriptors computed where used, not hoisted out of the loop (the scores' would hold 72 registers)."""
+        def row(b, _):
+            c0, c1 = chunk_range(b)
+            npairs = (c1 - c0 + 1) // 2
+            plgpu.barrier_wait(q_bar)
+            init = (plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA), row_vec(0.0),
+                    row_vec(-jnp.inf))
+
+            def pair(i, carry):
+                c = c0 + 2 * i
+                return pair_fn(b, c, c + 1 < c1, i == npairs - 1, lax.shift_right_logical(i, 30), carry)
+            epilogue(b, lax.fori_loop(0, npairs, pair, init))
+            return None
+        lax.fori_loop(r0, r1 + 1, row, None)
+
+    # FlashMLA's schedule: warpgroup w scores the chunks in stage w (the row's even chunks for 0, odd for 1)
+    # and accumulates columns [w * R/2, (w + 1) * R/2) of the context for every chunk; each hands the other
+    # its probabilities (bf16, rescaled to the pair's common max) through the rope columns of its stage, which
+    # its own scores no longer need. Inside a pair: warpgroup 0 publishes its max m0 (scale0); warpgroup 1
+    # takes the pair's max m1 >= m0 and publishes it with exp2(m0 - m1) (scale1); each rescales its context
+    # and sum to m1 and multiplies P by the two chunks' latents while the other works.
+    @pl.when(wg == 0)
+    def _consumer0():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        cols = pl.ds(pl.multiple_of(zero, half), half)
+
+        def pair(b, c, has1, last, z, carry):
+            own, other = zero + z, zero + z + 1  # stages
+            acc, l, m = carry  # [64, R/2] f32 context; [64] sum and max (log2 units), both as of the last pair
+            plgpu.barrier_wait(kv_bar.at[0])
+            s = scores(b, c, own, z)
+            plgpu.barrier_arrive(q_free, predicate=last)
+            m0 = jnp.maximum(m, s.max(axis=1))
+            a0 = jnp.exp2(m - m0)
+            p = jnp.exp2(s - bcast(m0, s))
+            l = l * a0 + p.sum(axis=1)
+            stats[0] = m0
+            stats[1] = a0
+            plgpu.barrier_arrive(scale0)
+
+            def own_chunk(mma):  # P0 . the chunk's latent half, and P0 rescaled to m1 for warpgroup 1 meanwhile
+                mma(p.astype(kv_smem.dtype), kv_smem.at[own, :, cols])
+                plgpu.barrier_wait(scale1)
+                a1 = load_vec(stats.at[z + 3])  # exp2(m0 - m1)
+                kv_smem[own, :, p_cols] = (p * bcast(a1, p)).astype(kv_smem.dtype)
+                plgpu.commit_smem()  # visible to warpgroup 1's wgmma (async proxy)
+                plgpu.barrier_arrive(p0_ready)
+            acc = mma_chain(acc * bcast(a0, acc), own_chunk, interpret)
+            plgpu.barrier_arrive(kv_free.at[0])
+            m1, a1 = load_vec(stats.at[2]), load_vec(stats.at[3])
+
+            def other_chunk(acc):  # warpgroup 1's P . this half of its chunk's latent
+                def product(mma):
+                    plgpu.barrier_wait(p1_ready)
+                    mma(kv_smem.at[other, :, p_cols], kv_smem.at[other, :, cols])
+                acc = mma_chain(acc, product, interpret)
+                plgpu.barrier_arrive(kv_free.at[1])
+                return acc
+            acc = lax.cond(has1, other_chunk, lambda acc: acc, acc * bcast(a1, acc))
+            return acc, l * a1, m1
+
+        def epilogue(b, carry):
+            acc, l, _ = carry
+            o_ref[part + b, heads, cols] = acc
+            l_ref[part + b, 0, heads] = l
+
+        rows_of_this_part(pair, epilogue)
+
+    @pl.when(wg == 1)
+    def _consumer1():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        cols = pl.ds(pl.multiple_of(zero + half, half), half)
+
+        def pair(b, c, has1, last, z, carry):
+            own, other = zero + z + 1, zero + z  # stages
+            acc, l, _ = carry
+
+            def own_scores():
+                plgpu.barrier_wait(kv_bar.at[1])
+                return scores(b, c + 1, own, z)
+            none = lambda: plgpu.layout_cast(jnp.full((HEADS, CHUNK), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA)
+            s = lax.cond(has1, own_scores, none)  # no second chunk: P = 0, m1 = m0
+            plgpu.barrier_arrive(q_free, predicate=last)
+            plgpu.barrier_wait(scale0)
+            m0, a0 = load_vec(stats.at[0]), load_vec(stats.at[1])
+            m1 = jnp.maximum(m0, s.max(axis=1))
+            a1 = jnp.exp2(m0 - m1)
+            p = jnp.exp2(s - bcast(m1, s))
+            l = l * (a0 * a1) + p.sum(axis=1)
+            stats[2] = m1
+            stats[3] = a1
+            plgpu.barrier_arrive(scale1)
+
+            def other_chunk(mma):  # warpgroup 0's P . this half of its chunk's latent
+                plgpu.barrier_wait(p0_ready)
+                mma(kv_smem.at[other, :, p_cols], kv_smem.at[other, :, cols])
+
+            def both_chunks(acc):  # P1 . its chunk's latent half, then P0 . the other chunk's, back to back
+                p16 = p.astype(kv_smem.dtype)
+                kv_smem[own, :, p_cols] = p16
                 plgpu.commit_smem()
-                plgpu.barrier_arrive(p_ready.at[0])
-                return alpha, m_new, l
+                plgpu.barrier_arrive(p1_ready)
 
-            def receive(m, l):
-                plgpu.barrier_wait(p_ready.at[0])
-                return plgpu.load(alpha_smem, layout=plgpu.Layout.WGMMA.reduce(1)), m, l
+                def products(mma):
+                    mma(p16, kv_smem.at[own, :, cols])
+                    other_chunk(mma)
+                acc = mma_chain(acc, products, interpret)
+                plgpu.barrier_arrive(kv_free.at[1])
+                return acc
+            acc = lax.cond(has1, both_chunks, lambda acc: mma_chain(acc, other_chunk, interpret),
+                           acc * bcast(a0 * a1, acc))
+            plgpu.barrier_arrive(kv_free.at[0])
+            return acc, l, m1
 
-            alpha, m, l = lax.cond(wg == 0, scores_and_softmax, receive, m, l)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        def epilogue(b, carry):
+            acc, l, m = carry
+            o_ref[part + b, heads, cols] = acc
+            l_ref[part + b, 1, heads] = l
+            m_ref[part + b, heads] = m
 
-            acc = mma_into(acc, p_smem, kv_smem.at[slot, :, cols], interpret)  # P and the stage are free after
-
-            # arrivals nobody will wait for are skipped: the last P, the last STAGES stages
-            @pl.when((wg == 1) & (t + 1 < g1 - g0))
-            def _():
-                plgpu.barrier_arrive(p_free.at[0])
-
-            @pl.when(t + STAGES < g1 - g0)
-            def _():
-                plgpu.barrier_arrive(kv_free.at[slot])
-            return acc, m, l
-
-        def end(b, carry):
-            acc, m, l = carry
-            slot = part + b
-            o_ref[slot, heads, cols] = acc
-
-            @pl.when(wg == 0)
-            def _():
-                m_ref[slot, heads] = m
-                l_ref[slot, heads] = l
-            return carry
-
-        step.row_start, step.row_end = start, end
-        for_each_chunk(step, (zeros_acc, row_vec(-jnp.inf), row_vec(0.0)))
+        rows_of_this_part(pair, epilogue)
 
 
 def flash_mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, plan: DecodePlan, *,
@@ -262,9 +347,9 @@ def _check(q_latent, q_pe, pool, page_table, lengths, plan):
     (B, _, R), (_, BS, C) = q_latent.shape, pool.shape
     if pool.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"the flash MLA kernel reads a bfloat16 or float16 cache (wgmma operands), got {pool.dtype}.")
-    if R % 128 or R > 512 or (C - R) % 64:
+    if R % 128 or R > 512 or (C - R) % 64 or C == R:
         raise ValueError(f"the flash MLA kernel needs kv_lora_rank a multiple of 128 up to 512 and a rope width that "
-                         f"is a multiple of 64, got {R} and {C - R}.")
+                         f"is a nonzero multiple of 64, got {R} and {C - R}.")
     if BS % 16 or (BS < CHUNK and CHUNK % BS) or (BS > CHUNK and BS % CHUNK):
         raise ValueError(f"the flash MLA kernel needs pages of 16, 32 or a multiple of 64 tokens, got {BS}.")
     if plan.row_chunk.shape != (B + 1,):
@@ -279,26 +364,28 @@ def _partials(q, pool, page_table, lengths, plan: DecodePlan, scale: float, rank
     kernel = plgpu.kernel(
         functools.partial(_kernel, scale_log2=scale * LOG2E, rank=R, block_size=BS, interpret=interpret),
         out_type=(jax.ShapeDtypeStruct((S, Hp, R), jnp.float32), jax.ShapeDtypeStruct((S, Hp), jnp.float32),
-                  jax.ShapeDtypeStruct((S, Hp), jnp.float32)),
+                  jax.ShapeDtypeStruct((S, 2, Hp), jnp.float32)),  # l: each warpgroup's sum over its chunks
         scratch_types=(
-            tiled_smem((HEADS, C), pool.dtype),  # q_smem
-            tiled_smem((STAGES, CHUNK, C), pool.dtype),  # kv_smem
-            tiled_smem((HEADS, CHUNK), pool.dtype),  # p_smem
-            plgpu.SMEM((HEADS,), jnp.float32),  # alpha_smem
+            tiled_smem((1, HEADS, C), pool.dtype),  # q_smem
+            tiled_smem((2, CHUNK, C), pool.dtype),  # kv_smem: two stages, each one chunk (and later a P)
+            plgpu.SMEM((4, HEADS), jnp.float32),  # stats: m0, a0 (warpgroup 0's), m1, a1 (warpgroup 1's)
             plgpu.Barrier(num_barriers=1),  # q_bar
-            plgpu.Barrier(num_arrivals=max(1, CHUNK // BS), num_barriers=STAGES),  # kv_bar: one arrival per copy
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # kv_free: both consumers
-            plgpu.Barrier(num_barriers=1),  # p_ready
-            plgpu.Barrier(num_barriers=1),  # p_free
+            plgpu.Barrier(num_arrivals=max(1, CHUNK // BS), num_barriers=2),  # kv_bar: one arrival per copy
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # kv_free: both consumers
+            plgpu.Barrier(num_arrivals=2, num_barriers=1),  # q_free: both consumers
+            plgpu.Barrier(num_barriers=1),  # scale0: m0, a0 written
+            plgpu.Barrier(num_barriers=1),  # scale1: m1, a1 written
+            plgpu.Barrier(num_barriers=1),  # p0_ready
+            plgpu.Barrier(num_barriers=1),  # p1_ready
         ),
         grid=(Hp // HEADS, N),  # head blocks fastest: both head blocks of a part read its pages together (L2)
         grid_names=("hb", "part"),
         num_threads=3,
         thread_name="wg",
-        # the row reductions of the wgmma layout are warp shuffles: no shared-memory scratch (the 2 KiB
-        # reserved by default would not fit beside the stages at C = 576)
+        # the row reductions of the wgmma layout are warp shuffles: no shared-memory scratch
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interpret_params(interpret),
         kernel_name="flash_mla_decode",
     )
-    return kernel(plan.part_chunk, plan.part_rows, plan.row_chunk, lengths, page_table, q, pool)
+    o, m, l = kernel(plan.part_chunk, plan.part_rows, plan.row_chunk, lengths, page_table, q, pool)
+    return o, m, l.sum(axis=1)

@@ -32,10 +32,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from model.quant import FP8, WEIGHT_BLOCK, dequantize_blocks
-from sharding.kernels import default_impl
 
 SCALE_BLOCK = WEIGHT_BLOCK[0]  # 128: square weight blocks, one float32 scale each
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("pallas", "xla")
 
 
 def _check(x, w, group_sizes, w_scale, impl, block_m, block_n, block_k):
@@ -163,20 +162,18 @@ def _xla(x, w, group_sizes, w_scale):
     return out.astype(x.dtype)
 
 
-def grouped_matmul(x, w, group_sizes, w_scale=None, *, impl: str = "auto", block_m: int = 64,
+def grouped_matmul(x, w, group_sizes, w_scale=None, *, impl: str = "xla", block_m: int = 64,
                    block_n: int = 128, block_k: int = 64, interpret: bool = False):
     """x [M, K] bf16/f32 (rows sorted by group), w [G, K, N] bf16/f32 or float8_e4m3fn with
     w_scale f32 [G, ceil(K/128), ceil(N/128)], group_sizes int32[G] (sum <= M) -> [M, N] x.dtype.
 
     Equals `lax.ragged_dot(x, dequantised w, group_sizes)` with f32 accumulation; rows past
     sum(group_sizes) are 0. impl: "pallas" (Triton-style kernel; GPU, or CPU with
-    interpret=True), "xla" (ragged_dot), "auto" (pallas on GPU, xla elsewhere). block_*: the
+    interpret=True) or "xla" (ragged_dot; the registry names it). block_*: the
     kernel's tiles, powers of two >= 16; with FP8 weights block_n and block_k must divide 128.
     """
     group_sizes = jnp.asarray(group_sizes)
     _check(x, w, group_sizes, w_scale, impl, block_m, block_n, block_k)
-    if impl == "auto":
-        impl = default_impl()
     if impl == "xla":
         return _xla(x, w, group_sizes, w_scale)
     return _pallas(x, w, group_sizes, w_scale, block_m=block_m, block_n=block_n, block_k=block_k,

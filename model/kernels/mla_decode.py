@@ -24,12 +24,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from sharding.kernels import default_impl
-
 NUM_WARPS, NUM_STAGES = 8, 2  # Triton launch parameters; a [64, 512] bf16 page is 64 KiB of registers/smem
 
 
-def mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, *, block_size: int, impl: str = "auto",
+def mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, *, block_size: int, impl: str = "xla",
                interpret: bool = False, block_h: int = 16, num_splits: int | None = None):
     """One decode step of absorbed MLA for ONE layer -> context [B, H, R] in q's dtype (before w_v).
 
@@ -41,15 +39,14 @@ def mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, *, block
     scale: the softmax scale, a Python float (ModelConfig.softmax_scale, YaRN mscale included).
     block_size: tokens per block; must equal pool.shape[1] (stated by the caller so a mismatched
       pool layout fails loudly instead of reading the wrong positions).
-    impl: "pallas" (the kernel), "xla" (gather + einsums reference) or "auto" (pallas on GPU, else xla).
+    impl: "pallas" (the kernel) or "xla" (gather + einsums reference); a deployment picks one by name
+      (model/kernels/registry.py), never by the backend at trace time.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     block_h: heads per program (G); Triton's dot needs >= 16, so H is padded up to a multiple of it.
     num_splits: KV splits per row (S); None picks enough to fill a GPU at small batch.
     Softmax and accumulation are f32; probabilities meet the latent in its dtype, as in attend_absorbed.
     """
     B, H, R, P, NB, BS, MB = _check(q_latent, q_pe, pool, page_table, lengths, block_size, impl)
-    if impl == "auto":
-        impl = default_impl()
     if impl == "xla":
         return _xla(q_latent, q_pe, pool, page_table, lengths, float(scale))
     if not interpret:  # Triton tensors are power-of-two sized and tl.dot wants every side >= 16
@@ -62,8 +59,8 @@ def mla_decode(q_latent, q_pe, pool, page_table, lengths, scale: float, *, block
 
 
 def _check(q_latent, q_pe, pool, page_table, lengths, block_size, impl):
-    if impl not in ("auto", "pallas", "xla"):
-        raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {impl!r}.")
+    if impl not in ("pallas", "xla"):
+        raise ValueError(f"impl must be 'pallas' or 'xla', got {impl!r}.")
     if q_latent.ndim != 3 or q_pe.ndim != 3 or pool.ndim != 3 or page_table.ndim != 2 or lengths.ndim != 1:
         raise ValueError(f"expected q_latent [B, H, R], q_pe [B, H, P], pool [NB, BS, C], page_table [B, MB] and "
                          f"lengths [B], got shapes {q_latent.shape}, {q_pe.shape}, {pool.shape}, "

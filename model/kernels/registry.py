@@ -1,21 +1,30 @@
-"""The kernels of one step, by role and name: what a deployment's kernel configuration points at.
+"""The one kernel registry: which implementation runs each hot path, for a platform, an op and a shape.
 
-A deployment resolves each role ONCE to a name (`auto` by `default_kernels(backend)`) and the model calls
-`KERNELS[role][name]`; nothing checks the backend at a call site. Every function of a role has the same
-signature (below); "xla" is the plain-XLA reference of each role and runs everywhere.
+A deployment's `kernels` section (sharding/kernels.py: names only) is resolved here once, at load, for
+the platform the deployment runs on (`resolve`: every "auto" by `defaults(platform)`, every name
+checked, the device's SM count recorded). The model then calls the functions its resolved names map
+to (`decode_attention`, `prefill_attention`, `gemm`); a kernel that cannot take a call's shape or
+dtype hands that call to the XLA reference of its op (`gemm` and `decode_attention` say which, from
+static shapes: the one shape rule). Nothing checks the backend at a call site.
 
+Ops and their signatures (every name of an op has its op's):
 - attention_decode(q_latent [B, H, R], q_pe [B, H, P], pool [NB, BS, C], page_table int32[B, MB],
-  lengths int32[B], scale, *, plan) -> context [B, H, R]. `plan` is the step's DecodePlan
-  (model/kernels/flash_mla.py: plan_decode(lengths, num_parts), computed once per step and shared by every
-  layer) for the names in NEEDS_PLAN, else None.
-- attention_prefill(q_nope [B, S, H, K], q_pe [B, S, H, P], rows [B, T, C], w_k [H, K, R], w_v [H, V, R],
-  q_positions int32[B, S], scale) -> [B, S, H, V] (model/kernels/mla_prefill.py).
-- expert_gemm_contiguous(x_q [M, K] e4m3, x_scale f32 [M, K/128], w_q [G, N, K] e4m3, w_scale f32
-  [G, N/128, K/128], group_sizes int32[G], out_dtype) -> [M, N]; expert_gemm_masked(x_q [G, Mmax, K], x_scale
-  [G, Mmax, K/128], w_q, w_scale, counts int32[G], out_dtype) -> [G, Mmax, N] (model/kernels/fp8_gemm.py).
-  Their "xla" entries are the FP8 reference implementations in model/quant.py (the FP8 work owns them).
-
-Names ending in "_interpret" run the same kernel in Pallas interpret mode on the CPU (tests of the GPU path).
+  lengths int32[B], scale, *, plan) -> context [B, H, R]. `plan`: the step's DecodePlan
+  (`decode_plan`: flash_mla.plan_decode over decode_parts(SMs, H) CTAs per head block) for the names
+  in NEEDS_PLAN, else None.
+- attention_prefill(q [B, S, H, D], k [B, T, H, D], v [B, T, H, V], k_end int32[B, S], scale) ->
+  [B, S, H, V] (model/kernels/mla_prefill.py: attention). For "xla" the model runs its own masked
+  einsums (model/attention.py), the same math.
+- gemm, one function per layout; x is the activations, an (e4m3, float32 1x128 scales) pair before FP8
+  weights; w the weights [..., N, K] ([out, in]: FP8 with w_scale f32 [..., N/128, K/128], or float with
+  w_scale None):
+    dense       (x [M, K], w [N, K], w_scale, out_dtype) -> [M, N]
+    contiguous  (x [M, K] rows sorted by group, w [G, N, K], w_scale, group_sizes int32[G], out_dtype) -> [M, N]
+    masked      (x [G, Mmax, K], w [G, N, K], w_scale, counts int32[G], out_dtype) -> [G, Mmax, N]
+  rows past the groups (contiguous) or at or past a group's count (masked) are 0. The Mosaic kernels
+  read FP8 weights as they are held: no float copy of a weight exists, and a weight that is one layer's
+  slice of a scanned stack reaches them in place (XLA's dynamic-slice fusion, docs/DESIGN_NOTES.md).
+Names ending in "_interpret" run the same kernel in interpret mode on the CPU (tests of the GPU path).
 """
 
 from __future__ import annotations
@@ -23,8 +32,26 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-from model.kernels import flash_mla, fp8_gemm, mla_decode, mla_prefill
+import jax.numpy as jnp
 
+from model import quant
+from model.kernels import flash_mla, fp8_gemm, grouped_gemm, mla_decode, mla_prefill
+from sharding.ep import TRANSPORTS
+from sharding.kernels import ROLES, Kernels
+
+BLOCK = fp8_gemm.BLOCK  # the Mosaic FP8 kernels' row tile (block_m) in the masked layout
+
+
+def defaults(platform: str) -> dict[str, str]:
+    """What "auto" resolves to: the fastest kernels on a Hopper GPU, XLA elsewhere."""
+    if platform != "gpu":
+        return {"attention_decode": "xla", "attention_prefill": "xla", "gemm": "xla", "transport": "padded"}
+    prefill = "tokamax" if importlib.util.find_spec("tokamax") else "xla"  # the optional gpu extra
+    return {"attention_decode": "flash_mla", "attention_prefill": prefill, "gemm": "mosaic_fp8",
+            "transport": "ragged"}
+
+
+# ---- decode attention ------------------------------------------------------------------------------
 
 def _decode_xla(q_latent, q_pe, pool, page_table, lengths, scale, *, plan=None):
     return mla_decode.mla_decode(q_latent, q_pe, pool, page_table, lengths, scale, block_size=pool.shape[1],
@@ -40,55 +67,154 @@ def _decode_flash_mla(q_latent, q_pe, pool, page_table, lengths, scale, *, plan,
     return flash_mla.flash_mla_decode(q_latent, q_pe, pool, page_table, lengths, scale, plan, interpret=interpret)
 
 
-def _quant_reference(name: str):
-    """model.quant's XLA implementation `name` (same signature), imported when called."""
-    def call(*args, **kwargs):
-        from model import quant
-        return getattr(quant, name)(*args, impl="xla", **kwargs)
-    return call
-
-
-KERNELS = {
-    "attention_decode": {
-        "xla": _decode_xla,
-        "triton": _decode_triton,  # the first Pallas kernel: 16 heads per program, no split (docs/KERNELS.md)
-        "triton_interpret": functools.partial(_decode_triton, interpret=True),
-        "flash_mla": _decode_flash_mla,
-        "flash_mla_interpret": functools.partial(_decode_flash_mla, interpret=True),
-    },
-    "attention_prefill": {name: functools.partial(mla_prefill.mla_prefill, impl=name) for name in mla_prefill.IMPLS},
-    "expert_gemm_contiguous": {
-        "xla": _quant_reference("fp8_grouped_matmul"),
-        "mosaic_fp8": fp8_gemm.fp8_grouped_matmul,
-        "mosaic_fp8_interpret": functools.partial(fp8_gemm.fp8_grouped_matmul, interpret=True),
-    },
-    "expert_gemm_masked": {
-        "xla": _quant_reference("fp8_masked_matmul"),
-        "mosaic_fp8": fp8_gemm.fp8_masked_matmul,
-        "mosaic_fp8_interpret": functools.partial(fp8_gemm.fp8_masked_matmul, interpret=True),
-    },
+ATTENTION_DECODE = {
+    "xla": _decode_xla,
+    "triton": _decode_triton,  # the first Pallas kernel: 16 heads per program, no split (docs/KERNELS.md)
+    "triton_interpret": functools.partial(_decode_triton, interpret=True),
+    "flash_mla": _decode_flash_mla,
+    "flash_mla_interpret": functools.partial(_decode_flash_mla, interpret=True),
 }
 NEEDS_PLAN = {"flash_mla", "flash_mla_interpret"}
 
 
-def kernel(role: str, name: str):
-    """The function a configuration names; one clear sentence when the role or name is unknown."""
-    if role not in KERNELS:
-        raise ValueError(f"unknown kernel role {role!r} (known: {sorted(KERNELS)}).")
-    if name not in KERNELS[role]:
-        raise ValueError(f"unknown {role} kernel {name!r} (known: {sorted(KERNELS[role])}).")
-    return KERNELS[role][name]
+def _decode_fits(name: str, rank: int, rope: int, block_size: int, dtype) -> bool:
+    """Whether the decode kernel `name` takes this cache: flash_mla wants wgmma-sized tiles of a 16-bit
+    pool, the compiled Triton kernel power-of-two sides of at least 16."""
+    if name.startswith("flash_mla"):
+        pages = block_size % 16 == 0 and (block_size <= 64 and 64 % block_size == 0 or block_size % 64 == 0)
+        return (rank % 128 == 0 and rank <= 512 and rope % 64 == 0 and pages
+                and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+    if name == "triton":
+        return all(n >= 16 and not n & (n - 1) for n in (rank, rope, block_size))
+    return True
 
 
-def default_kernels(backend: str) -> dict[str, str]:
-    """What `auto` resolves to, once per deployment: the fastest kernels on a Hopper GPU, XLA elsewhere."""
-    if backend != "gpu":
-        return {role: "xla" for role in KERNELS}
-    prefill = "tokamax" if importlib.util.find_spec("tokamax") else "xla"  # the optional gpu extra
-    return {"attention_decode": "flash_mla", "attention_prefill": prefill,
-            "expert_gemm_contiguous": "mosaic_fp8", "expert_gemm_masked": "mosaic_fp8"}
+def decode_attention(name: str, *, rank: int, rope: int, block_size: int, dtype) -> tuple[str, object]:
+    """-> (the name that runs, its function): `name`, or "xla" where the kernel cannot take the cache."""
+    name = name if _decode_fits(name, rank, rope, block_size, dtype) else "xla"
+    return name, ATTENTION_DECODE[name]
 
 
 def decode_parts(num_sms: int, num_heads: int) -> int:
     """CTAs per head block for the decode split: one wave of the GPU (132 SMs, 128 heads -> 66)."""
     return max(1, num_sms // -(-num_heads // flash_mla.HEADS))
+
+
+def decode_plan(name: str, lengths, num_sms: int, num_heads: int):
+    """The step's KV split for a decode kernel that takes one (NEEDS_PLAN), else None. Pure jnp over
+    lengths int32[B]: inside the layer loop it depends on nothing the loop carries, so XLA computes it
+    once per step (loop-invariant code motion) for every layer."""
+    if name not in NEEDS_PLAN:
+        return None
+    return flash_mla.plan_decode(lengths, decode_parts(num_sms, num_heads))
+
+
+# ---- prefill attention -----------------------------------------------------------------------------
+
+ATTENTION_PREFILL = {name: functools.partial(mla_prefill.attention, impl=name) for name in mla_prefill.IMPLS}
+
+
+def prefill_attention(name: str):
+    return ATTENTION_PREFILL[name]
+
+
+# ---- GEMMs -----------------------------------------------------------------------------------------
+
+def _xla_dense(x, w, w_scale, out_dtype):
+    if w_scale is None:
+        return jnp.einsum("mk,nk->mn", x, w.astype(x.dtype)).astype(out_dtype)
+    return quant.fp8_matmul(*x, w, w_scale, out_dtype)
+
+
+def _xla_contiguous(x, w, w_scale, group_sizes, out_dtype):
+    if w_scale is None:  # (XLA:CPU computes ragged_dot densely: docs/DESIGN_NOTES.md)
+        return grouped_gemm.grouped_matmul(x, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes,
+                                           impl="xla").astype(out_dtype)
+    return quant.fp8_grouped_matmul(*x, w, w_scale, group_sizes, out_dtype)
+
+
+def _xla_masked(x, w, w_scale, counts, out_dtype):
+    if w_scale is None:  # float rows past a count are zeros already, and so are their products
+        return jnp.einsum("gmk,gnk->gmn", x, w.astype(x.dtype)).astype(out_dtype)
+    return quant.fp8_masked_matmul(*x, w, w_scale, counts, out_dtype)
+
+
+def _mosaic_dense(x, w, w_scale, out_dtype, *, interpret=False):
+    return fp8_gemm.fp8_matmul(*x, w, w_scale, out_dtype, interpret=interpret)
+
+
+def _mosaic_contiguous(x, w, w_scale, group_sizes, out_dtype, *, interpret=False):
+    return fp8_gemm.fp8_grouped_matmul(*x, w, w_scale, group_sizes, out_dtype, interpret=interpret)
+
+
+def _mosaic_masked(x, w, w_scale, counts, out_dtype, *, interpret=False):
+    x_q, x_scale = x
+    rows = x_q.shape[1]
+    pad = -rows % BLOCK  # the kernel's row tiles; the routed experts' capacity is a multiple already
+    if pad:
+        x_q, x_scale = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) for a in (x_q, x_scale))
+    out = fp8_gemm.fp8_masked_matmul(x_q, x_scale, w, w_scale, counts, out_dtype, interpret=interpret)
+    return out[:, :rows] if pad else out
+
+
+def _triton_contiguous(x, w, w_scale, group_sizes, out_dtype, *, interpret=False):
+    # BF16 MMA: FP8 weights dequantised tile by tile in the kernel, which takes them as [G, K, N]
+    if w_scale is not None:
+        x, w_scale = quant.dequantize_activations(*x, out_dtype), jnp.swapaxes(w_scale, 1, 2)
+    return grouped_gemm.grouped_matmul(x.astype(out_dtype), jnp.swapaxes(w, 1, 2), group_sizes, w_scale,
+                                       impl="pallas", interpret=interpret).astype(out_dtype)
+
+
+def _mosaic(interpret: bool) -> dict:
+    return {layout: functools.partial(fn, interpret=interpret)
+            for layout, fn in (("dense", _mosaic_dense), ("contiguous", _mosaic_contiguous), ("masked", _mosaic_masked))}
+
+
+GEMMS = {
+    "xla": {"dense": _xla_dense, "contiguous": _xla_contiguous, "masked": _xla_masked},
+    "mosaic_fp8": _mosaic(False),
+    "mosaic_fp8_interpret": _mosaic(True),
+    "triton": {"contiguous": _triton_contiguous},
+    "triton_interpret": {"contiguous": functools.partial(_triton_contiguous, interpret=True)},
+}
+LAYOUTS = ("dense", "contiguous", "masked")
+
+
+def _gemm_fits(name: str, layout: str, fp8: bool, n: int, k: int) -> bool:
+    if layout not in GEMMS[name]:
+        return False
+    if name.startswith("mosaic_fp8"):  # FP8 x FP8 MMA; TMA rows (K bytes, N bf16 outputs) 16-byte aligned
+        return fp8 and k % 16 == 0 and n % 8 == 0
+    return True
+
+
+def gemm(name: str, layout: str, *, fp8: bool, n: int, k: int):
+    """The GEMM function for this layout under the configured name: the kernel where it takes the
+    weights (FP8 or not, [.., N, K]), else the XLA reference."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"GEMM layout {layout!r} is not one of {LAYOUTS}.")
+    return GEMMS[name if _gemm_fits(name, layout, fp8, n, k) else "xla"][layout]
+
+
+def masked_rows(name: str) -> int:
+    """What a masked layout's rows per group should be a multiple of, so the kernel pads nothing."""
+    return BLOCK if name.startswith("mosaic_fp8") else 1
+
+
+# ---- resolving a deployment's section ------------------------------------------------------------
+
+NAMES = {"attention_decode": tuple(ATTENTION_DECODE), "attention_prefill": tuple(ATTENTION_PREFILL),
+         "gemm": tuple(GEMMS), "transport": TRANSPORTS}
+
+
+def resolve(kernels: Kernels, platform: str, device=None) -> Kernels:
+    """The section with every "auto" replaced by the platform's choice and every name checked (one
+    sentence naming the field at fault); sms from the device the step runs on (its SM count) unless set."""
+    names = {}
+    for role in ROLES:
+        name = getattr(kernels, role)
+        name = defaults(platform)[role] if name == "auto" else name
+        if name not in NAMES[role]:
+            raise ValueError(f"kernels.{role} {name!r} is not one of {', '.join(NAMES[role])} (or auto)")
+        names[role] = name
+    return Kernels(**names, sms=kernels.sms or int(getattr(device, "core_count", 0) or 0))
