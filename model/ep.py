@@ -263,7 +263,8 @@ def ep_plan(x, ids, weights, valid, ep: EPConfig, experts_local: int, fp8_expert
         return out
 
     send, recv_counts, sent, src_token, overflow, rows_sent = jax.shard_map(
-        local, mesh=ep.mesh, in_specs=(batch,) * 4, out_specs=(per_device,) * 6, check_vma=False)(x, ids, weights, valid)
+        local, mesh=ep.mesh, in_specs=(batch,) * 4, out_specs=(per_device,) * 6,
+        check_vma=False)(x, ids, weights, valid)
     n_dp, n, C = dispatch_sizes(x.shape[0], ids.shape[1], ep, experts_local)
     return Dispatched(send, None, recv_counts, sent, src_token, overflow, rows_sent, n_dp=n_dp, n=n, capacity=C,
                       dtype=x.dtype, pieces=layout[0], wire=payload(ep, fp8_experts), fp8_experts=fp8_experts)

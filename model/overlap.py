@@ -10,16 +10,22 @@ other computes. One micro-batch (`lag`) runs a stage behind: its combine, which 
 runs at the start of the next layer's body, under the other's attention, so no all-to-all is left
 at the end of a layer with nothing of the other micro-batch to hide it:
 
-    two_batch  (prefill, lag 0): [0.combine(l-1)] 1.prepare 1.attention 1.gate | 1.dispatch 0.prepare
-               0.attention 0.gate | 0.dispatch 1.experts 1.shared | 1.combine 0.experts 0.shared
-    five_stage (decode, lag 1):  [1.combine(l-1)] 0.prepare 0.attention 0.gate | 0.dispatch 1.prepare
-               | 0.experts | 0.combine 1.attention 1.gate | 1.dispatch 0.shared 1.shared | 1.experts
+    two_batch  (prefill, lag 0): [0.combine(l-1)] 1.prepare 1.attention 1.gate | 0.land 1.route 1.plan
+               | [1.dispatch] 0.prepare 0.attention 0.gate | 0.route 0.plan | [0.dispatch] 1.experts
+               1.shared | [1.combine] 0.experts 0.shared | 1.land
+    five_stage (decode, lag 1):  [1.combine(l-1)] 0.prepare 0.attention 0.gate | 1.land 0.route 0.plan
+               | [0.dispatch] 1.prepare | 0.experts | [0.combine] 1.attention 1.gate | 0.land 1.route
+               1.plan | [1.dispatch] 0.shared 1.shared | 1.experts
 
-(two_batch: DeepSeek's prefill, each all-to-all under the other micro-batch's attention or MoE.
-five_stage: decode's attention is long and its MoE short, so attention is split, DeepSeek's ATTN-0
-(prepare) under the other's dispatch and ATTN-1 (attention + gate) under its combine; the routed
-experts run with nothing in flight.) After the last layer the lagging micro-batch's combine runs
-under the other's head (DeepseekV3.forward_step: final norm and logits per micro-batch).
+([...]: the step's all-to-all. two_batch is DeepSeek's prefill: each all-to-all under the other
+micro-batch's attention or MoE. five_stage: decode's attention is long and its MoE short, so
+attention is split, DeepSeek's ATTN-0 (prepare) under the other's dispatch and ATTN-1 (attention +
+gate) under its combine, and the routed experts run with nothing in flight.) One all-to-all per step
+(XLA keeps one in flight; the plan steps carry the ragged transport's small counts exchange), and no
+routing at the end of an all-to-all step: XLA's scheduler puts under a collective the last ~5
+non-GEMM kernels before the step's end (docs/ARCHITECTURE.md, "The schedule as compiled"). After the
+last layer the lagging micro-batch's combine runs under the other's head (DeepseekV3.forward_step:
+final norm and logits per micro-batch).
 
 Axis legend: B rows (dp ranks x rows per rank), S positions, D hidden.
 """
@@ -45,7 +51,7 @@ class Schedule:
 
 SCHEDULES: dict[str, Schedule] = {
     "two_batch": Schedule(lag=0, steps=[
-        [(0, "combine"), (1, "prepare"), (1, "attention"), (1, "gate")],  # combine(0) of the layer before under attention(1)
+        [(0, "combine"), (1, "prepare"), (1, "attention"), (1, "gate")],  # combine(0) of layer l-1 under attention(1)
         [(0, "land"), (1, "route"), (1, "plan")],
         [(1, "dispatch"), (0, "prepare"), (0, "attention"), (0, "gate")],  # dispatch(1) under attention(0)
         [(0, "route"), (0, "plan")],
@@ -54,7 +60,7 @@ SCHEDULES: dict[str, Schedule] = {
         [(1, "land")],
     ]),
     "five_stage": Schedule(lag=1, steps=[
-        [(1, "combine"), (0, "prepare"), (0, "attention"), (0, "gate")],  # combine(1) of the layer before under attention(0)
+        [(1, "combine"), (0, "prepare"), (0, "attention"), (0, "gate")],  # combine(1) of layer l-1 under attention(0)
         [(1, "land"), (0, "route"), (0, "plan")],
         [(0, "dispatch"), (1, "prepare")],  # dispatch(0) under ATTN-0(1)
         [(0, "experts")],

@@ -94,6 +94,7 @@ class DeepseekV3(nnx.Module):
         self.quantization = quantization
         self.ep = None  # sharding.ep.EPConfig once the experts are spread over a mesh
         self.kernels = None  # sharding.kernels.Kernels: a deployment's resolved choices (set_kernels)
+        self.compiler_options = ()  # the deployment's XLA options for its platform, (name, value) pairs: direct calls'
         D, P, fp8 = cfg.hidden_size, n_physical_experts, quantization == "fp8"
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
         self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r, fp8=fp8), cfg.n_dense_layers, rngs)
@@ -381,14 +382,16 @@ def _scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):
     return x, cache, stats
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method", "absorbed"))
-def _run_method(graphdef, state, method, *args, **kwargs):
-    return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
+@functools.cache
+def method_jit(compiler_options: tuple = ()):
+    """The host-facing calls' jit, with the deployment's XLA options (DeepseekV3.compiler_options)."""
+    return jax.jit(lambda graphdef, state, method, *args, **kwargs: getattr(nnx.merge(graphdef, state), method)(
+        *args, **kwargs), static_argnames=("graphdef", "method", "absorbed"), compiler_options=dict(compiler_options))
 
 
 def _jit_method(net: DeepseekV3, method: str, *args, **kwargs):
     graphdef, state = nnx.split(net)
-    return _run_method(graphdef, state, method, *args, **kwargs)
+    return method_jit(net.compiler_options)(graphdef, state, method, *args, **kwargs)
 
 
 def param_count(net: nnx.Module) -> int:

@@ -10,13 +10,14 @@ logits of each row's last position) of a DeepSeek-V3 with 1 dense + 2 MoE layers
 shapes; small: bench_shard's small_config) on a dp = N mesh of deviceless GPUs (EP over all of
 them, 32 redundant experts at full scale as DeepSeek's), FP8 weights and dispatch, BF16
 combine, the GPU kernels and the ragged all-to-all. It is compiled with the deployment's GPU compiler
-options (sharding/deployment.py: GPU_COMPILER_OPTIONS unless --deployment / --option say else).
+options (sharding/deployment.py: Deployment.xla_options("gpu"); --option adds to them).
 
 The figure of merit (docs/ARCHITECTURE.md, "The schedule as compiled"): the share of the expert
 all-to-all bytes (dispatch and combine of both micro-batches, weighted by loop trip counts) whose
 start..done interval holds a GEMM or attention kernel of the *other* micro-batch.
 
-Needs the GPU-compile environment (jax-cuda13 plugin + nvcc: docs/PERFORMANCE.md); JAX_PLATFORMS=cpu.
+Also printed: every other collective of the step (bytes per step, sync or async, where from). Needs
+the GPU-compile environment (.venv-gpu: scripts/test_gpu_compile.sh makes it) and JAX_PLATFORMS=cpu.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def is_heavy(ins: Instr, comps: dict[str, list[Instr]]) -> bool:
     if ins.opcode in ("dot", "convolution"):
         return True
     if ins.opcode == "custom-call":
-        return bool(re.search(r'custom_call_target="(__cublas|__cudnn|mosaic|__gpu\$xla\.gpu\.triton|triton)', ins.line))
+        target = re.search(r'custom_call_target="([^"]+)"', ins.line)
+        return bool(target and re.match(r"(__cublas|__cudnn|mosaic|__gpu\$xla\.gpu\.triton|triton)", target.group(1)))
     if ins.opcode == "fusion":
         if re.search(r'"kind":"__(triton_gemm|triton_nested_gemm_fusion|cublas|cudnn|custom_fusion)', ins.line):
             return True
@@ -227,10 +229,19 @@ def overlap_share(colls: list[dict]) -> dict:
         return any(v["heavy"] for k, v in c.get("between", {}).items() if k.startswith("mb")
                    and int(k[2]) != c["micro_batch"])
     hidden = sum(c["bytes"] * c["runs"] for c in expert if other_heavy(c))
+    others = {}
+    for c in colls:
+        if c in expert:
+            continue
+        where = f"mb{c['micro_batch']}/{c['stage']}" if c["micro_batch"] is not None else (c["stage"] or c["op_name"])
+        key = (c["kind"], "async" if c["async"] else "sync", where)
+        others[key] = others.get(key, 0) + c["bytes"] * c["runs"]
     return {"expert_all_to_all_bytes": total, "overlapped_bytes": hidden,
             "overlapped_share": round(hidden / total, 4) if total else None,
             "expert_all_to_alls": sum(c["runs"] for c in expert),
-            "sync_collectives": sum(c["runs"] for c in colls if not c["async"])}
+            "sync_collectives": sum(c["runs"] for c in colls if not c["async"]),
+            "other_collectives": [{"kind": k, "mode": m, "from": f, "bytes_per_step": b}
+                                  for (k, m, f), b in sorted(others.items(), key=lambda kv: -kv[1])]}
 
 
 # ---- the step, compiled for deviceless GPUs --------------------------------------------------------
@@ -365,6 +376,8 @@ def main(argv=None) -> int:
           f"compiled in {out['compile_s']} s: {out['overlapped_share']} of {out['expert_all_to_all_bytes']:,} "
           f"expert all-to-all bytes under the other micro-batch's GEMMs or attention; "
           f"{out['sync_collectives']} synchronous collectives")
+    for c in out["other_collectives"]:
+        print(f"  other: {c['kind']} {c['mode']} from {c['from']}: {c['bytes_per_step']:,} bytes per step")
     return 0
 
 

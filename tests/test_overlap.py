@@ -157,11 +157,11 @@ def test_timeline_model_never_beats_the_critical_path():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="async collectives are a GPU compilation (XLA:CPU runs them synchronously)")
 def test_gpu_hlo_has_async_all_to_all_with_compute_inside(net):
-    from model.transformer import _run_method
+    from model.transformer import method_jit
     _with(net, "two_batch")
     graphdef, state = nnx.split(net)
     tokens = jnp.zeros((16, 8), jnp.int32)
-    text = _run_method.lower(graphdef, state, "_logits_full", tokens).compile().as_text()
+    text = method_jit(net.compiler_options).lower(graphdef, state, "_logits_full", tokens).compile().as_text()
     _with(net, "none")
     summary = _bench_overlap().hlo_summary(text)
     assert summary["all_to_all_async_pairs"] > 0 and max(summary["compute_ops_inside_pairs"]) > 0
