@@ -95,7 +95,8 @@ def slots_by_key(keys, n_keys: int):
     """keys int[m] in [0, n_keys] (n_keys = not placed) -> slot of each within its key, count per key [n_keys]."""
     order = jnp.argsort(keys, stable=True)
     sorted_keys = keys[order]
-    starts = jnp.searchsorted(sorted_keys, jnp.arange(n_keys + 1), side="left")
+    # compare_all: one fused comparison (the default "scan" is a loop of its own, per layer on a GPU)
+    starts = jnp.searchsorted(sorted_keys, jnp.arange(n_keys + 1), side="left", method="compare_all")
     slot_sorted = jnp.arange(keys.shape[0]) - starts[sorted_keys]
     slots = jnp.zeros_like(keys).at[order].set(slot_sorted)
     return slots, (starts[1:] - starts[:-1]).astype(jnp.int32)

@@ -69,7 +69,6 @@ KERNELS = {
 }
 LAYOUT_OPS = {"bitcast", "convert", "copy", "reshape", "transpose", "broadcast", "multiply", "slice", "dynamic-slice",
               "get-tuple-element", "tuple"}  # what a copy of a weight (a slice, converted, scaled) is made of
-WEIGHT_READS = {"slice", "dynamic-slice"}
 
 
 # ---- the HLO text of a compiled program ---------------------------------------------------------
@@ -87,11 +86,6 @@ def nbytes(shape: str) -> int:
         size = 1 if dtype.startswith("f8") else BYTES.get(dtype, 0)
         total += size * math.prod(int(d) for d in dims.split(",") if d)
     return total
-
-
-def dims(shape: str) -> list[int]:
-    found = re.search(r"\[([\d,]*)\]", shape)
-    return [int(d) for d in found.group(1).split(",") if d] if found else []
 
 
 def parse(hlo: str) -> tuple[dict, str]:

@@ -101,9 +101,9 @@ def decode_parts(num_sms: int, num_heads: int) -> int:
 
 
 def decode_plan(name: str, lengths, num_sms: int, num_heads: int):
-    """The step's KV split for a decode kernel that takes one (NEEDS_PLAN), else None. Pure jnp over
-    lengths int32[B]: inside the layer loop it depends on nothing the loop carries, so XLA computes it
-    once per step (loop-invariant code motion) for every layer."""
+    """The step's KV split for a decode kernel that takes one (NEEDS_PLAN), else None: pure jnp over
+    lengths int32[B], made once per step before the layer loop (PagedCache.with_plan: XLA does not hoist
+    it out of the loop, its searches being loops of their own)."""
     if name not in NEEDS_PLAN:
         return None
     return flash_mla.plan_decode(lengths, decode_parts(num_sms, num_heads))
