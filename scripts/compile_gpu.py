@@ -8,11 +8,12 @@ report what the compiled program does. Nothing runs on a GPU: speed needs one; s
     python scripts/compile_gpu.py schedule --phase decode|prefill [--gpus 8] [...]  # scripts/gpu_schedule.py
 
 `schedule` compiles the expert-parallel step for N GPUs and reports what overlaps each all-to-all
-(scripts/gpu_schedule.py, its own flags). `step` compiles one rank's decode or prefill step of a deployment (bench_shard.py's: the engine's own
-model code; --deployment FILE, default DeepSeek's configs/deploy/deepseek-{decode-ep144,prefill-ep32}.json;
---scale full = DeepSeek-V3's shapes, small = every dimension shrunk, kept on the kernels' tiles), built for
-the GPU as configuration (bench_shard --platform gpu: nothing is patched). `kernel` compiles one kernel at
-DeepSeek's shapes (KERNELS below). Prints one JSON object:
+(scripts/gpu_schedule.py, its own flags). `step` compiles one rank's decode or prefill step of a
+deployment (bench_shard.py's: the engine's own model code; --deployment FILE, default DeepSeek's
+configs/deploy/deepseek-{decode-ep144,prefill-ep32}.json; --scale full = DeepSeek-V3's shapes, small =
+every dimension shrunk, kept on the kernels' tiles), built for the GPU as configuration (bench_shard
+--platform gpu: nothing is patched). `kernel` compiles one kernel at DeepSeek's shapes (KERNELS below).
+Prints one JSON object:
     compile_s                     seconds of lowering + compiling
     weight_copies                 per layer loop (a while with a trip count): kernels per iteration that copy a
                                   slice of a loop-invariant stack (a scanned weight) that a GEMM then reads, and
