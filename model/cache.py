@@ -37,3 +37,7 @@ class DenseCache:
     def read(self, layer) -> jax.Array:
         """-> [B, T, C]: every slot of the layer; attention masks the ones past each query."""
         return self.data[layer]
+
+    def select_rows(self, pick) -> "DenseCache":
+        """A view of some batch rows: pick maps [B, ...] to the rows wanted (reads only)."""
+        return DenseCache(jnp.swapaxes(pick(jnp.swapaxes(self.data, 0, 1)), 0, 1))

@@ -242,6 +242,7 @@ def load(cls, path, dtype=jnp.float32, mesh=None, deployment=None, quantization=
     net.set_expert_parallel(ep)
     if kernels is not None:
         net.set_kernels(kernels)
+        net.compiler_options = tuple(sorted(deployment.xla_options(platform).items()))
     return net
 
 

@@ -3,16 +3,18 @@
 Axis legend: N tokens, D hidden, E logical routed experts, P physical experts (E + redundant
 replicas of hot experts), G expert groups, k experts per token, F moe_intermediate_size.
 
-The block runs as four stages, which the decoder layer's schedules compose (model/decoder.py,
-model/overlap.py): route (gate + physical slots), dispatch (under EP: the all-to-all to the ranks
-holding the chosen experts, model/ep.py), run_experts (the grouped FFN), combine (the reverse
-all-to-all, each token's returns summed, plus the shared expert). On one device dispatch passes
-the routed tokens through and combine only adds the shared expert.
+The block runs as stages, which the decoder layer's schedules compose (model/decoder.py,
+model/overlap.py): route (gate + physical slots), plan (under EP: the wire buffer, model/ep.py),
+dispatch (the all-to-all to the ranks holding the chosen experts), run_experts (the grouped FFN), combine (the reverse
+all-to-all), land (each token's returns summed), and the shared expert (`shared_experts`, its own
+stage).
+On one device dispatch passes the routed tokens through and combine / land only reshape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
-from model.ep import Dispatched, ep_combine, ep_dispatch, ep_experts, ep_stats
+from model.ep import Dispatched, ep_combine, ep_dispatch, ep_experts, ep_land, ep_plan, ep_stats
 from model.experts import Experts, expert_layout, grouped_ffn
 from model.layers import MLP, param
 
@@ -43,15 +45,27 @@ class Gate(nnx.Module):
         # The bias only steers *which* experts are chosen (auxiliary-loss-free balancing);
         # the weights come from the unbiased scores so the bias never changes the output scale.
         biased = scores + self.e_score_correction_bias[...]
-        group_scores = jax.lax.top_k(biased.reshape(N, G, E // G), 2)[0].sum(-1)  # [N, G]
-        top_groups = jax.lax.top_k(group_scores, cfg.topk_group)[1]
-        group_ok = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
+        group_scores = _top2_sum(biased.reshape(N, G, E // G))  # [N, G]
+        top_groups = jax.lax.top_k(group_scores, cfg.topk_group)[1]  # [N, topk_group]
+        # Elementwise (no scatter), so under EP each rank routes its own tokens: a scatter here made
+        # the partitioner gather every rank's scores.
+        group_ok = jnp.any(top_groups[:, :, None] == jnp.arange(G)[None, None, :], axis=1)  # [N, G]
         biased = jnp.where(jnp.repeat(group_ok, E // G, axis=1), biased, -jnp.inf)
         ids = jax.lax.top_k(biased, cfg.num_experts_per_tok)[1]
         weights = jnp.take_along_axis(scores, ids, axis=1)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
+
+
+def _top2_sum(v):
+    """[..., n] -> the sum of the two largest along the last axis: top_k(v, 2)[0].sum(-1), without
+    top_k on a 3-D operand (XLA:GPU flattens it to 2-D and the partitioner then gathers every
+    rank's rows: routing must stay where the tokens are)."""
+    first = jnp.argmax(v, axis=-1)[..., None]
+    m1 = jnp.take_along_axis(v, first, axis=-1)[..., 0]
+    m2 = jnp.max(jnp.where(jnp.arange(v.shape[-1]) == first, -jnp.inf, v), axis=-1)
+    return m1 + m2
 
 
 class ExpertMap(nnx.Variable):
@@ -95,8 +109,9 @@ class MoE(nnx.Module):
 
     def __call__(self, x, valid):
         """x [B, S, D] (normalised), valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
-        sent = self.dispatch(self.route(x, valid))
-        return self.combine(sent, self.run_experts(sent, x.shape[1] == 1), x)
+        sent = self.dispatch(self.plan(self.route(x, valid)))
+        out, stats = self.run_experts(sent, x.shape[1] == 1)
+        return self.land(sent, self.combine(sent, out, x.dtype), x.shape, x.dtype) + self.shared_experts(x), stats
 
     # ---- stages ------------------------------------------------------------------------------------
     def route(self, x, valid) -> "Routed":
@@ -105,34 +120,41 @@ class MoE(nnx.Module):
         weights, ids = self.gate(flat)
         return Routed(flat, weights, self.to_physical(ids), valid.reshape(-1))
 
-    def dispatch(self, routed: "Routed") -> "Routed | Dispatched":
-        """Under EP: the all-to-all, -> every device's received rows; on one device: the tokens as they are."""
+    def plan(self, routed: "Routed") -> "Routed | Dispatched":
+        """Under EP: where each token goes, its rows packed for the wire (model/ep.py: ep_plan); on
+        one device: the tokens as they are."""
         if self.ep is None:
             return routed
         w = self.experts.weights()
-        return ep_dispatch(routed.x, routed.ids, routed.weights, routed.valid, self.ep,
-                           w.gate.shape[0] // self.ep.ranks, w.fp8)
+        return ep_plan(routed.x, routed.ids, routed.weights, routed.valid, self.ep, w.gate.shape[0] // self.ep.ranks,
+                       w.fp8)
+
+    def dispatch(self, planned: "Routed | Dispatched") -> "Routed | Dispatched":
+        """Under EP: the all-to-all, -> every device's received rows; on one device: as they are."""
+        return planned if self.ep is None else ep_dispatch(planned, self.ep)
 
     def run_experts(self, sent, decode: bool = False):
-        """The routed-expert FFN over what dispatch delivered -> (rows out, tokens per physical expert
-        [P], overflow). decode: a decode step's (the kernels' masked layout)."""
+        """The routed-expert FFN over what dispatch delivered -> (rows out, stats: expert_load [P]
+        tokens per physical expert, rows_sent [R], overflow (per EP rank: bool[R])). decode: a decode
+        step's (the kernels' masked layout)."""
         gemm = self.experts.gemm
         if self.ep is not None:
-            return ep_experts(sent, self.experts.weights(), self.ep, gemm, decode)
+            out, load, overflow = ep_experts(sent, self.experts.weights(), self.ep, gemm, decode)
+            return out, ep_stats(sent, load, overflow)
         out, load, _ = grouped_ffn(sent.x, jnp.where(sent.valid[:, None], sent.ids, -1), sent.weights,
                                    self.experts.weights(), expert_layout(gemm, False, decode), gemm=gemm)
-        return out, load, jnp.bool_(False)
+        return out, {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": jnp.bool_(False)}
 
-    def combine(self, sent, experts_out, x):
-        """Under EP: the rows back to their senders, summed per token; plus the shared expert on x
-        [B, S, D] -> ([B, S, D], stats: expert_load [P], rows_sent [R], overflow)."""
-        out, load, overflow = experts_out
-        if self.ep is None:
-            stats = {"expert_load": load, "rows_sent": jnp.zeros((1,), jnp.int32), "overflow": overflow}
-        else:
-            out = ep_combine(sent, out, self.ep, x.dtype)[:x.size // x.shape[-1]]  # less the dp padding
-            stats = ep_stats(sent, load, overflow)
-        return out.astype(x.dtype).reshape(x.shape) + self.shared_experts(x), stats
+    def combine(self, sent, out, dtype):
+        """Under EP: the routed experts' rows out back to their senders, as received (reads no weight:
+        a schedule may run it in the next layer's step, model/overlap.py); on one device: as they are."""
+        return out if self.ep is None else ep_combine(sent, out, self.ep, dtype)
+
+    def land(self, sent, back, shape, dtype):
+        """What combine received, summed per token -> [B, S, D] = shape."""
+        if self.ep is not None:
+            back = ep_land(sent, back, self.ep, dtype)[:math.prod(shape[:-1])]  # less the dp padding
+        return back.astype(dtype).reshape(shape)
 
 
 @jax.tree_util.register_dataclass

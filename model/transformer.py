@@ -26,6 +26,7 @@ from model.decoder import DecoderLayer  # the layer's stages and plain forward
 from model.experts import Experts
 from model.kernels import registry
 from model.layers import Derived, Linear, RMSNorm, param, rope_cos_sin
+from model.overlap import join_trees, overlapped_stack, splits
 from model.quant import check_quantization
 
 
@@ -93,6 +94,7 @@ class DeepseekV3(nnx.Module):
         self.quantization = quantization
         self.ep = None  # sharding.ep.EPConfig once the experts are spread over a mesh
         self.kernels = None  # sharding.kernels.Kernels: a deployment's resolved choices (set_kernels)
+        self.compiler_options = ()  # the deployment's XLA options for its platform, (name, value) pairs: direct calls'
         D, P, fp8 = cfg.hidden_size, n_physical_experts, quantization == "fp8"
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
         self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r, fp8=fp8), cfg.n_dense_layers, rngs)
@@ -172,28 +174,42 @@ class DeepseekV3(nnx.Module):
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         return DenseCache(jnp.zeros(shape, dtype or self.dtype))
 
-    def forward_step(self, tokens, positions, cache, absorbed: bool = False):
+    def forward_step(self, tokens, positions, cache, absorbed: bool = False, head=None):
         """Runs tokens int32[B, S] at positions int32[B, S] (-1: padding) over the cache (DenseCache
         [L, B, T, C] or the engine's paged cache: anything with write/read and `max_len`).
 
-        Returns the final-norm hidden states [B, S, D], the cache with these tokens' rows written,
-        and the routed-expert stats per MoE layer (expert_load [L, P], rows_sent [L, R], overflow).
-        A full forward, a prefill, a chunked prefill and a decode step are all this call.
+        Returns head's output (default: the final-norm hidden states [B, S, D]), the cache with these
+        tokens' rows written, and the routed-expert stats per MoE layer (expert_load [L, P], rows_sent
+        [L, R], overflow). head(hidden [b, S, D], rows int32[b]) -> arrays with leading axis b: it runs
+        per micro-batch under the overlap schedules (the first one's under the other's last combine,
+        model/overlap.py), on rows `rows` of the batch. A full forward, a prefill, a chunked prefill and a
+        decode step are all this call.
         """
+        head = head or (lambda hidden, rows: hidden)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         mask = causal_mask(positions, cache.max_len)
         cache = self._planned(cache, positions, absorbed)
-        stats = {}
+        stats, out = {}, None
         if self.dense_layers is not None:
             x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
         if self.moe_layers is not None:
-            x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
-                                           positions, mask, absorbed)
+            ep = self.moe_layers.mlp.ep
+            if ep is not None and ep.overlap != "none" and splits(x, ep):
+                outs, cache, stats = overlapped_stack(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
+                                                      positions, mask, absorbed, ep.overlap,
+                                                      lambda x, rows: head(self.norm(x), rows))
+                out = join_trees(*outs, ep.mesh.shape[ep.batch_axis])
+            else:
+                x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
+                                               positions, mask, absorbed)
+                out = None
             stats = {**stats, "overflow": jnp.any(stats["overflow"])}
         if getattr(cache, "plan", None) is not None:  # made for these positions only
             cache = dataclasses.replace(cache, plan=None)
-        return self.norm(x), cache, stats
+        if out is None:
+            out = head(self.norm(x), jnp.arange(x.shape[0], dtype=jnp.int32))
+        return out, cache, stats
 
     def _planned(self, cache, positions, absorbed: bool):
         """The paged cache with the decode kernel's KV split for this step's rows, made once for every
@@ -238,6 +254,8 @@ class DeepseekV3(nnx.Module):
         x = mtp.eh_proj(jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1))
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         x, cache, stats = mtp(x, cos, sin, cache, layer, positions, causal_mask(positions, cache.max_len), absorbed)
+        if "overflow" in stats:  # per EP rank until here (model/ep.py: ep_stats)
+            stats = {**stats, "overflow": jnp.any(stats["overflow"])}
         head = mtp.shared_head
         logits = jnp.einsum("...d,vd->...v", head.norm(x), head.head.weight[...], preferred_element_type=jnp.float32)
         return x, logits, cache, stats
@@ -276,8 +294,7 @@ class DeepseekV3(nnx.Module):
         return logits, {"overflow": stats.get("overflow", False) | mtp_stats["overflow"]}
 
     def _step_logits(self, tokens, positions, cache, absorbed):
-        hidden, cache, stats = self.forward_step(tokens, positions, cache, absorbed)
-        return self.logits(hidden), cache, stats
+        return self.forward_step(tokens, positions, cache, absorbed, head=lambda hidden, rows: self.logits(hidden))
 
     # ---- host-facing calls (each jitted on the split state) ---------------------------------------
     def run(self, method: str, *args, **kwargs):
@@ -365,14 +382,16 @@ def _scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):
     return x, cache, stats
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method", "absorbed"))
-def _run_method(graphdef, state, method, *args, **kwargs):
-    return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
+@functools.cache
+def method_jit(compiler_options: tuple = ()):
+    """The host-facing calls' jit, with the deployment's XLA options (DeepseekV3.compiler_options)."""
+    return jax.jit(lambda graphdef, state, method, *args, **kwargs: getattr(nnx.merge(graphdef, state), method)(
+        *args, **kwargs), static_argnames=("graphdef", "method", "absorbed"), compiler_options=dict(compiler_options))
 
 
 def _jit_method(net: DeepseekV3, method: str, *args, **kwargs):
     graphdef, state = nnx.split(net)
-    return _run_method(graphdef, state, method, *args, **kwargs)
+    return method_jit(net.compiler_options)(graphdef, state, method, *args, **kwargs)
 
 
 def param_count(net: nnx.Module) -> int:

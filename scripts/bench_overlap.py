@@ -126,9 +126,10 @@ def measure(deployment: str, batch: int, seq: int, iters: int) -> dict:
         out[f"{overlap}_ms"] = 1e3 * (time.perf_counter() - start) / iters
     from flax import nnx
 
-    from model.transformer import _run_method
+    from model.transformer import method_jit
     graphdef, state = nnx.split(net)
-    text = _run_method.lower(graphdef, state, "_logits_full", jax.numpy.asarray(tokens)).compile().as_text()
+    text = method_jit(net.compiler_options).lower(graphdef, state, "_logits_full",
+                                                  jax.numpy.asarray(tokens)).compile().as_text()
     out["hlo"] = hlo_summary(text)
     out["device"] = jax.devices()[0].device_kind
     return out

@@ -5,12 +5,15 @@ report what the compiled program does. Nothing runs on a GPU: speed needs one; s
     python scripts/compile_gpu.py step --phase decode|prefill [--target h200|h100] [bench_shard.py's flags]
     python scripts/compile_gpu.py kernel NAME|all [--target h100]
     python scripts/compile_gpu.py hlo FILE            # the program figures of saved HLO text
+    python scripts/compile_gpu.py schedule --phase decode|prefill [--gpus 8] [...]  # scripts/gpu_schedule.py
 
-`step` compiles one rank's decode or prefill step of a deployment (bench_shard.py's: the engine's own
-model code; --deployment FILE, default DeepSeek's configs/deploy/deepseek-{decode-ep144,prefill-ep32}.json;
---scale full = DeepSeek-V3's shapes, small = every dimension shrunk, kept on the kernels' tiles), built for
-the GPU as configuration (bench_shard --platform gpu: nothing is patched). `kernel` compiles one kernel at
-DeepSeek's shapes (KERNELS below). Prints one JSON object:
+`schedule` compiles the expert-parallel step for N GPUs and reports what overlaps each all-to-all
+(scripts/gpu_schedule.py, its own flags). `step` compiles one rank's decode or prefill step of a
+deployment (bench_shard.py's: the engine's own model code; --deployment FILE, default DeepSeek's
+configs/deploy/deepseek-{decode-ep144,prefill-ep32}.json; --scale full = DeepSeek-V3's shapes, small =
+every dimension shrunk, kept on the kernels' tiles), built for the GPU as configuration (bench_shard
+--platform gpu: nothing is patched). `kernel` compiles one kernel at DeepSeek's shapes (KERNELS below).
+Prints one JSON object:
     compile_s                     seconds of lowering + compiling
     weight_copies                 per layer loop (a while with a trip count): kernels per iteration that copy a
                                   slice of a loop-invariant stack (a scanned weight) that a GEMM then reads, and
@@ -444,8 +447,11 @@ def compile_gpu(what: str, target_name: str, args) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("step", "kernel", "hlo"):
+    if len(argv) < 2 or argv[0] not in ("step", "kernel", "hlo", "schedule"):
         raise SystemExit(__doc__)
+    if argv[0] == "schedule":
+        import gpu_schedule
+        return gpu_schedule.main(argv[1:])
     if argv[0] == "hlo":
         print(json.dumps({"hlo": argv[1], **report(Path(argv[1]).read_text())}, indent=1))
         return 0

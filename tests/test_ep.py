@@ -239,7 +239,7 @@ def _emulate_ragged_all_to_all(operands, outputs, args):
 def test_ragged_transport_offsets_reproduce_the_padded_layout():
     """CPU sibling of the GPU transport test: the offsets ragged_exchange passes to
     ragged_all_to_all put every used row where padded_exchange puts it."""
-    from model.ep import padded_exchange, ragged_offsets
+    from model.ep import exchange_counts, padded_exchange, ragged_offsets
     R, C, D = 8, 5, 3
     rng = np.random.default_rng(9)
     rows = rng.normal(size=(R, R, C, D)).astype(np.float32)  # [source, dest, slot, D]
@@ -248,8 +248,9 @@ def test_ragged_transport_offsets_reproduce_the_padded_layout():
     spec = jax.sharding.PartitionSpec(("dp", "tp"))
 
     def body(r, c):
-        offs = ragged_offsets(c[0], jax.lax.axis_index(("dp", "tp")), C, ("dp", "tp"))
-        return padded_exchange(r[0], c[0], ("dp", "tp"))[None], *(o[None] for o in offs)
+        recv = exchange_counts(c[0], ("dp", "tp"))
+        offs = ragged_offsets(c[0], recv, jax.lax.axis_index(("dp", "tp")), C)
+        return padded_exchange(r[0], c[0], recv, ("dp", "tp"))[None], *(o[None] for o in offs)
 
     out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec,) * 5))(rows, counts)
     padded, offs = np.asarray(out[0]), [np.asarray(o) for o in out[1:]]
@@ -262,6 +263,21 @@ def test_ragged_transport_offsets_reproduce_the_padded_layout():
         used = np.arange(C)[None, :] < counts[:, j][:, None]
         np.testing.assert_array_equal(got[used], padded[j][used])
         assert not got[~used].any()
+
+
+def test_one_wire_buffer_round_trips_every_piece():
+    """pack / unpack: FP8 bytes, float32 scales, int32 ids (-1 included) and weights in one uint8 buffer."""
+    from model.ep import pack, unpack
+    rng = np.random.default_rng(4)
+    pieces = [jnp.asarray(rng.integers(0, 256, (3, 5, 256)), jnp.uint8),
+              jnp.asarray(rng.normal(size=(3, 5, 2)), jnp.float32),
+              jnp.asarray(rng.integers(-1, 9, (3, 5, 8)), jnp.int32),
+              jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.bfloat16)]
+    buf = pack(pieces)
+    assert buf.dtype == jnp.uint8 and buf.shape == (3, 5, 256 + 8 + 32 + 16)
+    for got, want in zip(unpack(buf, [(p.shape, p.dtype) for p in pieces]), pieces):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="ragged_all_to_all needs a GPU (XLA:CPU lacks it)")

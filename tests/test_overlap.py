@@ -18,7 +18,7 @@ from model.layers import rope_cos_sin
 from model.transformer import causal_mask
 from serving import LLM, SamplingParams
 from sharding.deployment import Deployment
-from model.overlap import balanced_slots, overlapped_layer
+from model.overlap import SCHEDULES, balanced_slots, overlapped_layer
 
 # One capacity bucket, the worst case (it cannot overflow): what is proved here does not depend on
 # the bucket, and every escalation would compile each program again (tests/test_ep.py covers them).
@@ -66,9 +66,10 @@ def _eqns_in(jaxpr, scope):
 
 
 @pytest.mark.parametrize("schedule,absorbed", [("two_batch", False), ("five_stage", True)])
-def test_micro_batch_1_attention_does_not_wait_for_micro_batch_0_collectives(net, schedule, absorbed):
-    """Walks the traced layer: nothing micro-batch 1's attention computes is reachable from what
-    micro-batch 0's dispatch, experts or combine produce, so a scheduler may overlap them."""
+def test_what_runs_beside_each_all_to_all_does_not_wait_for_it(net, schedule, absorbed):
+    """Walks the traced layer: in every step of the schedule, nothing the other micro-batch computes
+    there reads what that step's dispatch or combine delivers, so a scheduler may overlap them (the
+    GPU compile check, tests/gpu, shows that XLA does)."""
     _with(net, schedule)
     graphdef, stacked = nnx.split(net.moe_layers)
     layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
@@ -82,19 +83,21 @@ def test_micro_batch_1_attention_does_not_wait_for_micro_batch_0_collectives(net
 
     jaxpr = jax.make_jaxpr(run)(jnp.zeros((B, S, 64), jnp.float32)).jaxpr
     _with(net, "none")
-    tainted = set()
-    for e in jaxpr.eqns:  # eqns are in program order: propagate taint forward
-        scope = str(e.source_info.name_stack)
-        if any(f"mb0/{stage}" in scope for stage in ("dispatch", "experts", "combine")) and any(
-                p in e.primitive.name for p in ("shard_map", "all_to_all")):
-            tainted.update(e.outvars)
-        elif any(not isinstance(v, Literal) and v in tainted for v in e.invars):
-            tainted.update(e.outvars)
-    attention_1 = _eqns_in(jaxpr, "mb1/attention")
-    assert attention_1, "the traced layer has no micro-batch 1 attention"
-    assert any("shard_map" in e.primitive.name for e in _eqns_in(jaxpr, "mb0/dispatch"))
-    for e in attention_1:
-        assert not any(not isinstance(v, Literal) and v in tainted for v in e.invars), e
+    checked = 0
+    for step in SCHEDULES[schedule].steps:
+        for mb, collective in [(m, n) for m, n in step if n in ("dispatch", "combine")]:
+            beside = [n for m, n in step if m != mb]
+            tainted = set()
+            for e in jaxpr.eqns:  # eqns are in program order: propagate taint forward
+                scope = str(e.source_info.name_stack)
+                if f"mb{mb}/{collective}" in scope and "shard_map" in e.primitive.name:
+                    tainted.update(e.outvars)
+                elif any(not isinstance(v, Literal) and v in tainted for v in e.invars):
+                    tainted.update(e.outvars)
+                if any(f"mb{1 - mb}/{n}" in scope for n in beside):
+                    assert not any(not isinstance(v, Literal) and v in tainted for v in e.invars), (step, e)
+                    checked += 1
+    assert checked > 20, checked
 
 
 def test_balanced_slots_even_out_the_halves():
@@ -154,11 +157,11 @@ def test_timeline_model_never_beats_the_critical_path():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="async collectives are a GPU compilation (XLA:CPU runs them synchronously)")
 def test_gpu_hlo_has_async_all_to_all_with_compute_inside(net):
-    from model.transformer import _run_method
+    from model.transformer import method_jit
     _with(net, "two_batch")
     graphdef, state = nnx.split(net)
     tokens = jnp.zeros((16, 8), jnp.int32)
-    text = _run_method.lower(graphdef, state, "_logits_full", tokens).compile().as_text()
+    text = method_jit(net.compiler_options).lower(graphdef, state, "_logits_full", tokens).compile().as_text()
     _with(net, "none")
     summary = _bench_overlap().hlo_summary(text)
     assert summary["all_to_all_async_pairs"] > 0 and max(summary["compute_ops_inside_pairs"]) > 0
