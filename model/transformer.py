@@ -134,8 +134,12 @@ class DeepseekV3(nnx.Module):
                     var.set_value(jax.device_put(value, var.get_value().sharding))
 
     def set_expert_parallel(self, ep) -> None:
-        """Routes every MoE layer through model/ep.py with this EPConfig (None: single device)."""
+        """Routes every MoE layer through model/ep.py with this EPConfig (None: single device); the
+        kernels outside it (projections, per-head GEMMs, prefill attention) run per rank on its mesh."""
         self.ep = ep
+        ranks = None if ep is None else registry.Ranks(ep.mesh, ep.batch_axis)
+        for module in [m for _, m in nnx.iter_graph(self) if isinstance(m, (Linear, MLA))]:
+            module.ranks = ranks
         for stack in (self.moe_layers, self.mtp):
             if stack is not None:
                 stack.mlp.ep = ep
