@@ -122,6 +122,33 @@ def test_fp8_gemms_on_gpu_match_numpy():
         start += n
 
 
+def test_gemms_run_per_rank_on_their_own_rows():
+    """How a GEMM kernel runs outside the EP stages (registry.rows_per_rank; gemm_per_rank picks it for
+    every kernel: XLA cannot partition a custom call and would gather every rank's rows to each): one
+    shard_map over a dp=8 mesh, each rank on its own rows with the weights whole, equal to the GEMM over
+    the whole batch; in the masked layout each rank gets its share of a group's count. (The GEMM here is
+    the XLA reference: the Mosaic interpreter cannot run on several devices at once; the kernel equals it
+    per call above, and tests/gpu_compile checks the compiled 8-GPU program gathers no rows.)"""
+    ranks = registry.Ranks(make_mesh(8), "dp")
+    rng = np.random.default_rng(11)
+    x_q, x_s = np_quantize(activations(rng, (16, 256)))
+    w_q, w_s = fp8_weights(rng, (128, 256))
+    w_s = hold_scales(w_s)
+    assert registry.gemm_per_rank(ranks, "xla", "dense", fp8=True, n=128, k=256) is registry.GEMMS["xla"]["dense"]
+    dense = registry.rows_per_rank(ranks, registry.GEMMS["xla"]["dense"], "dense")
+    run = jax.jit(lambda x_q, x_s, w, s: dense((x_q, x_s), w, s, jnp.float32))
+    assert "shard_map" in str(jax.make_jaxpr(run)(x_q, x_s, w_q, w_s))
+    np.testing.assert_array_equal(run(x_q, x_s, w_q, w_s), fp8_matmul(x_q, x_s, w_q, w_s, jnp.float32))
+    masked = registry.rows_per_rank(ranks, registry.GEMMS["xla"]["masked"], "masked")
+    xg, sg = x_q.reshape(2, 8, 256), x_s.reshape(2, 8, 2)
+    counts = np.array([3, 8], np.int32)  # group 0: rows 3.. unused (ranks 1-7 hold none of its used rows)
+    got = jax.jit(lambda x, s, w, ws, c: masked((x, s), w, ws, c, jnp.float32))(
+        xg, sg, np.stack([w_q, w_q]), np.stack([w_s, w_s]), counts)
+    want = fp8_masked_matmul(xg, sg, np.stack([w_q, w_q]), np.stack([w_s, w_s]), counts, jnp.float32)
+    close(got, np.asarray(want))  # (XLA:CPU may order the float32 sums differently per shape)
+    assert not np.any(np.asarray(got)[0, 3:]) and np.all(np.any(np.asarray(got)[1] != 0, axis=-1))
+
+
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_grouped_fp8_matmul_contiguous_layout_equals_numpy(impl):
     """reference: fp8_grouped_matmul; interpret: the GEMM the experts run on GPU (model.experts.layout_gemm

@@ -240,30 +240,29 @@ def per_rank(ranks: Ranks | None, fn, args: tuple, rows: tuple, out_rows: int):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_rows), check_vma=False)(*args)
 
 
-def _masked_per_rank(fn, axis: str):
-    """A masked-layout GEMM on one rank's rows [G, Mmax / n, K] of every group: its counts (of the
-    whole Mmax) made the rank's own."""
-    def local(x, w, w_scale, counts, out_dtype):
-        m = jax.tree.leaves(x)[0].shape[1]
-        return fn(x, w, w_scale, jnp.clip(counts - lax.axis_index(axis) * m, 0, m).astype(counts.dtype), out_dtype)
-    return local
-
-
-def gemm_per_rank(ranks: Ranks | None, name: str, layout: str, *, fp8: bool, n: int, k: int):
-    """`gemm`, run per rank (`per_rank`) when it is a kernel: the activations split over the ranks by
-    rows (dense: x's axis 0; masked: axis 1 of x and of the output, each group's count the rank's share),
-    the weights whole. Same signature as `gemm`'s dense and masked functions."""
-    fn = gemm(name, layout, fp8=fp8, n=n, k=k)
-    if ranks is None or fn is GEMMS["xla"].get(layout):  # XLA's own GEMMs are partitioned by XLA
-        return fn
+def rows_per_rank(ranks: Ranks, fn, layout: str):
+    """A GEMM function of `layout` run per rank (`per_rank`): the activations split over the ranks by
+    rows (dense: x's axis 0; masked: axis 1 of x and of the output, each group's count made the rank's
+    share of it), the weights whole. Same signature as fn."""
     if layout == "dense":
         return lambda x, w, w_scale, out_dtype: per_rank(
             ranks, lambda x, w, s: fn(x, w, s, out_dtype), (x, w, w_scale), (0, None, None), 0)
-    if layout == "masked":
-        local = _masked_per_rank(fn, ranks.axis)
-        return lambda x, w, w_scale, counts, out_dtype: per_rank(
-            ranks, lambda x, w, s, c: local(x, w, s, c, out_dtype), (x, w, w_scale, counts), (1, None, None, None), 1)
-    raise ValueError(f"per-rank GEMMs take the dense and masked layouts, not {layout!r}.")
+    if layout != "masked":
+        raise ValueError(f"per-rank GEMMs take the dense and masked layouts, not {layout!r}.")
+
+    def local(x, w, w_scale, counts, out_dtype):  # one rank's rows [G, Mmax / n, K] of every group
+        m = jax.tree.leaves(x)[0].shape[1]
+        mine = jnp.clip(counts - lax.axis_index(ranks.axis) * m, 0, m).astype(counts.dtype)
+        return fn(x, w, w_scale, mine, out_dtype)
+    return lambda x, w, w_scale, counts, out_dtype: per_rank(
+        ranks, lambda x, w, s, c: local(x, w, s, c, out_dtype), (x, w, w_scale, counts), (1, None, None, None), 1)
+
+
+def gemm_per_rank(ranks: Ranks | None, name: str, layout: str, *, fp8: bool, n: int, k: int):
+    """`gemm` for a call outside the EP stages: run per rank (`rows_per_rank`) when it is a kernel; XLA's
+    own GEMMs are partitioned by XLA."""
+    fn = gemm(name, layout, fp8=fp8, n=n, k=k)
+    return fn if ranks is None or fn is GEMMS["xla"].get(layout) else rows_per_rank(ranks, fn, layout)
 
 
 # ---- resolving a deployment's section ------------------------------------------------------------
