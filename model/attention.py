@@ -210,8 +210,8 @@ class MLA(nnx.Module):
         cfg, H = self.cfg, q_nope.shape[2]
         q_latent = self.absorb_query(q_nope).reshape(B * S, H, -1)
         lengths = jnp.maximum(slots.reshape(-1) + 1, 1)  # padding rows (-1) read one row; their output is unused
-        if S > 1:  # (row b's S queries stay within its rank's contiguous rows)
-            cache = cache.select_rows(lambda table: jnp.repeat(table, S, axis=0))
+        if S > 1:  # (row b's S queries stay within its rank's contiguous rows; the step's plan is for them)
+            cache = cache.select_rows(lambda table: jnp.repeat(table, S, axis=0), plan=cache.plan)
         name, kernel = registry.decode_attention(self.decode_kernel, rank=cfg.kv_lora_rank, rope=cfg.qk_rope_head_dim,
                                                  block_size=cache.block_size, dtype=cache.dtype)
 
