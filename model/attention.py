@@ -33,7 +33,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.kernels import registry
 from model.layers import Derived, Linear, RMSNorm, apply_rope
-from model.quant import dequantize_weight, quantize_activations, quantize_blocks
+from model.quant import dequantize_weight, hold_scales, quantize_activations, quantize_blocks, real_scales
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 MASKED = -1e30  # finite, so a padding query whose every key is masked gives zeros, not NaN
@@ -48,13 +48,15 @@ def absorbed_weights(w, scale, cfg: ModelConfig):
         w, scale = dequantize_weight(w, scale), None
         uk, uv = absorbed_weights(w, None, cfg)[::2]
         (uk, uk_s), (uv, uv_s) = quantize_blocks(uk, xp=jnp), quantize_blocks(uv, xp=jnp)
-        return uk, uk_s, uv, uv_s
+        return uk, hold_scales(uk_s, jnp), uv, hold_scales(uv_s, jnp)
     w = w.reshape(*lead, H, K + V, R)
     uk, uv = jnp.swapaxes(w[..., :K, :], -1, -2), w[..., K:, :]
     if scale is None:
         return uk, None, uv, None
+    scale = real_scales(scale, R)  # (the held layout's padding is along R: the key half's N after the swap)
     scale = scale.reshape(*lead, H, (K + V) // 128, scale.shape[-1])  # each head's rows are whole blocks
-    return uk, jnp.swapaxes(scale[..., :K // 128, :], -1, -2), uv, scale[..., K // 128:, :]
+    return (uk, hold_scales(jnp.swapaxes(scale[..., :K // 128, :], -1, -2), jnp), uv,
+            hold_scales(scale[..., K // 128:, :], jnp))
 
 
 class AbsorbedKV(nnx.Module):
@@ -89,6 +91,7 @@ class MLA(nnx.Module):
         self.absorbed = AbsorbedKV(self.kv_b_proj, cfg)
         # the deployment's resolved kernels (sharding.kernels.Kernels), set by DeepseekV3.set_kernels
         self.decode_kernel, self.prefill_kernel, self.gemm, self.sms = "xla", "xla", "xla", 0
+        self.ranks = None  # registry.Ranks: where the step's rows live (DeepseekV3.set_expert_parallel)
 
     def queries(self, x, cos, sin):
         """x [B, S, D] -> q_nope [B, S, H, K], q_pe [B, S, H, P] (roped)."""
@@ -109,7 +112,7 @@ class MLA(nnx.Module):
         lead, (H, N, K) = x.shape[:-2], w.shape
         xh = jnp.swapaxes(x.reshape(-1, H, K), 0, 1)  # [H, M, in]
         counts = jnp.full((H,), xh.shape[1], jnp.int32)
-        fn = registry.gemm(self.gemm, "masked", fp8=scale is not None, n=N, k=K)
+        fn = registry.gemm_per_rank(self.ranks, self.gemm, "masked", fp8=scale is not None, n=N, k=K)
         out = fn(xh if scale is None else quantize_activations(xh), w, scale, counts, x.dtype)  # [H, M, out]
         return jnp.swapaxes(out, 0, 1).reshape(*lead, H, N)
 
@@ -138,8 +141,10 @@ class MLA(nnx.Module):
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], *k_nope.shape[2:3],
                                                                                k_pe.shape[-1]))], axis=-1)
             k_end = jnp.maximum(positions + 1, 1)  # a padding query sees key 0 (finite; its output is unused)
-            return registry.prefill_attention(self.prefill_kernel)(
-                jnp.concatenate([q_nope, q_pe], axis=-1), k, v, k_end, cfg.softmax_scale).astype(v.dtype)
+            attend = registry.prefill_attention(self.prefill_kernel)  # a kernel: each rank on its own rows
+            q = jnp.concatenate([q_nope, q_pe], axis=-1)
+            return registry.per_rank(self.ranks, lambda q, k, v, k_end: attend(q, k, v, k_end, cfg.softmax_scale),
+                                     (q, k, v, k_end), (0, 0, 0, 0), 0).astype(v.dtype)
         scores = (jnp.einsum("bshk,bthk->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
         probs = self._softmax(scores, mask).astype(v.dtype)
@@ -205,8 +210,8 @@ class MLA(nnx.Module):
         cfg, H = self.cfg, q_nope.shape[2]
         q_latent = self.absorb_query(q_nope).reshape(B * S, H, -1)
         lengths = jnp.maximum(slots.reshape(-1) + 1, 1)  # padding rows (-1) read one row; their output is unused
-        if S > 1:  # (row b's S queries stay within its rank's contiguous rows)
-            cache = cache.select_rows(lambda table: jnp.repeat(table, S, axis=0))
+        if S > 1:  # (row b's S queries stay within its rank's contiguous rows; the step's plan is for them)
+            cache = cache.select_rows(lambda table: jnp.repeat(table, S, axis=0), plan=cache.plan)
         name, kernel = registry.decode_attention(self.decode_kernel, rank=cfg.kv_lora_rank, rope=cfg.qk_rope_head_dim,
                                                  block_size=cache.block_size, dtype=cache.dtype)
 

@@ -22,7 +22,7 @@ from flax import nnx
 from model.config import ConfigError, ModelConfig
 from model.moe import default_placement
 from model.quant import FP8, WEIGHT_BLOCK, default_quantization, dequantize_blocks, dequantize_weight, \
-    quantize_blocks, scale_shape
+    hold_scales, quantize_blocks, real_scales, scale_shape
 from model.safetensors import FLOAT_DTYPES, CheckpointError, SafetensorsDir, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,10 @@ def _leaves(pure: dict) -> list[tuple[tuple[str, ...], object]]:
 def hf_tensors(net):
     """Yields (DeepSeek tensor name, host array) for every parameter of a DeepseekV3, one checkpoint
     tensor at a time; a routed expert is written once, from its first replica."""
-    for path, value in _leaves(nnx.to_pure_dict(nnx.state(net, nnx.Param))):
+    leaves = dict(_leaves(nnx.to_pure_dict(nnx.state(net, nnx.Param))))
+    for path, value in leaves.items():
+        if path[-1] == "weight_scale_inv":  # the checkpoint's shape, not the held layout's (model/quant.py)
+            value = real_scales(value, leaves[path[:-1] + ("weight",)].shape[-1])
         if "experts" in path:
             log2phy = np.asarray(getattr(net, path[0]).mlp.log2phy[...])  # [L, E, max replicas]
             for layer, expert in np.ndindex(*log2phy.shape[:2]):
@@ -155,10 +158,11 @@ class _TensorReader:
             return np.asarray(self._real(name)[index], dtype=dtype)
         raw = self.files.raw(name)
         if raw.dtype == FP8 and self.block == WEIGHT_BLOCK:
-            stored = raw if part == "q" else self.files.raw(name + SCALE)
+            stored = raw if part == "q" else hold_scales(np.asarray(self.files.raw(name + SCALE), np.float32))
             return np.asarray(stored[index], dtype=dtype)
         if name not in self._quantized:
-            self._quantized[name] = quantize_blocks(np.asarray(self._real(name), np.float32))
+            q, scale = quantize_blocks(np.asarray(self._real(name), np.float32))
+            self._quantized[name] = q, hold_scales(scale)  # (scales in the held layout: model/quant.py)
             if len(self._quantized) > 8:
                 self._quantized.popitem(last=False)
         return np.asarray(self._quantized[name][part == "scale"][index], dtype=dtype)
@@ -317,7 +321,7 @@ def _requantized(saved: dict, target: dict, shardings: dict) -> dict:
         for key in path[:-1]:
             parent = parent[key]
         if path[-1] == "weight_scale_inv":
-            value = quantize(parent["weight"])[1]
+            value = hold_scales(quantize(parent["weight"])[1], jnp)
         elif path[-1] == "weight" and abstract.dtype == FP8 and parent["weight"].dtype != FP8:
             value = quantize(parent["weight"])[0]
         elif path[-1] == "weight" and parent["weight"].dtype == FP8 and abstract.dtype != FP8:

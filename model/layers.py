@@ -19,7 +19,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.kernels import registry
-from model.quant import quantize_activations, quantize_blocks
+from model.quant import hold_scales, quantize_activations, quantize_blocks
 
 INIT_STD = 0.02  # HF initializer_range; only random-init models (tests, training) see it
 
@@ -46,11 +46,13 @@ class Derived(nnx.Variable):
 
 
 def fp8_param(rngs: nnx.Rngs | None, shape, axes, rows=None) -> tuple[nnx.Param, nnx.Param]:
-    """An FP8 weight [..., out, in] (e4m3) and its float32 scale_inv [..., out/128, in/128], from the
-    same random init as `param`. Scales are tiny (1 per 16K weights): replicated, except along the
-    expert axis, so a device holds the scales of exactly its own experts."""
+    """An FP8 weight [..., out, in] (e4m3) and its float32 scale_inv [..., out/128, in/128] in the held
+    layout (model/quant.py: hold_scales), from the same random init as `param`. Scales are tiny (1 per
+    16K weights): replicated, except along the expert axis, so a device holds the scales of exactly its
+    own experts."""
     value = param(rngs, shape, axes, jnp.float32, rows=rows)[...]
     q, scale = quantize_blocks(value, xp=jnp)
+    scale = hold_scales(scale, xp=jnp)
     scale_axes = tuple(a if a == "expert" else None for a in axes)
     return (nnx.Param(q, out_sharding=tuple(axes), eager_sharding=False),
             nnx.Param(scale, out_sharding=scale_axes, eager_sharding=False))
@@ -63,16 +65,17 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs, fp8: bool = False):
         if fp8:
-            self.weight, self.weight_scale_inv = fp8_param(rngs, (d_out, d_in), axes)  # [out, in], [out/128, in/128]
+            self.weight, self.weight_scale_inv = fp8_param(rngs, (d_out, d_in), axes)  # [out, in], [out/128, >= in/128]
         else:
             self.weight, self.weight_scale_inv = param(rngs, (d_out, d_in), axes, dtype), None
         self.gemm = "xla"  # the deployment's kernels.gemm (DeepseekV3.set_kernels)
+        self.ranks = None  # registry.Ranks: where the step's rows live (DeepseekV3.set_expert_parallel)
 
     def __call__(self, x):
         if self.weight_scale_inv is None:
             return linear(x, self.weight[...])
         w = self.weight[...]
-        gemm = registry.gemm(self.gemm, "dense", fp8=True, n=w.shape[0], k=w.shape[1])
+        gemm = registry.gemm_per_rank(self.ranks, self.gemm, "dense", fp8=True, n=w.shape[0], k=w.shape[1])
         out = gemm(quantize_activations(x.reshape(-1, x.shape[-1])), w, self.weight_scale_inv[...], x.dtype)
         return out.reshape(*x.shape[:-1], -1)
 

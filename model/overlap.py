@@ -118,8 +118,11 @@ class Part:
     rows: tuple[int, int]
 
     def view(self, cache):
-        """Reads only: the cache as this micro-batch's rows see it."""
-        return cache.select_rows(lambda a: halves(a, self.dp)[self.i])
+        """Reads only: the cache as this micro-batch's rows see it (with its decode plan, made once a step
+        where the cache holds one: serving/kv_cache.py PagedCache.with_plan)."""
+        plans = getattr(cache, "part_plans", None)
+        pick = lambda a: halves(a, self.dp)[self.i]  # noqa: E731
+        return cache.select_rows(pick) if plans is None else cache.select_rows(pick, plan=plans[self.i])
 
     def write(self, cache, layer, slots, rows):
         """This micro-batch's rows [b, S, C] at slots int32[b, S] into the cache (the other micro-batch's

@@ -72,6 +72,44 @@ def scale_shape(shape, block=WEIGHT_BLOCK) -> tuple[int, ...]:
     return (*lead, math.ceil(M / block[0]), math.ceil(N / block[1]))
 
 
+# ---- the block scales as held on device ------------------------------------------------------------
+# XLA hands a kernel one layer's slice of a scanned stack in place only when the slice's size is a
+# multiple of 256 bytes; else it copies the slice every step (docs/DESIGN_NOTES.md). A weight's scales
+# [N/128, K/128] float32 are held with the K-block axis padded so that they fill whole 256-byte units
+# (DeepSeek's q_a_proj [12, 56] -> [12, 64], kv_a_proj [5, 56] -> [5, 64]; most keep their shape). The
+# padding is made once, where scales are made or loaded (`hold_scales`), and never read: every GEMM
+# reads the K blocks of its K only. Checkpoints store the real shape (`real_scales`).
+SLICE_BYTES = 256
+
+
+def held_scale_shape(shape, block=WEIGHT_BLOCK) -> tuple[int, ...]:
+    """The held scales of a weight [..., N, K]: [..., ceil(N/128), Kb] with Kb >= ceil(K/128) the least
+    that makes one matrix's scales a multiple of 256 bytes."""
+    *lead, nb, kb = scale_shape(shape, block)
+    per_unit = SLICE_BYTES // 4
+    step = per_unit // math.gcd(nb, per_unit)
+    return (*lead, nb, -(-kb // step) * step)
+
+
+def hold_scales(scale, xp=np):
+    """Real scales float32 [..., Nb, Kb] -> the held layout (K-block axis padded with ones, never read)."""
+    *lead, nb, kb = scale.shape
+    pad = held_scale_shape((nb * BLOCK, kb * BLOCK))[-1] - kb
+    return xp.pad(scale, [(0, 0)] * (len(lead) + 1) + [(0, pad)], constant_values=1.0) if pad else scale
+
+
+def real_scales(scale, k: int):
+    """Held (or real) scales [..., Nb, Kb'] of a weight with K columns -> the real [..., Nb, ceil(K/128)]."""
+    return scale[..., :math.ceil(k / BLOCK)]
+
+
+def check_scale_shape(w_shape, s_shape, what: str = "w_scale") -> None:
+    """The one scale-shape rule of every FP8 GEMM: real (scale_shape) or held (held_scale_shape)."""
+    if tuple(s_shape) not in (scale_shape(w_shape), held_scale_shape(w_shape)):
+        raise ValueError(f"{what} {tuple(s_shape)} must hold one scale per 128x128 block of the weight "
+                         f"{tuple(w_shape)}: {scale_shape(w_shape)} (or {held_scale_shape(w_shape)} as held).")
+
+
 def default_quantization(requested: str | None, fp8_checkpoint: bool, platform: str) -> str:
     """The rule: what was asked for; unasked, "fp8" on a GPU (the deployment's platform) when the
     checkpoint is FP8 (FP8 GEMMs pay there), "none" otherwise (elsewhere an FP8 GEMM is emulated and
@@ -107,7 +145,7 @@ def dequantize_activations(x_q, x_scale, dtype=jnp.float32):
 
 
 def dequantize_weight(w_q, w_scale, dtype=jnp.float32):
-    """e4m3 [..., N, K] with float32 [..., N/128, K/128] -> dtype [..., N, K]. Elementwise against
+    """e4m3 [..., N, K] with float32 [..., N/128, K/128] (real or held) -> dtype [..., N, K]. Elementwise against
     broadcast scales (no reshape into blocks), so a weight sharded along N or K stays sharded."""
     N, K = w_q.shape[-2:]
     scale = _expand(_expand(w_scale.astype(jnp.float32), N, -2), K, -1)
@@ -126,8 +164,7 @@ def _check(x_q, x_scale, w_q, w_scale, x_rank: int, w_rank: int):
         raise ValueError(f"x_q {x_q.shape} and w_q {w_q.shape} must be {x_rank}-D and {w_rank}-D with one K.")
     if tuple(x_scale.shape) != (*x_q.shape[:-1], -(-x_q.shape[-1] // BLOCK)):
         raise ValueError(f"x_scale {x_scale.shape} must hold one scale per 128 values of x_q {x_q.shape}.")
-    if tuple(w_scale.shape) != scale_shape(w_q.shape):
-        raise ValueError(f"w_scale {w_scale.shape} must hold one scale per 128x128 block of w_q {w_q.shape}.")
+    check_scale_shape(w_q.shape, w_scale.shape)
 
 
 def fp8_matmul(x_q, x_scale, w_q, w_scale, out_dtype):

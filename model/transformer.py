@@ -26,7 +26,7 @@ from model.decoder import DecoderLayer  # the layer's stages and plain forward
 from model.experts import Experts
 from model.kernels import registry
 from model.layers import Derived, Linear, RMSNorm, param, rope_cos_sin
-from model.overlap import join_trees, overlapped_stack, splits
+from model.overlap import halves, join_trees, overlapped_stack, splits
 from model.quant import check_quantization
 
 
@@ -134,8 +134,12 @@ class DeepseekV3(nnx.Module):
                     var.set_value(jax.device_put(value, var.get_value().sharding))
 
     def set_expert_parallel(self, ep) -> None:
-        """Routes every MoE layer through model/ep.py with this EPConfig (None: single device)."""
+        """Routes every MoE layer through model/ep.py with this EPConfig (None: single device); the
+        kernels outside it (projections, per-head GEMMs, prefill attention) run per rank on its mesh."""
         self.ep = ep
+        ranks = None if ep is None else registry.Ranks(ep.mesh, ep.batch_axis)
+        for module in [m for _, m in nnx.iter_graph(self) if isinstance(m, (Linear, MLA))]:
+            module.ranks = ranks
         for stack in (self.moe_layers, self.mtp):
             if stack is not None:
                 stack.mlp.ep = ep
@@ -189,13 +193,14 @@ class DeepseekV3(nnx.Module):
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(jnp.maximum(positions, 0), self.config)
         mask = causal_mask(positions, cache.max_len)
-        cache = self._planned(cache, positions, absorbed)
+        ep = None if self.moe_layers is None else self.moe_layers.mlp.ep
+        overlapped = ep is not None and ep.overlap != "none" and splits(x, ep)
+        cache = self._planned(cache, positions, absorbed, ep.mesh.shape[ep.batch_axis] if overlapped else None)
         stats, out = {}, None
         if self.dense_layers is not None:
             x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
         if self.moe_layers is not None:
-            ep = self.moe_layers.mlp.ep
-            if ep is not None and ep.overlap != "none" and splits(x, ep):
+            if overlapped:
                 outs, cache, stats = overlapped_stack(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
                                                       positions, mask, absorbed, ep.overlap,
                                                       lambda x, rows: head(self.norm(x), rows))
@@ -206,14 +211,15 @@ class DeepseekV3(nnx.Module):
                 out = None
             stats = {**stats, "overflow": jnp.any(stats["overflow"])}
         if getattr(cache, "plan", None) is not None:  # made for these positions only
-            cache = dataclasses.replace(cache, plan=None)
+            cache = dataclasses.replace(cache, plan=None, part_plans=None)
         if out is None:
             out = head(self.norm(x), jnp.arange(x.shape[0], dtype=jnp.int32))
         return out, cache, stats
 
-    def _planned(self, cache, positions, absorbed: bool):
+    def _planned(self, cache, positions, absorbed: bool, dp: int | None = None):
         """The paged cache with the decode kernel's KV split for this step's rows, made once for every
-        layer (flash_mla's plan; other kernels take none). The rows are attend_in_cache's: each position
+        layer (flash_mla's plan; other kernels take none), and with dp (the step runs two micro-batches,
+        model/overlap.py) one for each micro-batch's rows. The rows are attend_in_cache's: each position
         of each row, reading up to it."""
         if not (absorbed and cache.in_place_decode and self.kernels is not None):
             return cache
@@ -223,8 +229,12 @@ class DeepseekV3(nnx.Module):
         if name not in registry.NEEDS_PLAN:
             return cache
         heads = cfg.num_attention_heads
-        return cache.with_plan(jnp.maximum(positions.reshape(-1) + 1, 1),
-                               lambda lengths: registry.decode_plan(name, lengths, self.kernels.sms, heads))
+
+        def lengths(positions):
+            return jnp.maximum(positions.reshape(-1) + 1, 1)
+        return cache.with_plan(lengths(positions), lambda lengths: registry.decode_plan(name, lengths, self.kernels.sms,
+                                                                                        heads),
+                               tuple(map(lengths, halves(positions, dp))) if dp else ())
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""

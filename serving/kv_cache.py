@@ -39,6 +39,7 @@ class PagedCache:
     # the decode kernel's KV split for these rows (with_plan), made once per step for every layer; each
     # rank's, stacked (a plan per rank: the ranks' rows and lengths differ)
     plan: Any = None
+    part_plans: Any = None  # (plan of micro-batch 0, of 1) when the step runs two (model/overlap.py Part.view)
     in_place_decode: ClassVar[bool] = True  # absorbed_context: the paged MLA kernel reads the pages
 
     def _per_rank(self, fn, out_spec, *args):
@@ -82,18 +83,20 @@ class PagedCache:
                           table + layer * NB, lengths, scale, plan)
         return self._per_rank(local, ROWS, self.pool, self.page_table, q_latent, q_pe, lengths, self.plan, layer)
 
-    def with_plan(self, lengths, make_plan) -> "PagedCache":
+    def with_plan(self, lengths, make_plan, parts: tuple = ()) -> "PagedCache":
         """The cache with each rank's plan for its rows at these lengths int32[B] (make_plan: a rank's
-        lengths -> its plan), computed here once, before the layer loop (inside it XLA would not hoist it:
-        the plan's searches are loops of their own)."""
-        plan = self._per_rank(lambda pool, table, lengths, _: make_plan(lengths), ROWS, self.pool, self.page_table,
-                              lengths, jnp.int32(0))
-        return dataclasses.replace(self, plan=plan)
+        lengths -> its plan), and one for each micro-batch's rows at theirs (parts: their lengths), computed
+        here once, before the layer loop (inside it XLA would not hoist it: the plan's searches are loops
+        of their own)."""
+        def plan(lengths):
+            return self._per_rank(lambda pool, table, lengths, _: make_plan(lengths), ROWS, self.pool,
+                                  self.page_table, lengths, jnp.int32(0))
+        return dataclasses.replace(self, plan=plan(lengths), part_plans=tuple(map(plan, parts)) or None)
 
-    def select_rows(self, pick) -> "PagedCache":
+    def select_rows(self, pick, plan=None) -> "PagedCache":
         """A view of some batch rows: pick maps the page table [B, MB] to the rows wanted (reads only; a
-        plan made for all rows does not hold for the view)."""
-        return dataclasses.replace(self, page_table=pick(self.page_table), plan=None)
+        plan made for all rows does not hold for the view: `plan` is the view's own, if made)."""
+        return dataclasses.replace(self, page_table=pick(self.page_table), plan=plan, part_plans=None)
 
     def read(self, layer) -> jax.Array:
         """-> [B, MB * BS, C]: each row's blocks in position order."""

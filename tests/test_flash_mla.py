@@ -46,6 +46,8 @@ def check_plan(lengths, parts):
     for b in range(B):
         mine = [p + b for p in range(parts) if plan.part_rows[p, 0] <= b <= plan.part_rows[p, 1]]
         assert mine == list(range(plan.row_slot[b, 0], plan.row_slot[b, 1] + 1))
+        assert all(plan.slot_row[s] == b for s in mine)  # what combine merges by, made with the plan
+    assert plan.slot_row.shape == (parts + B - 1,) and sum(plan.slot_row < B) == len(slots)  # the rest: unused
     # balance: no part exceeds the even share by more than one row's overhead
     total = n.sum() + ROW_OVERHEAD * B
     assert max(cost) <= -(-total // parts) + ROW_OVERHEAD, (max(cost), total / parts)

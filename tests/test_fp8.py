@@ -18,8 +18,8 @@ from model import DeepseekV3
 from model.experts import ExpertWeights, grouped_ffn, layout_gemm
 from model.kernels import registry
 from model import ModelConfig
-from model.quant import (FP8, dequantize_weight, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul,
-                         quantize_activations, quantize_blocks)
+from model.quant import (FP8, dequantize_weight, fp8_grouped_matmul, fp8_masked_matmul, fp8_matmul, held_scale_shape,
+                         hold_scales, quantize_activations, quantize_blocks, real_scales)
 from sharding import make_mesh
 from sharding.deployment import Deployment
 from model.ep import ep_routed_experts
@@ -93,6 +93,12 @@ def test_dense_fp8_matmul_equals_numpy_per_block_semantics():
     w_q, w_s = fp8_weights(rng, (200, 300))  # N = 200: a ragged block of rows
     got = jax.jit(fp8_matmul, static_argnums=4)(x_q, x_s, w_q, w_s, jnp.float32)
     close(got, np_fp8_gemm(x_q, x_s, w_q, w_s))
+    # the scales as held on device (K-block axis padded to a 256-byte multiple, the padding never read)
+    held = hold_scales(w_s)
+    assert held.shape == held_scale_shape(w_q.shape) == (2, 32) and np.array_equal(real_scales(held, 300), w_s)
+    np.testing.assert_array_equal(jax.jit(fp8_matmul, static_argnums=4)(x_q, x_s, w_q, held, jnp.float32), got)
+    with pytest.raises(ValueError, match="one scale per 128x128 block"):
+        fp8_matmul(x_q, x_s, w_q, held[:, :5], jnp.float32)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the GPU's own FP8 GEMM path (CPU sibling above)")
@@ -114,6 +120,33 @@ def test_fp8_gemms_on_gpu_match_numpy():
             ref = np_fp8_gemm(x_q[start:start + n], x_s[start:start + n], w3[0][g], w3[1][g])
             close(got[start:start + n], ref)
         start += n
+
+
+def test_gemms_run_per_rank_on_their_own_rows():
+    """How a GEMM kernel runs outside the EP stages (registry.rows_per_rank; gemm_per_rank picks it for
+    every kernel: XLA cannot partition a custom call and would gather every rank's rows to each): one
+    shard_map over a dp=8 mesh, each rank on its own rows with the weights whole, equal to the GEMM over
+    the whole batch; in the masked layout each rank gets its share of a group's count. (The GEMM here is
+    the XLA reference: the Mosaic interpreter cannot run on several devices at once; the kernel equals it
+    per call above, and tests/gpu_compile checks the compiled 8-GPU program gathers no rows.)"""
+    ranks = registry.Ranks(make_mesh(8), "dp")
+    rng = np.random.default_rng(11)
+    x_q, x_s = np_quantize(activations(rng, (16, 256)))
+    w_q, w_s = fp8_weights(rng, (128, 256))
+    w_s = hold_scales(w_s)
+    assert registry.gemm_per_rank(ranks, "xla", "dense", fp8=True, n=128, k=256) is registry.GEMMS["xla"]["dense"]
+    dense = registry.rows_per_rank(ranks, registry.GEMMS["xla"]["dense"], "dense")
+    run = jax.jit(lambda x_q, x_s, w, s: dense((x_q, x_s), w, s, jnp.float32))
+    assert "shard_map" in str(jax.make_jaxpr(run)(x_q, x_s, w_q, w_s))
+    np.testing.assert_array_equal(run(x_q, x_s, w_q, w_s), fp8_matmul(x_q, x_s, w_q, w_s, jnp.float32))
+    masked = registry.rows_per_rank(ranks, registry.GEMMS["xla"]["masked"], "masked")
+    xg, sg = x_q.reshape(2, 8, 256), x_s.reshape(2, 8, 2)
+    counts = np.array([3, 8], np.int32)  # group 0: rows 3.. unused (ranks 1-7 hold none of its used rows)
+    got = jax.jit(lambda x, s, w, ws, c: masked((x, s), w, ws, c, jnp.float32))(
+        xg, sg, np.stack([w_q, w_q]), np.stack([w_s, w_s]), counts)
+    want = fp8_masked_matmul(xg, sg, np.stack([w_q, w_q]), np.stack([w_s, w_s]), counts, jnp.float32)
+    close(got, np.asarray(want))  # (XLA:CPU may order the float32 sums differently per shape)
+    assert not np.any(np.asarray(got)[0, 3:]) and np.all(np.any(np.asarray(got)[1] != 0, axis=-1))
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
@@ -214,7 +247,8 @@ def test_fp8_weights_stay_fp8_on_device_and_cost_no_more_than_the_checkpoint():
                    moe.shared_experts.down_proj, net.dense_layers.mlp.gate_proj, moe.experts.up_proj, net.mtp.eh_proj):
         w, s = linear.weight[...], linear.weight_scale_inv[...]
         assert w.dtype == FP8 and s.dtype == jnp.float32
-        assert s.shape[-2:] == (math.ceil(w.shape[-2] / 128), math.ceil(w.shape[-1] / 128))
+        assert s.shape == held_scale_shape(w.shape) and s.shape[-2] == math.ceil(w.shape[-2] / 128)
+        assert s.shape[-1] >= math.ceil(w.shape[-1] / 128) and (4 * math.prod(s.shape[-2:])) % 256 == 0
     for w in (net.embed_tokens.weight, net.lm_head.weight, moe.gate.weight, net.norm.weight):
         assert w[...].dtype == jnp.float32
     files = sum(f.stat().st_size for f in Path(ROOT_MODEL).glob("*.safetensors"))

@@ -54,12 +54,15 @@ class DecodePlan:
     Chunks are numbered through the concatenation of the rows: row b holds global chunks
     [row_chunk[b], row_chunk[b + 1]). Part p takes global chunks [part_chunk[p], part_chunk[p + 1]),
     which lie in rows part_rows[p, 0] .. part_rows[p, 1] (an empty part has part_rows[p, 1] < [p, 0]).
-    Row b's partial results are in slots [row_slot[b, 0], row_slot[b, 1]] (inclusive).
+    Row b's partial results are in slots [row_slot[b, 0], row_slot[b, 1]] (inclusive); slot_row[s] is the
+    row slot s belongs to (B: a slot no segment writes), what `combine` merges by (made with the plan,
+    once per step: its searches are loops on a GPU).
     """
     part_chunk: jax.Array  # [N + 1]
     part_rows: jax.Array  # [N, 2]
     row_chunk: jax.Array  # [B + 1]
     row_slot: jax.Array  # [B, 2]
+    slot_row: jax.Array  # [N + B - 1]
 
     @property
     def num_parts(self) -> int:
@@ -93,7 +96,11 @@ def plan_decode(lengths, num_parts: int, *, row_overhead: int = ROW_OVERHEAD) ->
     part_of = lambda g: (jnp.searchsorted(part_chunk, g, side="right") - 1).astype(jnp.int32)
     b = jnp.arange(lengths.shape[0], dtype=jnp.int32)
     row_slot = jnp.stack([part_of(row_chunk[:-1]) + b, part_of(row_chunk[1:] - 1) + b], axis=1)
-    return DecodePlan(part_chunk, jnp.stack([first_row, last_row], axis=1), row_chunk, row_slot)
+    B = lengths.shape[0]
+    s = jnp.arange(num_parts + B - 1, dtype=jnp.int32)
+    row = jnp.searchsorted(row_slot[:, 1], s, side="left").astype(jnp.int32)  # first row ending at or after s
+    slot_row = jnp.where((row < B) & (s >= row_slot[jnp.minimum(row, B - 1), 0]), row, B).astype(jnp.int32)
+    return DecodePlan(part_chunk, jnp.stack([first_row, last_row], axis=1), row_chunk, row_slot, slot_row)
 
 
 def combine(o, m, l, plan: DecodePlan, dtype):
@@ -102,11 +109,9 @@ def combine(o, m, l, plan: DecodePlan, dtype):
     o f32[S, H, R] unnormalised contexts, m f32[S, H] running max (log2 units), l f32[S, H] sums
     -> [B, H, R] dtype. Slots no segment wrote (and garbage in them) weigh nothing.
     """
-    S, B = o.shape[0], plan.row_slot.shape[0]
-    s = jnp.arange(S, dtype=jnp.int32)
-    row = jnp.searchsorted(plan.row_slot[:, 1], s, side="left").astype(jnp.int32)  # first row ending at or after s
-    used = (row < B) & (s >= plan.row_slot[jnp.minimum(row, B - 1), 0])
-    row = jnp.where(used, row, B)  # segment B collects the unused slots and is dropped
+    B = plan.row_slot.shape[0]
+    row = plan.slot_row  # [S]: segment B collects the unused slots and is dropped
+    used = row < B
     m = jnp.where(used[:, None], m, -jnp.inf)
     m_row = jax.ops.segment_max(m, row, num_segments=B + 1, indices_are_sorted=True)[:B]  # [B, H]
     w = jnp.where(used[:, None], jnp.exp2(m - m_row[jnp.minimum(row, B - 1)]), 0.0)  # [S, H]

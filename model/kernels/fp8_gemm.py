@@ -2,7 +2,8 @@
 
 Semantics (model/quant.py's formats and XLA references; DeepSeek's inference/kernel.py): activations x_q
 float8_e4m3fn with one float32 scale per row per 128 K (x_scale), weights w_q float8_e4m3fn in the
-checkpoint's [N, K] layout with one float32 scale per 128 x 128 block (w_scale [.., ceil(N/128), ceil(K/128)]);
+checkpoint's [N, K] layout with one float32 scale per 128 x 128 block (w_scale [.., ceil(N/128), ceil(K/128)],
+or the held layout whose K-block axis is padded: model/quant.py held_scale_shape; the padding is never read);
 
     out[m, n] = sum over K blocks kb of (x_q[m, kb] . w_q[g(m), n, kb]) * x_scale[m, kb] * w_scale[g(m), n // 128, kb]
 
@@ -49,6 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from model.kernels.grouped_gemm import group_metadata
+from model.quant import check_scale_shape
 from model.kernels.mosaic import CONSUMER_REGS, PRODUCER_REGS, interpret_params, mma, tiled_smem
 
 FP8 = jnp.float8_e4m3fn
@@ -77,9 +79,9 @@ def _check(x_q, x_scale, w_q, w_scale, sizes, x_rows_shape, block_m, out_dtype):
     if x_scale.shape != (*x_rows_shape, kb) or x_scale.dtype != jnp.float32:
         raise ValueError(f"x_scale must be float32 {(*x_rows_shape, kb)} (one per row per 128 K), "
                          f"got {x_scale.dtype} {x_scale.shape}.")
-    if w_scale.shape[-2:] != (nb, kb) or w_scale.size != G * nb * kb or w_scale.dtype != jnp.float32:
-        raise ValueError(f"w_scale must be float32 {(*w_q.shape[:-2], nb, kb)} (one per 128x128 block), "
-                         f"got {w_scale.dtype} {w_scale.shape}.")
+    if w_scale.dtype != jnp.float32:
+        raise ValueError(f"w_scale must be float32 (one per 128x128 block), got {w_scale.dtype}.")
+    check_scale_shape(w_q.shape, w_scale.shape if w_scale.ndim == 3 else (1, *w_scale.shape))  # (real or held)
     if sizes is not None and sizes.shape != (G,):
         raise ValueError(f"group sizes must be int32[{G}], one per group of w_q, got shape {sizes.shape}.")
     if block_m not in (64, 128):

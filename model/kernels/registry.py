@@ -29,10 +29,15 @@ Names ending in "_interpret" run the same kernel in interpret mode on the CPU (t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
+import math
 
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from model import quant
 from model.kernels import flash_mla, fp8_gemm, grouped_gemm, mla_decode, mla_prefill
@@ -160,7 +165,8 @@ def _mosaic_masked(x, w, w_scale, counts, out_dtype, *, interpret=False):
 def _triton_contiguous(x, w, w_scale, group_sizes, out_dtype, *, interpret=False):
     # BF16 MMA: FP8 weights dequantised tile by tile in the kernel, which takes them as [G, K, N]
     if w_scale is not None:
-        x, w_scale = quant.dequantize_activations(*x, out_dtype), jnp.swapaxes(w_scale, 1, 2)
+        w_scale = jnp.swapaxes(quant.real_scales(w_scale, w.shape[-1]), 1, 2)
+        x = quant.dequantize_activations(*x, out_dtype)
     return grouped_gemm.grouped_matmul(x.astype(out_dtype), jnp.swapaxes(w, 1, 2), group_sizes, w_scale,
                                        impl="pallas", interpret=interpret).astype(out_dtype)
 
@@ -199,6 +205,64 @@ def gemm(name: str, layout: str, *, fp8: bool, n: int, k: int):
 def masked_rows(name: str) -> int:
     """What a masked layout's rows per group should be a multiple of, so the kernel pads nothing."""
     return BLOCK if name.startswith("mosaic_fp8") else 1
+
+
+# ---- one rank's rows: a kernel inside the data-parallel step --------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """Where a step's batch rows live: split over `axis` of `mesh` (DP attention), every weight a kernel
+    reads whole on each rank. Set on the model with its EP configuration (DeepseekV3.set_expert_parallel)."""
+    mesh: object
+    axis: str = "dp"
+
+
+def per_rank(ranks: Ranks | None, fn, args: tuple, rows: tuple, out_rows: int):
+    """fn(*args) with each rank running it on its own rows: one shard_map over the mesh, args[i]'s axis
+    rows[i] split over the ranks (None: the same on every rank, e.g. a weight), the output's axis out_rows.
+    A custom call (a Mosaic or Triton kernel) is opaque to XLA's partitioner, which would otherwise gather
+    every rank's rows to run it whole on each (measured: scripts/gpu_schedule.py). Runs fn(*args) as it is
+    on one device, inside a shard_map over the axis already, where the other mesh axes split the weights
+    (tp > 1: left to XLA) or the rows do not split evenly."""
+    if ranks is None:
+        return fn(*args)
+    mesh, axis = ranks.mesh, ranks.axis
+    n = mesh.shape[axis]
+    split = [(a, r) for a, r in zip(args, rows) if r is not None]
+    whole_weights = math.prod(mesh.shape.values()) == n
+    if (n == 1 or not whole_weights or axis in jax.sharding.get_abstract_mesh().manual_axes
+            or any(leaf.shape[r] % n for a, r in split for leaf in jax.tree.leaves(a))):
+        return fn(*args)
+
+    def spec(r):
+        return P() if r is None else P(*[None] * r, axis)
+    in_specs = tuple(jax.tree.map(lambda _, r=r: spec(r), a) for a, r in zip(args, rows))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_rows), check_vma=False)(*args)
+
+
+def rows_per_rank(ranks: Ranks, fn, layout: str):
+    """A GEMM function of `layout` run per rank (`per_rank`): the activations split over the ranks by
+    rows (dense: x's axis 0; masked: axis 1 of x and of the output, each group's count made the rank's
+    share of it), the weights whole. Same signature as fn."""
+    if layout == "dense":
+        return lambda x, w, w_scale, out_dtype: per_rank(
+            ranks, lambda x, w, s: fn(x, w, s, out_dtype), (x, w, w_scale), (0, None, None), 0)
+    if layout != "masked":
+        raise ValueError(f"per-rank GEMMs take the dense and masked layouts, not {layout!r}.")
+
+    def local(x, w, w_scale, counts, out_dtype):  # one rank's rows [G, Mmax / n, K] of every group
+        m = jax.tree.leaves(x)[0].shape[1]
+        mine = jnp.clip(counts - lax.axis_index(ranks.axis) * m, 0, m).astype(counts.dtype)
+        return fn(x, w, w_scale, mine, out_dtype)
+    return lambda x, w, w_scale, counts, out_dtype: per_rank(
+        ranks, lambda x, w, s, c: local(x, w, s, c, out_dtype), (x, w, w_scale, counts), (1, None, None, None), 1)
+
+
+def gemm_per_rank(ranks: Ranks | None, name: str, layout: str, *, fp8: bool, n: int, k: int):
+    """`gemm` for a call outside the EP stages: run per rank (`rows_per_rank`) when it is a kernel; XLA's
+    own GEMMs are partitioned by XLA."""
+    fn = gemm(name, layout, fp8=fp8, n=n, k=k)
+    return fn if ranks is None or fn is GEMMS["xla"].get(layout) else rows_per_rank(ranks, fn, layout)
 
 
 # ---- resolving a deployment's section ------------------------------------------------------------

@@ -21,15 +21,18 @@ def kernels():
 
 
 def test_no_weight_is_copied_or_dequantised(step):
-    """FP8 weights reach their GEMMs whole: no copy of a weight matrix (a scanned layer's slice read in
-    place) and no float copy of an FP8 weight. The GEMM-read copies left are FP8 block-scale arrays whose
-    per-layer size is not a multiple of 256 bytes (XLA passes a kernel a stack's slice in place only at
-    256-byte strides: docs/DESIGN_NOTES.md): a few bytes each."""
+    """FP8 weights reach their GEMMs whole: no copy of a weight matrix or of its block scales (a scanned
+    layer's slice read in place: XLA passes a kernel a stack's slice in place only at 256-byte strides, so
+    the scales are held with their K-block axis padded, model/quant.py held_scale_shape) and no float copy
+    of an FP8 weight. What is left copied per layer: the RMSNorm weights, one vector each, that XLA's Triton
+    normalization fusions read (they take no dynamic slice: docs/DESIGN_NOTES.md)."""
     assert step["dequantized_bytes_per_step"] == 0, step["dequantizing_ops"]
-    assert step["weight_matrix_copies_per_iteration"] == 0, step["weight_copies"]
+    assert step["weight_slice_copies_per_iteration"] == 0, step["weight_copies"]
+    assert step["weight_copies"]["gemm_copied_bytes_per_step"] == 0, step["weight_copies"]
     for loop in step["weight_copies"]["loops"]:
-        for copy in loop["copies"]:
-            assert copy["kind"] == "block_scales" and copy["bytes"] % 256 and copy["bytes"] < 4096, copy
+        assert not loop["copies"], loop
+        norms = [c for c in loop["other_copies"] if c["op"].endswith("dynamic_slice")]
+        assert len(norms) <= 4 and all(c["shape"].startswith("bf16[1,") for c in norms), loop["other_copies"]
     assert not any(c["read_by_gemm"] for c in step["weight_copies"]["outside_loops"])
 
 

@@ -42,3 +42,14 @@ def test_one_payload_all_to_all_per_dispatch_and_per_combine(schedule):
 def test_routing_gathers_nothing(schedule):
     """The gate runs where the tokens are: no collective comes from a MoE layer's routing."""
     assert not [c for c in schedule["collectives"] if c["stage"] == "route"]
+
+
+def test_every_kernel_runs_on_its_own_ranks_rows(schedule):
+    """Each custom-call kernel outside the EP stages (FP8 projections, the absorbed per-head GEMMs, prefill
+    attention; decode attention per rank over its pages) runs in one shard_map on each rank's rows
+    (model/kernels/registry.py per_rank): XLA gathers no rank's rows to run one. The only collectives left
+    besides the expert all-to-alls are the overflow flag's (a 1-byte all-reduce)."""
+    other = [c for c in schedule["collectives"] if "all-to-all" not in c["kind"]]
+    assert all(c["kind"] == "all-reduce" and c["bytes"] <= 8 for c in other), [
+        (c["kind"], c["stage"], c["bytes"]) for c in other]
+    assert schedule["sync_collectives"] <= 1
