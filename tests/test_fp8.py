@@ -54,17 +54,37 @@ def np_fp8_gemm(x_q, x_s, w_q, w_s):
     return out
 
 
+def near_rounding_edge(x, rel=2e-6):
+    """[..., K] -> [...]: whether any element of a row sits within `rel` of an e4m3 rounding edge once scaled,
+    so float32 noise upstream (summation order, silu's formula) may tip it one e4m3 step."""
+    _, s = np_quantize(x)
+    v = x.astype(np.float64) / np.repeat(s, 128, axis=-1)[..., :x.shape[-1]]
+    e4m3 = lambda a: a.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return ((e4m3(v * (1 + rel)) != e4m3(v)) | (e4m3(v * (1 - rel)) != e4m3(v))).any(-1)
+
+
 def np_expert(x, w):
-    """One expert, DeepSeek's Expert.forward with FP8 linears: w = (gate, up, down) as (e4m3, scale)."""
+    """One expert, DeepSeek's Expert.forward with FP8 linears: w = (gate, up, down) as (e4m3, scale).
+    Also returns, per row, whether its hidden activation sits on an e4m3 rounding edge (near_rounding_edge)."""
     xq = np_quantize(x)
     gate, up = np_fp8_gemm(*xq, *w[0]), np_fp8_gemm(*xq, *w[1])
     h = gate * 0.5 * (1 + np.tanh(gate / 2)) * up  # silu, without exp's overflow
-    return np_fp8_gemm(*np_quantize(h), *w[2])
+    return np_fp8_gemm(*np_quantize(h), *w[2]), near_rounding_edge(h)
 
 
 def close(got, want):
     """Equal to float32 rounding: summation order differs, each of the K/128 block partials rounds."""
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def close_but_edges(got, want, edge):
+    """close() on every row but those whose hidden activation sits on an e4m3 rounding edge (edge [M]): there one
+    element may round one e4m3 step (1/16 relative) the other way, so the row is held to 1% of its magnitude."""
+    got = np.asarray(got, np.float32)
+    assert edge.mean() < 0.1, f"{edge.sum()} of {len(edge)} rows on a rounding edge: the case tests nothing"
+    close(got[~edge], want[~edge])
+    for r in np.flatnonzero(edge):
+        np.testing.assert_allclose(got[r], want[r], atol=1e-2 * np.abs(want[r]).max())
 
 
 def fp8_weights(rng, shape):
@@ -197,20 +217,22 @@ def moe_case():
     x = activations(rng, (N, D)) / 4
     ids = np.stack([rng.choice(P, k, replace=False) for _ in range(N)]).astype(np.int32)
     weights = rng.random((N, k)).astype(np.float32)
-    want = np.zeros((N, D), np.float32)
+    want, edge = np.zeros((N, D), np.float32), np.zeros(N, bool)
     for t in range(N):
         for j in range(k):
             e = phy2log[ids[t, j]]
             w = [(logical[i][0][e], logical[i][1][e]) for i in range(3)]
-            want[t] += weights[t, j] * np_expert(x[t:t + 1], w)[0]
-    return x, ids, weights, experts, want
+            out, on_edge = np_expert(x[t:t + 1], w)
+            want[t] += weights[t, j] * out[0]
+            edge[t] |= on_edge[0]
+    return x, ids, weights, experts, (want, edge)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "masked", "tiles"])
 def test_expert_ffn_equals_numpy_in_every_layout(moe_case, layout):
     x, ids, weights, experts, want = moe_case
     run = jax.jit(lambda x, e: grouped_ffn(x, ids, weights, e, layout, capacity=64, tile=8, gemm="xla")[0])
-    close(run(x, experts), want)
+    close_but_edges(run(x, experts), *want)
 
 
 def test_expert_ffn_through_the_mosaic_kernel_equals_the_reference():
@@ -233,7 +255,7 @@ def test_expert_ffn_behind_fp8_dispatch_equals_numpy(moe_case):
     ep = EPConfig(mesh=make_mesh(8), combine_dtype="fp32")  # dispatch "auto": FP8 for FP8 experts
     run = jax.jit(lambda x, e: ep_routed_experts(x, ids, weights, jnp.ones(len(x), bool), e, ep))
     out, stats = run(x, experts)
-    close(out, want)
+    close_but_edges(out, *want)
     assert int(stats["expert_load"].sum()) == ids.size and not bool(stats["overflow"])
 
 
