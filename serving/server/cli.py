@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving import multihost
 from serving.api import add_speculative_flags, speculative_flag
 from serving.server.app import DEFAULT_MAX_BODY_BYTES
 from serving.server.parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, REASONING_PARSERS, THINK_END,
@@ -93,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
                          "tracing or lowering: seconds instead of minutes (serving/aot.py)")
     ap.add_argument("--no-warmup", action="store_true", help="compile shape buckets on first use, not at startup")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    multihost.add_flags(ap)  # process 0 serves HTTP; the others follow its steps (docs/SERVER.md)
     return ap
 
 
@@ -111,6 +113,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
+    try:
+        multi = multihost.join(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax
+    lead = jax.process_index() == 0
 
     import uvicorn
 
@@ -121,7 +130,8 @@ def main(argv=None) -> int:
         options = Options(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None,
                           chat_template(args.chat_template), generation_defaults(args.generation_config, model_dir))
         check_parsers(Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None, args)
-        print(f"[server] loading {model_dir}...", file=sys.stderr)
+        print(f"[server] loading {model_dir}" + (f" (process {jax.process_index()} of {jax.process_count()})"
+                                                 if multi else "") + "...", file=sys.stderr)
         llm = LLM(model_dir, deployment=deployment(args, model_dir), quantization=args.quantization,
                   speculative=speculative_flag(args))
     except (ValueError, OSError) as e:
@@ -137,11 +147,16 @@ def main(argv=None) -> int:
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
               f"{time.perf_counter() - began:.1f}s "
               f"(cache: {args.compilation_cache_dir or 'off'})", file=sys.stderr)
+    steps = multihost.Shared("step") if multi else None
+    if not lead:  # no HTTP here: the same steps as process 0, on the inputs it publishes
+        return multihost.follow(llm.engine, steps)
     # vLLM's naming: the model as given on the command line; its directory name is accepted too
     names = args.served_model_name or [args.model or model_dir.name]
     aliases = () if args.served_model_name else {model_dir.resolve().name, str(model_dir.resolve())}
     keys = args.api_key or ([os.environ["JAXSEEK_API_KEY"]] if os.environ.get("JAXSEEK_API_KEY") else [])
-    server = Server(llm, names, args.default_max_tokens, aliases, keys, args.max_request_body_bytes, options)
+    server = Server(llm, names, args.default_max_tokens, aliases, keys, args.max_request_body_bytes, options, steps)
+    if multi:
+        multihost.watch(server)
     print(f"[server] serving {', '.join(repr(n) for n in names)} on http://{args.host}:{args.port}/v1 "
           f"(started in {time.perf_counter() - start:.1f}s{', API key required' if keys else ''})", file=sys.stderr)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
