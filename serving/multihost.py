@@ -144,8 +144,10 @@ def follow(engine, steps: Shared) -> int:
         apply(engine, msg.ops)
         if msg.stop:
             s = engine.stats()
-            print(f"[server] process {me}: stopped by process 0 after {n} steps; kv blocks in use "
-                  f"{s['kv_blocks_used']}, running {s['running']}, waiting {s['waiting']}", file=sys.stderr)
+            steps_run = engine.counters["prefill_steps"] + engine.counters["decode_steps"]
+            print(f"[server] process {me}: stopped by process 0 after {steps_run} steps; kv blocks in use "
+                  f"{s['kv_blocks_used']}, running {s['running']}, waiting {s['waiting']}; waited "
+                  f"{steps.seconds:.1f} s in all for {n} step messages", file=sys.stderr)
             return 0
         if msg.step:
             engine.step()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,10 +29,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxseek" / "jax-compilation"
 
 
-def use_compilation_cache(path: str | None) -> None:
+def use_compilation_cache(path: str | None, every_program: bool = True) -> None:
     """JAX's persistent compilation cache: a second start of the same deployment loads every compiled
     step from disk instead of compiling it (keyed by program, devices and jax version: never stale).
-    Every program is kept, however fast it compiled: a fast compile here may be a slow one elsewhere."""
+    Every program is kept, however fast it compiled: a fast compile here may be a slow one elsewhere.
+    Not over several processes (every_program False: JAX's default, programs of a second or more):
+    there a small collective program loaded from the cache on XLA:CPU (gloo) ran other transfers than
+    the other process's fresh compile of it ("collective mismatch" at the second start)."""
     import jax
     if not path:
         return
@@ -44,8 +48,9 @@ def use_compilation_cache(path: str | None) -> None:
         raise ValueError(f"--compilation-cache-dir {path} is not writable ({e.strerror}): pass another "
                          f"directory, or '' to turn the cache off") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
+    if every_program:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,16 +113,12 @@ def main(argv=None) -> int:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
     try:
-        use_compilation_cache(args.compilation_cache_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
-    try:
         multi = multihost.join(args)
+        use_compilation_cache(args.compilation_cache_dir, every_program=not multi)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
     import jax
     lead = jax.process_index() == 0
 
@@ -159,7 +160,17 @@ def main(argv=None) -> int:
         multihost.watch(server)
     print(f"[server] serving {', '.join(repr(n) for n in names)} on http://{args.host}:{args.port}/v1 "
           f"(started in {time.perf_counter() - start:.1f}s{', API key required' if keys else ''})", file=sys.stderr)
+    if multi:  # uvicorn re-raises the SIGTERM it drained on: let it land here, so that process 0
+        # exits 0 after the others (jax.distributed's shutdown barrier), not killed before they leave
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    if multi:  # (the engine thread has stopped every process: its last message said so)
+        s = llm.engine.stats()
+        print(f"[server] process 0: stopped after {llm.engine.counters['prefill_steps'] + llm.engine.counters['decode_steps']} "
+              f"steps; kv blocks in use {s['kv_blocks_used']}; {server.worker.published} step messages, "
+              f"{steps.sent_bytes} bytes, {steps.seconds * 1e3 / max(1, server.worker.published):.2f} ms each",
+              file=sys.stderr)
     return 0
 
 
