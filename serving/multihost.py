@@ -10,9 +10,10 @@ deterministic scheduler, so their steps match process 0's without the scheduler'
 crossing the wire. Decisions that read local state (the disk tier's files) are made once by one
 process and shared the same way (`Shared.agree`, used by serving/disk_tier.py).
 
-Faults: a process that dies stops sending heartbeats to JAX's coordination service; `watch` sees it
-on process 0 (get_live_nodes, twice a second), fails /health naming it and exits non-zero. A
-follower whose process 0 is gone is stopped by the coordination service itself.
+Faults: a follower beats a counter in the store twice a second (`beat`); `watch` on process 0 sees
+one stand still for 5 s, fails /health naming it and exits
+non-zero, before JAX's own 10 s heartbeat timeout ends the job. A follower whose process 0 is gone
+is stopped by the coordination service itself.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def join(args) -> bool:
     initialize_multihost(args.coordinator, args.num_processes, args.process_id, init_timeout_s=args.init_timeout)
     import jax
     return jax.process_count() > 1
+
+
+def uncached(multi: bool) -> bool:
+    """True (and JAX's persistent compilation cache turned off, with a line saying so) for a
+    multi-process job on CPU devices: there, a second start that loaded its programs from the cache
+    died in its first collective ("gloo ... Received data size doesn't match expected size", jax
+    0.11.2): every start of such a job compiles."""
+    import jax
+    if not multi or jax.devices()[0].platform != "cpu":
+        return False
+    jax.config.update("jax_compilation_cache_dir", None)
+    if jax.process_index() == 0:
+        print("[server] multi-process on CPU: JAX's persistent compilation cache is off (a cached program's "
+              "collectives do not match across gloo processes)", file=sys.stderr)
+    return True
 
 
 def _client():
@@ -154,25 +170,54 @@ def follow(engine, steps: Shared) -> int:
             n += 1
 
 
-def watch(server, period_s: float = 0.5, grace_s: float = 2.0) -> threading.Thread:
-    """Process 0: watches every process's heartbeat; once one is gone /health fails naming it, and
-    after grace_s (so a balancer sees the 503) the server exits with status 3."""
+def beat(period_s: float = 0.5) -> threading.Thread:
+    """A follower's own heartbeat, a counter in the store: JAX's (10 s) ends the job, this one lets
+    process 0 fail /health first and say which process went (`watch`)."""
+    import jax
+    client, key = _client(), f"jaxseek/alive/{jax.process_index()}"
+
+    def run():
+        n = 0
+        while True:
+            client.key_value_set(key, str(n), allow_overwrite=True)
+            n += 1
+            time.sleep(period_s)
+
+    thread = threading.Thread(target=run, name="multihost-beat", daemon=True)
+    thread.start()
+    return thread
+
+
+def watch(server, period_s: float = 0.5, silent_s: float = 5.0, grace_s: float = 1.0) -> threading.Thread:
+    """Process 0: a follower whose beat (`beat`) stood still for silent_s fails /health naming it; grace_s later (so a balancer sees the 503) the server
+    exits with status 3. A failed step (EngineWorker.fault) does the same."""
     import jax
     client, processes = _client(), list(range(jax.process_count()))
+    seen = {p: (None, time.monotonic()) for p in processes[1:]}  # process -> (its last beat, when it changed)
+
+    def check() -> str | None:
+        # (not client.get_live_nodes: it waits for every process to call it, a barrier)
+        missing, now = [], time.monotonic()
+        for p, (last, since) in seen.items():
+            try:
+                value = client.key_value_try_get(f"jaxseek/alive/{p}")
+            except Exception:  # noqa: BLE001 - NOT_FOUND: it has not beaten yet
+                value = None
+            if value != last:
+                seen[p] = (value, now)
+            elif now - since > silent_s:
+                missing.append(p)
+        if missing:
+            return f"process {', '.join(map(str, sorted(missing)))} of {len(processes)} stopped (no heartbeat)"
+        return server.worker.fault
 
     def run():
         while True:
             time.sleep(period_s)
             try:
-                live = client.get_live_nodes(processes)
+                gone = check()
             except Exception as e:  # noqa: BLE001 - the coordination service itself failed
                 gone = f"the coordination service failed ({type(e).__name__}: {str(e)[:200]})"
-            else:
-                missing = [p for p in processes if p not in live]
-                gone = None if not missing else \
-                    f"process {', '.join(map(str, missing))} of {len(processes)} stopped (no heartbeat)"
-            if gone is None and server.worker.fault:
-                gone = server.worker.fault
             if gone:
                 server.fault = gone
                 log.error("%s: failing /health and exiting", gone)

@@ -29,13 +29,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxseek" / "jax-compilation"
 
 
-def use_compilation_cache(path: str | None, every_program: bool = True) -> None:
+def use_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache: a second start of the same deployment loads every compiled
     step from disk instead of compiling it (keyed by program, devices and jax version: never stale).
-    Every program is kept, however fast it compiled: a fast compile here may be a slow one elsewhere.
-    Not over several processes (every_program False: JAX's default, programs of a second or more):
-    there a small collective program loaded from the cache on XLA:CPU (gloo) ran other transfers than
-    the other process's fresh compile of it ("collective mismatch" at the second start)."""
+    Every program is kept, however fast it compiled: a fast compile here may be a slow one elsewhere."""
     import jax
     if not path:
         return
@@ -48,9 +45,8 @@ def use_compilation_cache(path: str | None, every_program: bool = True) -> None:
         raise ValueError(f"--compilation-cache-dir {path} is not writable ({e.strerror}): pass another "
                          f"directory, or '' to turn the cache off") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    if every_program:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,14 +108,16 @@ def main(argv=None) -> int:
         ap.error("--default-max-tokens and --max-request-body-bytes must be >= 1")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
+    import jax
     try:
         multi = multihost.join(args)
-        use_compilation_cache(args.compilation_cache_dir, every_program=not multi)
+        use_compilation_cache(None if multihost.uncached(multi) else args.compilation_cache_dir)
+        if multi and jax.process_index() != 0:
+            multihost.beat()
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
-    import jax
     lead = jax.process_index() == 0
 
     import uvicorn
