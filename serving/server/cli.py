@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     import jax
     try:
         multi = multihost.join(args)
-        use_compilation_cache(None if multihost.uncached(multi) else args.compilation_cache_dir)
+        cache_dir = None if multihost.uncached(multi) else args.compilation_cache_dir
+        use_compilation_cache(cache_dir)
         if multi and jax.process_index() != 0:
             multihost.beat()
     except (ValueError, RuntimeError) as e:
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
         n = llm.engine.warmup()
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
               f"{time.perf_counter() - began:.1f}s "
-              f"(cache: {args.compilation_cache_dir or 'off'})", file=sys.stderr)
+              f"(cache: {cache_dir or 'off'})", file=sys.stderr)
     steps = multihost.Shared("step") if multi else None
     if not lead:  # no HTTP here: the same steps as process 0, on the inputs it publishes
         return multihost.follow(llm.engine, steps)
@@ -164,11 +165,12 @@ def main(argv=None) -> int:
             signal.signal(sig, lambda *_: None)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
     if multi:  # (the engine thread has stopped every process: its last message said so)
-        s = llm.engine.stats()
-        print(f"[server] process 0: stopped after {llm.engine.counters['prefill_steps'] + llm.engine.counters['decode_steps']} "
-              f"steps; kv blocks in use {s['kv_blocks_used']}; {server.worker.published} step messages, "
-              f"{steps.sent_bytes} bytes, {steps.seconds * 1e3 / max(1, server.worker.published):.2f} ms each",
-              file=sys.stderr)
+        s, c = llm.engine.stats(), llm.engine.counters
+        n, sent = c["prefill_steps"] + c["decode_steps"], server.worker.published
+        print(f"[server] process 0: stopped after {n} steps; kv blocks in use {s['kv_blocks_used']}; {sent} step "
+              f"messages published, {steps.sent_bytes / max(1, sent):.0f} bytes and "
+              f"{steps.seconds * 1e3 / max(1, sent):.2f} ms each (a step: "
+              f"{(c['prefill_s'] + c['decode_s']) * 1e3 / max(1, n):.1f} ms)", file=sys.stderr)
     return 0
 
 
