@@ -163,7 +163,7 @@ def follow(engine, steps: Shared) -> int:
             steps_run = engine.counters["prefill_steps"] + engine.counters["decode_steps"]
             print(f"[server] process {me}: stopped by process 0 after {steps_run} steps; kv blocks in use "
                   f"{s['kv_blocks_used']}, running {s['running']}, waiting {s['waiting']}; waited "
-                  f"{steps.seconds:.1f} s in all for {n} step messages", file=sys.stderr)
+                  f"{steps.seconds:.1f} s in all for {n} step messages{disk_written(engine)}", file=sys.stderr)
             return 0
         if msg.step:
             engine.step()
@@ -186,6 +186,12 @@ def beat(period_s: float = 0.5) -> threading.Thread:
     thread = threading.Thread(target=run, name="multihost-beat", daemon=True)
     thread.start()
     return thread
+
+
+def disk_written(engine) -> str:
+    """'; disk blocks written N' where the engine has a disk tier (this process's writes)."""
+    disk = getattr(engine, "disk", None)
+    return "" if disk is None else f"; disk blocks written {disk.stats['written']}"
 
 
 def watch(server, period_s: float = 0.5, silent_s: float = 5.0, grace_s: float = 1.0) -> threading.Thread:

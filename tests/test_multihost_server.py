@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # EP over all 8 devices (ranks 0-3 on process 0, 4-7 on process 1), one shape bucket per kind; the
 # tests add the disk tier, whose admission and store decisions then cross processes
 DEPLOYMENT = json.loads((ROOT / "configs" / "deploy" / "cpu8-compact.json").read_text())
-PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(50, 70)), [11] * 18]  # two span a full 16-token block
+# each spans a full 16-token block (the disk tier stores it); with the text prompt, the chat and the
+# stream, 8 requests over 8 ranks (placement: balanced), so ranks of both processes store blocks
+PROMPTS = [list(range(3, 40)), list(range(50, 70)), [11] * 18, list(range(20, 37)), list(range(90, 100)) * 2]
 
 
 def _launcher():
@@ -111,11 +113,11 @@ async def _requests(client):
         return r.choices[0].message.content, r.choices[0].token_ids
 
     async def stream():
-        s = await client.completions.create(model="jaxseek-tiny", prompt="sort 3141=", max_tokens=8, temperature=0,
+        s = await client.completions.create(model="jaxseek-tiny", prompt=PROMPTS[0][::-1], max_tokens=8, temperature=0,
                                             stream=True, extra_body=extra)
         chunks = [c.choices[0] async for c in s if c.choices]
         return "".join(c.text for c in chunks), sum((c.token_ids for c in chunks), [])
-    return await asyncio.gather(*[complete(p) for p in ["add 23+45=", "sort 3141=", *PROMPTS]], chat(), stream())
+    return await asyncio.gather(*[complete(p) for p in ["add 23+45=", *PROMPTS]], chat(), stream())
 
 
 def test_two_processes_answer_like_one_under_concurrent_load(job, reference):
@@ -146,7 +148,7 @@ def test_sigterm_drains_and_stops_every_process(job, paths):
     answer = {}
 
     def long_request():
-        answer["r"] = job.client.completions.create(model="jaxseek-tiny", prompt=PROMPTS[1], max_tokens=60,
+        answer["r"] = job.client.completions.create(model="jaxseek-tiny", prompt=[7, 8, 9], max_tokens=60,
                                                     temperature=0, extra_body={"ignore_eos": True})
     t = threading.Thread(target=long_request)
     t.start()
@@ -163,7 +165,11 @@ def test_sigterm_drains_and_stops_every_process(job, paths):
     assert lead and follower, job.stderr(0)[-2000:] + job.stderr(1)[-2000:]
     assert lead.group(1) == follower.group(1) and int(lead.group(1)) > 60
     assert json.loads(lead.group(2)) == json.loads(follower.group(2)) == [0] * 8
-    assert list((paths / "disk").glob("*")), "the disk tier stored no block"  # both processes' ranks stored
+    # the disk tier: each process wrote the blocks of its own ranks (process 0 reading a rank of
+    # process 1 raised KeyError in DiskTier.store before), and every file is one of theirs
+    written = [int(re.search(r"disk blocks written (\d+)", job.stderr(i)).group(1)) for i in (0, 1)]
+    assert written[0] > 0 and written[1] > 0, written
+    assert sum(written) == len(list((paths / "disk").glob("*.kvb"))), written
 
 
 def test_a_killed_follower_fails_health_and_exits_naming_it(paths):

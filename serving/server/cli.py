@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         print(f"[server] process 0: stopped after {n} steps; kv blocks in use {s['kv_blocks_used']}; {sent} step "
               f"messages published, {steps.sent_bytes / max(1, sent):.0f} bytes and "
               f"{steps.seconds * 1e3 / max(1, sent):.2f} ms each (a step: "
-              f"{(c['prefill_s'] + c['decode_s']) * 1e3 / max(1, n):.1f} ms)", file=sys.stderr)
+              f"{(c['prefill_s'] + c['decode_s']) * 1e3 / max(1, n):.1f} ms){multihost.disk_written(llm.engine)}",
+              file=sys.stderr)
     return 0
 
 
