@@ -120,6 +120,9 @@ def main(argv=None) -> int:
         return 2
     os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
     lead = jax.process_index() == 0
+    if multi:
+        print(f"[server] process {jax.process_index()} of {jax.process_count()} joined the job "
+              f"({jax.device_count()} devices, {jax.local_device_count()} here)", file=sys.stderr)
 
     import uvicorn
 
@@ -130,8 +133,7 @@ def main(argv=None) -> int:
         options = Options(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None,
                           chat_template(args.chat_template), generation_defaults(args.generation_config, model_dir))
         check_parsers(Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None, args)
-        print(f"[server] loading {model_dir}" + (f" (process {jax.process_index()} of {jax.process_count()})"
-                                                 if multi else "") + "...", file=sys.stderr)
+        print(f"[server] loading {model_dir}...", file=sys.stderr)
         llm = LLM(model_dir, deployment=deployment(args, model_dir), quantization=args.quantization,
                   speculative=speculative_flag(args))
     except (ValueError, OSError) as e:
