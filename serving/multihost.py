@@ -97,9 +97,9 @@ class Shared:
         self.sent_bytes = 0
         self.seconds = 0.0  # spent in the store (publishing on the writer, waiting on the readers)
 
-    def agree(self, decide, writer: int = 0, wait_forever: bool = False, alive=lambda: True):
+    def agree(self, decide, writer: int = 0, wait_forever: bool = False):
         """decide() on `writer`, its value everywhere. A reader waits up to timeout_s (forever when
-        wait_forever, polling `alive()` between lookups) and raises TimeoutError naming the writer."""
+        wait_forever: a follower between requests) and raises TimeoutError naming the writer."""
         n, self.count = self.count, self.count + 1
         key = f"jaxseek/{self.name}/{n}"
         began = time.perf_counter()
@@ -109,7 +109,7 @@ class Shared:
                 data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
                 self.client.key_value_set_bytes(key, data)
                 self.sent_bytes += len(data)
-                if n >= KEEP and self.me == 0:
+                if n >= KEEP:  # (each key is deleted once, by the writer of the key KEEP after it)
                     self.client.key_value_delete(f"jaxseek/{self.name}/{n - KEEP}")
                 return value
             deadline = None if wait_forever else time.monotonic() + self.timeout_s
@@ -119,8 +119,6 @@ class Shared:
                 except Exception as e:  # noqa: BLE001 - jax raises its runtime error type for a timeout
                     if not _timed_out(e):
                         raise
-                if not alive():
-                    raise TimeoutError(f"stopped waiting for {key}")
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"process {writer} did not publish {key} within {self.timeout_s:.0f} s "
                                        f"(it is stuck or gone)")
