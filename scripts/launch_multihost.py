@@ -7,13 +7,15 @@ the multi-host path on one machine; a cluster runs one process per host, see REA
 Each process gets JAXSEEK_COORDINATOR / JAXSEEK_NUM_PROCESSES / JAXSEEK_PROCESS_ID (read by
 `python -m serving.generate` and the server) and, on CPU, its own emulated devices. Process 0's
 output is passed through; the others' stderr is prefixed. If a process dies, the launcher says
-which and stops the rest (they also abort on their own once its heartbeats stop).
+which and stops the rest (they also abort on their own once its heartbeats stop). SIGTERM or Ctrl-C
+is passed to process 0 only: `python -m serving.server` there drains and stops every process.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     if args.local_processes < 1 or args.cpu_devices_per_process < 1:
         ap.error("--local-processes and --cpu-devices-per-process must be >= 1")
     procs = spawn(command, args.local_processes, args.cpu_devices_per_process, args.port)
+    # SIGTERM / Ctrl-C go to process 0 alone: a server there drains its requests and stops the others
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: procs[0].poll() is None and procs[0].send_signal(signal.SIGTERM))
     relays = [threading.Thread(target=_relay, args=(p, i), daemon=True) for i, p in enumerate(procs)]
     for t in relays:
         t.start()

@@ -72,7 +72,7 @@ class Engine:
         self.disk_tier = DiskTier(self.runner, self.counters) if self.cfg.disk_cache_dir and local else None
         self.disk = self.disk_tier.cache if self.disk_tier else None
         self.scheduler = Scheduler(self.cfg, self.runner.ranks, self.runner.blocks_per_rank,
-                                   (self.disk.prefix, self.disk_tier.fetch) if self.disk else None,
+                                   (self.disk_tier.prefix, self.disk_tier.fetch) if self.disk else None,
                                    max_running=self.runner.blocks_per_rank if role == "prefill" else None,
                                    role=role, eos_token_ids=net.config.eos_token_ids, counters=self.counters,
                                    drafts=self.drafts)

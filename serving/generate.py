@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from serving import multihost
 from serving.api import add_speculative_flags, speculative_flag
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
 
 
 def main(argv=None) -> int:
@@ -39,11 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--json", action="store_true", help="one JSON object per prompt, then the stats")
-    multi = ap.add_argument_group("multi-host (one command per process; scripts/launch_multihost.py sets these)")
-    multi.add_argument("--coordinator", default=os.environ.get("JAXSEEK_COORDINATOR"), help="process 0's host:port")
-    multi.add_argument("--num-processes", type=int, default=_env_int("JAXSEEK_NUM_PROCESSES"))
-    multi.add_argument("--process-id", type=int, default=_env_int("JAXSEEK_PROCESS_ID"))
-    multi.add_argument("--init-timeout", type=int, default=60, help="seconds to wait for every process to join")
+    multihost.add_flags(ap)
     args = ap.parse_args(argv)
     try:
         prompt_ids = [[int(t) for t in p.split(",")] for p in args.prompt_ids]
@@ -52,14 +43,11 @@ def main(argv=None) -> int:
     if not args.prompt and not prompt_ids:
         ap.error("give at least one --prompt or --prompt-ids")
 
-    if args.num_processes not in (None, 1) or "SLURM_JOB_ID" in os.environ:
-        from sharding.mesh import initialize_multihost
-        try:
-            initialize_multihost(args.coordinator, args.num_processes, args.process_id,
-                                 init_timeout_s=args.init_timeout)
-        except (ValueError, RuntimeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    try:
+        multihost.join(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import jax
     lead = jax.process_index() == 0  # every process runs the same engine steps; process 0 reports
 

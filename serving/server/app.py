@@ -54,7 +54,10 @@ class Server:
     """Holds the LLM, the engine thread and the metrics; `app` is the ASGI application."""
 
     def __init__(self, llm, served_names: list[str], default_max_tokens: int = 16, aliases=(),
-                 api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, options: Options = Options()):
+                 api_keys=(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, options: Options = Options(),
+                 shared=None):
+        """shared: over a multi-process job, what carries each step's inputs to the other processes
+        (serving/multihost.py); this server is then process 0's."""
         self.llm, self.engine, self.tokenizer = llm, llm.engine, llm.tokenizer
         self.served_names = list(served_names)
         self.model_name = self.served_names[0]  # what responses report
@@ -66,7 +69,8 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.eos = tuple(self.engine.net.config.eos_token_ids)
         self.metrics = ServerMetrics()
-        self.worker = EngineWorker(self.engine, self.metrics)
+        self.worker = EngineWorker(self.engine, self.metrics, shared)
+        self.fault: str | None = None  # a process of the job is gone (serving/multihost.watch): /health fails
         # parsing and tokenizing: off the event loop, a few at a time
         self.parsers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="parse")
         self.started = int(time.time())
@@ -260,6 +264,8 @@ class Server:
 
         @app.get("/health")
         async def health():
+            if self.fault:
+                return JSONResponse({"status": self.fault}, status_code=503)
             if not self.worker.alive:
                 return JSONResponse({"status": "engine thread not running"}, status_code=503)
             return {"status": "ok"}

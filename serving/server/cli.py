@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
 
+from serving import multihost
 from serving.api import add_speculative_flags, speculative_flag
 from serving.server.app import DEFAULT_MAX_BODY_BYTES
 from serving.server.parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, REASONING_PARSERS, THINK_END,
@@ -93,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
                          "tracing or lowering: seconds instead of minutes (serving/aot.py)")
     ap.add_argument("--no-warmup", action="store_true", help="compile shape buckets on first use, not at startup")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    multihost.add_flags(ap)  # process 0 serves HTTP; the others follow its steps (docs/SERVER.md)
     return ap
 
 
@@ -105,12 +108,21 @@ def main(argv=None) -> int:
         ap.error("--default-max-tokens and --max-request-body-bytes must be >= 1")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
+    import jax
     try:
-        use_compilation_cache(args.compilation_cache_dir)
-    except ValueError as e:
+        multi = multihost.join(args)
+        cache_dir = None if multihost.uncached(multi) else args.compilation_cache_dir
+        use_compilation_cache(cache_dir)
+        if multi and jax.process_index() != 0:
+            multihost.beat()
+    except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ["JAXSEEK_SERIALIZED_STEPS"] = "1" if args.serialized_steps else "0"
+    lead = jax.process_index() == 0
+    if multi:
+        print(f"[server] process {jax.process_index()} of {jax.process_count()} joined the job "
+              f"({jax.device_count()} devices, {jax.local_device_count()} here)", file=sys.stderr)
 
     import uvicorn
 
@@ -136,15 +148,32 @@ def main(argv=None) -> int:
         n = llm.engine.warmup()
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
               f"{time.perf_counter() - began:.1f}s "
-              f"(cache: {args.compilation_cache_dir or 'off'})", file=sys.stderr)
+              f"(cache: {cache_dir or 'off'})", file=sys.stderr)
+    steps = multihost.Shared("step") if multi else None
+    if not lead:  # no HTTP here: the same steps as process 0, on the inputs it publishes
+        return multihost.follow(llm.engine, steps)
     # vLLM's naming: the model as given on the command line; its directory name is accepted too
     names = args.served_model_name or [args.model or model_dir.name]
     aliases = () if args.served_model_name else {model_dir.resolve().name, str(model_dir.resolve())}
     keys = args.api_key or ([os.environ["JAXSEEK_API_KEY"]] if os.environ.get("JAXSEEK_API_KEY") else [])
-    server = Server(llm, names, args.default_max_tokens, aliases, keys, args.max_request_body_bytes, options)
+    server = Server(llm, names, args.default_max_tokens, aliases, keys, args.max_request_body_bytes, options, steps)
+    if multi:
+        multihost.watch(server)
     print(f"[server] serving {', '.join(repr(n) for n in names)} on http://{args.host}:{args.port}/v1 "
           f"(started in {time.perf_counter() - start:.1f}s{', API key required' if keys else ''})", file=sys.stderr)
+    if multi:  # uvicorn re-raises the SIGTERM it drained on: let it land here, so that process 0
+        # exits 0 after the others (jax.distributed's shutdown barrier), not killed before they leave
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    if multi:  # (the engine thread has stopped every process: its last message said so)
+        s, c = llm.engine.stats(), llm.engine.counters
+        n, sent = c["prefill_steps"] + c["decode_steps"], server.worker.published
+        print(f"[server] process 0: stopped after {n} steps; kv blocks in use {s['kv_blocks_used']}; {sent} step "
+              f"messages published, {steps.sent_bytes / max(1, sent):.0f} bytes and "
+              f"{steps.seconds * 1e3 / max(1, sent):.2f} ms each (a step: "
+              f"{(c['prefill_s'] + c['decode_s']) * 1e3 / max(1, n):.1f} ms){multihost.disk_written(llm.engine)}",
+              file=sys.stderr)
     return 0
 
 

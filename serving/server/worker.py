@@ -4,6 +4,10 @@ The engine is not thread-safe (plain Python scheduler state; the KV pool and the
 donated to every step), so HTTP handlers never call it: they put submissions, aborts and calls in
 `inbox`; this thread takes all of them between steps (so concurrent requests join one continuous
 batch), runs `engine.step()` and hands each request's new tokens to its sink.
+
+Over a multi-process job (serving/multihost.py) this thread is process 0's: before each step it
+publishes the requests it added and aborted since the last one, which the other processes apply
+before running the same step.
 """
 
 from __future__ import annotations
@@ -45,9 +49,14 @@ class _Live:
 class EngineWorker:
     """The one thread that touches the engine. Everything else talks to it through `inbox`."""
 
-    def __init__(self, engine, metrics: ServerMetrics | None = None):
+    def __init__(self, engine, metrics: ServerMetrics | None = None, shared=None):
+        """shared: a serving.multihost.Shared that carries each step's inputs to the other processes."""
         self.engine = engine
         self.metrics = metrics
+        self.shared = shared
+        self.ops: list = []  # inputs applied since the last publish (multi-process only)
+        self.fault: str | None = None  # why this thread stopped on its own (a multi-process step failed)
+        self.published = 0
         self.inbox: queue.Queue = queue.Queue()
         self.live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -105,6 +114,7 @@ class EngineWorker:
             self._loop()
         except BaseException:  # a bug in the loop itself: fail loudly rather than leave handlers waiting
             log.exception("the engine thread died")
+            self.fault = self.fault or "the engine thread died"
             with self._lock:
                 self._stopping = True
             self._fail_all("the engine thread died", drain=True)
@@ -121,6 +131,7 @@ class EngineWorker:
             while msg is not None:
                 if msg[0] == "stop":
                     self._fail_all("the server is shutting down", drain=True)
+                    self._publish(step=False, stop=True)
                     return
                 self._handle(msg)
                 try:
@@ -128,6 +139,8 @@ class EngineWorker:
                 except queue.Empty:
                     msg = None
             wait = None
+            if self.shared is not None and (self.ops or not engine.idle):
+                self._publish(step=not engine.idle)
             if engine.idle:
                 continue
             steps = engine.counters["prefill_steps"] + engine.counters["decode_steps"]
@@ -138,6 +151,12 @@ class EngineWorker:
                 if self.metrics:
                     self.metrics.engine_errors.inc()
                 self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                if self.shared is not None:  # the processes may no longer agree: stop (serving/multihost.watch)
+                    self.fault = f"engine step failed on process 0: {type(e).__name__}: {e}"
+                    with self._lock:
+                        self._stopping = True
+                    self._fail_all(self.fault, drain=True)
+                    return
                 continue
             if engine.counters["prefill_steps"] + engine.counters["decode_steps"] == steps:
                 wait = 0.005  # nothing was schedulable: do not spin, look at the inbox again soon
@@ -154,20 +173,22 @@ class EngineWorker:
             added = []
             try:
                 for rid, ids, params in requests:
+                    if self.shared is not None:  # (a refused one too: the others refuse it by the same check)
+                        self.ops.append(("add", rid, ids, params))
                     self.engine.add_request(ids, params, request_id=rid)
                     added.append(rid)
                     self.live[rid] = _Live(sink, arrival, len(ids))
             except Exception as e:  # noqa: BLE001 - ValueError: a bad request; the rest reach the handler too
                 for rid in added:
                     self.live.pop(rid, None)
-                    self.engine.abort(rid)
+                    self._abort(rid)
                 fut.set_exception(e)
             else:
                 fut.set_result(None)
         elif kind == "abort":
             for rid in msg[1]:
                 if self.live.pop(rid, None) is not None:
-                    self.engine.abort(rid)
+                    self._abort(rid)
                     if self.metrics:
                         self.metrics.finished.labels(reason=msg[2]).inc()
         elif kind == "call":
@@ -177,6 +198,20 @@ class EngineWorker:
                     fut.set_result(fn(self.engine))
                 except Exception as e:  # noqa: BLE001
                     fut.set_exception(e)
+
+    def _abort(self, rid: str) -> None:
+        if self.shared is not None:
+            self.ops.append(("abort", rid))
+        self.engine.abort(rid)
+
+    def _publish(self, step: bool, stop: bool = False) -> None:
+        """Multi-process: the inputs since the last publish, to every other process (serving/multihost.py)."""
+        if self.shared is None:
+            return
+        from serving.multihost import StepInputs
+        ops, self.ops = self.ops, []
+        self.shared.agree(lambda: StepInputs(ops, step, stop))
+        self.published += 1
 
     def _deliver(self, event, now: float) -> None:
         req = event.request
@@ -205,7 +240,7 @@ class EngineWorker:
     def _fail_all(self, message: str, drain: bool = False) -> None:
         for rid, live in list(self.live.items()):
             try:
-                self.engine.abort(rid)
+                self._abort(rid)
             except Exception:  # noqa: BLE001 - the engine may be in a bad state; the handler must hear anyway
                 log.exception("abort of %s failed", rid)
             if self.metrics:
