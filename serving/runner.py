@@ -225,14 +225,13 @@ class ModelRunner:
             batch.slots.append(slots)
             for (req, pos, n), slot in zip(rows, slots):
                 b = rank * rows_b + slot
-                seq = req.prompt + req.output
                 used = req.blocks[:blocks]
                 if batch.kind == "decode":  # the last token, then its drafts (the next token: this step's)
-                    tokens[b, :n] = [seq[pos]] + req.drafts
+                    tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
                     n_drafts[b] = n - 1
                 else:
-                    tokens[b, :n] = seq[pos:pos + n]
-                    known = seq[pos + 1:pos + n + 1]
+                    tokens[b, :n] = req.tokens(pos, pos + n)
+                    known = req.tokens(pos + 1, pos + n + 1)
                     next_tokens[b, :len(known)] = known
                 # rows past what the request holds (a window running past its context) are not written
                 positions[b, :n] = np.where(np.arange(pos, pos + n) < len(used) * cfg.block_size,
