@@ -210,6 +210,7 @@ def sweep(args, argv: list[str]) -> int:
         if run.returncode:
             raise SystemExit(f"batch {batch}, context {context} failed:\n{run.stderr[-3000:]}")
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # (kept if a later run is cut short)
     print(json.dumps(results) if args.json else "\n".join(json.dumps(r) for r in results))
     return 0
 
