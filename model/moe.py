@@ -14,6 +14,7 @@ On one device dispatch passes the routed tokens through and combine / land only 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -170,18 +171,28 @@ class Routed:
 def move_experts(moe_stack, phy2log, log2phy, logcnt) -> None:
     """Re-places a stacked MoE module's routed experts: slot p of layer l takes logical expert
     phy2log[l, p]'s weights (and, for FP8 experts, their scales), copied from a slot that holds that
-    expert now. The gather keeps each weight's sharding, so XLA moves the rows between devices;
-    replicas are exact copies, so no output changes."""
+    expert now. One compiled program moves every weight, the source slots its data: any placement
+    reuses it (compiled once per weights' layout, by the engine's warm-up). The gather keeps each
+    weight's sharding, so XLA moves the rows between devices; replicas are exact copies, so no output
+    changes."""
     mlp = moe_stack.mlp
     src = np.take_along_axis(np.asarray(mlp.log2phy[...])[:, :, 0], np.asarray(phy2log), axis=1)  # [L, R]
-    for proj in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj):
-        for var in (proj.weight, proj.weight_scale_inv):  # [L, R, out, in], float32 [L, R, out/128, in/128]
-            if var is None:
-                continue
-            w = var[...]
-            gather = jax.jit(lambda w, s: jnp.take_along_axis(w, s[:, :, None, None], axis=1),
-                             out_shardings=w.sharding)
-            var[...] = gather(w, jnp.asarray(src, jnp.int32))
+    held = [var for proj in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj)
+            for var in (proj.weight, proj.weight_scale_inv) if var is not None]
+    # [L, R, out, in], float32 [L, R, out/128, in/128]
+    weights = tuple(var[...] for var in held)
+    moved = _slot_gather(tuple(w.sharding for w in weights))(weights, jnp.asarray(src, jnp.int32))
+    for var, w in zip(held, moved):
+        var.set_value(w)  # (not var[...] = w: the old value is donated, and indexing it would read it)
     for name, value in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
         var = getattr(mlp, name)
-        var[...] = jax.device_put(np.asarray(value, np.int32), var[...].sharding)
+        var.set_value(jax.device_put(np.asarray(value, np.int32), var[...].sharding))
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_gather(shardings: tuple):
+    """weights ([L, R, ...] each), src int32[L, R] -> each weight with slot r of layer l taken from
+    slot src[l, r]; the old weights are donated (a move never holds two copies of the experts)."""
+    def gather(weights, src):
+        return tuple(jnp.take_along_axis(w, src[:, :, None, None], axis=1) for w in weights)
+    return jax.jit(gather, out_shardings=shardings, donate_argnums=0)

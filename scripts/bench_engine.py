@@ -10,6 +10,16 @@ workload uses (the step shapes are those of the full deployment) and Engine.warm
 at every EP capacity level the steps may move between.
 
     python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16] [--no-speculative]
+    python scripts/bench_engine.py --shapes issue31 --sweep 16x256,64x256,256x256,16x2048,64x2048,256x2048 --json
+
+Per decode step it reports the wall time (`step_ms_median`), the device time (`device_step_ms_median`:
+the compiled step alone, block_until_ready, on the arrays of the next batch) and the exposed host
+time, their difference (`wall_minus_replay_ms`, also as `exposed_host_share` of the step).
+--context C sets the prompt so that the measured steps run at about C tokens of context (prompt +
+the tokens decoded before and during the measurement); --sweep BxC,... runs each (batch, context)
+in a process of its own and prints the list. --shapes issue31: a random checkpoint of the shapes
+issue 31 compares with the peer (scripts/bench_model.py; its 4,096-token context holds 2K prompts),
+written once under --model-dir.
 
 With MTP speculative decoding (on by default for a checkpoint with MTP weights) a step gives each
 request 1 + its accepted drafts: the tokens counted are the tokens generated, and the acceptance
@@ -77,6 +87,13 @@ def main(argv=None) -> int:
                     help="weights, compute and KV cache (default: the LLM's, float32 on CPU)")
     ap.add_argument("--prompts", choices=("random", "tasks"), default="random",
                     help="random token ids, or the tiny model's demo questions (scripts/demo.py)")
+    ap.add_argument("--context", type=int, help="tokens of context at the measured steps (sets --prompt-len)")
+    ap.add_argument("--sweep", help="BATCHxCONTEXT,...: one run of each, in a process of its own")
+    ap.add_argument("--shapes", choices=("issue31",), help="a random checkpoint of these shapes (bench_model.py)")
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/jaxseek-bench-issue31"),
+                    help="where --shapes writes its checkpoint (once)")
+    ap.add_argument("--lazy", action="store_true",
+                    help="skip Engine.warmup (every EP capacity level): the warm round compiles what it runs")
     ap.add_argument("--json", action="store_true")
     # the emulated devices must be set before serving is imported (its flags' helper lives there)
     devices = ap.parse_known_args(argv)[0].cpu_devices
@@ -85,6 +102,8 @@ def main(argv=None) -> int:
     from serving.api import add_speculative_flags
     add_speculative_flags(ap)
     args = ap.parse_args(argv)
+    if args.sweep:
+        return sweep(args, argv if argv is not None else sys.argv[1:])
 
     import jax
     import numpy as np
@@ -97,12 +116,17 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     # room for every measured step to give each request up to 1 + k tokens (MTP drafts accepted)
     max_tokens = (args.steps + 8) * (1 if args.no_speculative else 1 + (args.speculative_tokens or 1))
+    if args.context:  # the measured steps run between context - (steps + 8) and context tokens
+        args.prompt_len = args.context - (args.steps + 8)
+    if args.shapes:
+        from bench_model import issue31_checkpoint
+        args.model = issue31_checkpoint(args.model_dir)
     deployment = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
     llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None,
               speculative=speculative_flag(args))
     engine = llm.engine
     warmup_s = time.perf_counter()
-    warmup_compilations = engine.warmup()
+    warmup_compilations = 0 if args.lazy else engine.warmup()
     warmup_s = time.perf_counter() - warmup_s
     rng = np.random.default_rng(0)
     vocab = engine.net.config.vocab_size
@@ -150,6 +174,9 @@ def main(argv=None) -> int:
         "device_step_ms_median": device,
         "host_overhead_ms": 1e3 * float(np.median(hosts)),
         "wall_minus_replay_ms": 1e3 * float(np.median(walls)) - device,
+        "exposed_host_share": 1 - device / (1e3 * float(np.median(walls))),
+        "context_at_end": max(len(r.prompt) + len(r.output) for rank in engine.scheduler.running for r in rank),
+        "prompt_len": args.prompt_len, "model": args.shapes or str(args.model or "embedded"),
         "recompilations_during_measurement": engine.compilations - compiled,
         "ep_overflow_retries_during_measurement": engine.counters["ep_overflow_retries"] - retries,
         "ep_capacity_level_at_end": engine.stats()["ep_capacity_level"],
@@ -160,6 +187,31 @@ def main(argv=None) -> int:
     else:
         for k, v in result.items():
             print(f"{k:>36}: {v:.3f}" if isinstance(v, float) else f"{k:>36}: {v}")
+    return 0
+
+
+def sweep(args, argv: list[str]) -> int:
+    """Each BATCHxCONTEXT of --sweep in a fresh process (this script without --sweep): the list."""
+    import subprocess
+    rest, skip = [], False
+    for a in argv:  # drop --sweep and its value, --batch / --context (each run sets them)
+        if skip:
+            skip = False
+        elif a in ("--sweep", "--batch", "--context"):
+            skip = True
+        elif not a.startswith(("--sweep=", "--batch=", "--context=")):
+            rest.append(a)
+    results = []
+    specs = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.sweep.split(",")]
+    for i, (batch, context) in enumerate(specs):
+        print(f"[bench_engine] {i + 1}/{len(specs)}: batch {batch}, context {context}", file=sys.stderr, flush=True)
+        run = subprocess.run([sys.executable, __file__, *rest, "--batch", str(batch), "--context", str(context),
+                              "--json"], capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"batch {batch}, context {context} failed:\n{run.stderr[-3000:]}")
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # (kept if a later run is cut short)
+    print(json.dumps(results) if args.json else "\n".join(json.dumps(r) for r in results))
     return 0
 
 

@@ -17,7 +17,10 @@ exactly at max_tokens, a stream that ends in [DONE]), a 4xx with OpenAI's error 
 body, or the abort its client caused. At the end the server must hold no KV blocks and no running or
 waiting request, and its resident memory (RSS, from /proc, sampled 4 times a second) must have grown
 less than 5%: the median over the last tenth of the run against the median over the tenth after the
-first (--rss-baseline: where that window starts). Bounded in time: --deadline-s for the whole run, 120 s a request.
+first (--rss-baseline: where that window starts). And nothing may compile while it runs: the server's
+jaxseek_compilations_total (engine steps) and jaxseek_xla_compilations_total (every XLA compilation
+in the process: live EPLB moves, hand-overs, ...) must not move (reported as *_during_run).
+Bounded in time: --deadline-s for the whole run, 120 s a request.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def follows(check: str, choice: dict) -> bool:
     return bool(re.fullmatch("[0-9]{1,6}", text)) if check == "regex" else text in ("yes", "no")
 
 
-COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total")
+COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total", "jaxseek_xla_compilations_total")
 
 
 def counters(metrics: str) -> dict[str, float]:
@@ -239,7 +242,9 @@ async def run(args, pid: int | None) -> dict:
               "elapsed_s": round(elapsed, 1), "requests_per_s": round(len(items) / elapsed, 2),
               "kv_blocks_used_at_end": used, "running_or_waiting_at_end": sum(running),
               "compilations_during_run": counters(metrics)[COUNTERS[0]] - before[COUNTERS[0]],
-              "ep_overflow_retries_during_run": counters(metrics)[COUNTERS[1]] - before[COUNTERS[1]]}
+              "ep_overflow_retries_during_run": counters(metrics)[COUNTERS[1]] - before[COUNTERS[1]],
+              # every XLA compilation in the server process (engine steps, expert moves, hand-overs)
+              "xla_compilations_during_run": counters(metrics)[COUNTERS[2]] - before[COUNTERS[2]]}
     if pid:
         n, b = len(items), args.rss_baseline
         start_mb = np.median([r for d, r in samples if b * n <= d < (b + 0.1) * n] or [samples[0][1]]) / 2 ** 20
@@ -247,7 +252,9 @@ async def run(args, pid: int | None) -> dict:
         report.update(rss_start_mb=round(float(start_mb), 1), rss_end_mb=round(float(end_mb), 1),
                       rss_growth=round(float(end_mb / start_mb - 1), 4))
     report["ok"] = (report["lost"] == 0 and used == 0 and not any(running)
-                    and report.get("rss_growth", 0) < 0.05)
+                    and report.get("rss_growth", 0) < 0.05
+                    # serving after warm-up compiles nothing
+                    and report["compilations_during_run"] == 0 and report["xla_compilations_during_run"] == 0)
     return report
 
 

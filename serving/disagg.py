@@ -26,7 +26,7 @@ from serving.kv_cache import copy_blocks, copy_round, pow2, read_rank, write_ran
 from serving.request import Event, Request
 from serving.runner import finish_steps
 from serving.sampling import SamplingParams, row_width
-from serving.stats import statistics_record, summarize
+from serving.stats import statistics_record, summarize, xla_compilations
 
 # counters that belong to requests as a whole: kept by the prefill slice, where requests arrive
 ARRIVAL_COUNTERS = ("requests", "rejected", "prompt_tokens", "cached_prompt_tokens", "disk_cached_prompt_tokens")
@@ -148,7 +148,10 @@ class DisaggEngine:
         self.handover["s"] += time.perf_counter() - start
 
     def warmup(self) -> int:
-        return self.prefill.warmup() + self.decode.warmup()
+        compiled = self.prefill.warmup() + self.decode.warmup()  # (each warms its block copies too)
+        if self.across is not None:
+            self.across.warmup()
+        return compiled
 
     @property
     def compilations(self) -> int:
@@ -191,7 +194,7 @@ class DisaggEngine:
                    kv_blocks_cached=prefill["kv_blocks_cached"] + decode["kv_blocks_cached"],
                    kv_blocks_total_per_rank=max(prefill["kv_blocks_total_per_rank"],
                                                 decode["kv_blocks_total_per_rank"]),
-                   compilations=self.compilations, eplb=decode["eplb"],
+                   compilations=self.compilations, xla_compilations=xla_compilations(), eplb=decode["eplb"],
                    parameter_bytes=prefill["parameter_bytes"] + decode["parameter_bytes"],  # each slice holds a copy
                    parameter_bytes_per_device=max(prefill["parameter_bytes_per_device"],
                                                   decode["parameter_bytes_per_device"]))
@@ -251,6 +254,18 @@ class Across:
         hosts = finish_steps([e.runner for e in engines], launched, self.read)
         return [event for e, l, h in zip(engines, launched, hosts) if l for event in e.land(l, h)]
 
+    def warmup(self) -> None:
+        """Compiles the cross-process send at every power-of-two block width a hand-over can take."""
+        L, _, BS, C = self.decode.pool.shape
+        K = 1
+        while True:
+            arrays = [zeros_on(d, (1, L, K, BS, C), self.decode.pool.dtype) for _, d in self._local()]
+            pairs = np.full((self.mesh.size, 2), -1, np.int32)
+            jax.block_until_ready(_send(self._global(arrays, (L, K, BS, C), self.decode.pool.dtype), pairs, self.mesh))
+            if K >= self.prefill.max_blocks:
+                return
+            K *= 2
+
     def copy(self, moves) -> None:
         """Like kv_cache.copy_blocks from the prefill pool to the decode pool, rows crossing processes
         by one ppermute per round (a round reads each prefill rank and writes each decode rank once)."""
@@ -262,8 +277,12 @@ class Across:
             rows = read_rank(self.prefill.pool, self.prefill.cache_mesh, {m[0]: m[1] for m in batch}, K)
             arrays = [rows[i][None] if i in rows else zeros_on(d, (1, L, K, BS, C), pool.dtype)
                       for i, d in self._local()]  # (union index i < n_prefill is prefill rank i)
-            perm = tuple((src, self.n_prefill + dst) for src, _, dst, _ in batch)
-            sent = _ppermute(self._global(arrays, (L, K, BS, C), pool.dtype), self.mesh, perm)
+            # the round's pairing as data (one program for every pairing): per union device, the device
+            # its rows go to and the device its rows come from (-1: none)
+            pairs = np.full((self.mesh.size, 2), -1, np.int32)
+            for src, _, dst, _ in batch:
+                pairs[src, 0], pairs[self.n_prefill + dst, 1] = self.n_prefill + dst, src
+            sent = _send(self._global(arrays, (L, K, BS, C), pool.dtype), pairs, self.mesh)
             got = {s.device: s.data[0] for s in sent.addressable_shards}
             decode_devices = list(self.decode.mesh.devices.flat)
             pool = write_rank(pool, self.decode.cache_mesh,
@@ -276,7 +295,18 @@ def _replicate(x, mesh):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "perm"))
-def _ppermute(x, mesh, perm):
-    return jax.shard_map(lambda a: jax.lax.ppermute(a, "all", perm), mesh=mesh, in_specs=P("all"),
-                         out_specs=P("all"))(x)
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _send(x, pairs, mesh):
+    """x [N, ...]: one slab per device of the 1-D mesh; pairs int32[N, 2]: per device where its slab
+    goes and where the slab it receives comes from (-1: none) -> [N, ...], each device's received slab
+    (zeros if none). A permutation given as data, so any pairing of ranks runs this one program: a
+    ppermute's pairs are static (one program per pairing: compiles while serving). One all_to_all in
+    which each device fills only its destination's row: the wire carries N slabs per device where a
+    ppermute carries one (XLA:CPU implements no ragged_all_to_all, which would send the slab alone)."""
+    def local(a, pair):  # a [1, ...], pair [1, 2]
+        n = mesh.size
+        to = (jnp.arange(n) == pair[0, 0]).reshape((n,) + (1,) * (a.ndim - 1))
+        got = jax.lax.all_to_all(jnp.where(to, a, jnp.zeros_like(a)), "all", 0, 0, tiled=True)  # [n, ...]: row j from j
+        mine = jax.lax.dynamic_index_in_dim(got, jnp.maximum(pair[0, 1], 0), keepdims=True)
+        return jnp.where(pair[0, 1] >= 0, mine, jnp.zeros_like(mine))
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("all"), P("all")), out_specs=P("all"))(x, pairs)

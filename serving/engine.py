@@ -27,7 +27,7 @@ from serving.runner import Launched, ModelRunner, finish_steps
 from serving.sampling import SamplingParams, unpack
 from serving.scheduler import ROLES, Scheduler
 from serving.structured import Grammars
-from serving.stats import DeviceClock, new_counters, parameter_bytes, statistics_record, summarize
+from serving.stats import DeviceClock, new_counters, parameter_bytes, statistics_record, summarize, xla_compilations
 
 
 def draft_tokens(net, deployment) -> int:
@@ -65,6 +65,7 @@ class Engine:
             raise ValueError(f"engine role {role!r} is not one of {ROLES}")
         self.net, self.deployment, self.cfg, self.role = net, deployment, deployment.serving, role
         self.counters = new_counters()
+        xla_compilations()  # the process-wide compilation counter, listening from now on
         self.drafts = draft_tokens(net, deployment)
         self.runner = ModelRunner(net, deployment, mesh, self.counters, role, self.drafts)
         self.context_len = self.runner.context_len
@@ -223,7 +224,10 @@ class Engine:
         """Compiles every shape bucket this engine's role runs, at every EP capacity level, so serving
         never compiles; returns the number of compilations this took."""
         kinds = {"mixed": ("prefill", "decode"), "prefill": ("prefill",), "decode": ("decode",)}[self.role]
-        return self.runner.warmup(kinds)
+        compiled = self.runner.warmup(kinds)
+        if self.eplb is not None:
+            self.eplb.warmup()
+        return compiled
 
     # ---- elastic capacity ---------------------------------------------------------------------------
     def resize(self, devices) -> None:
@@ -262,6 +266,7 @@ class Engine:
             kv_blocks_cached=[len(p.evictable) for p in s.pools],
             balance={k: v.summary() for k, v in s.balance.items()},
             disk=self.disk.stats if self.disk else None, resizes=self.resizes, compilations=self.compilations,
+            xla_compilations=xla_compilations(),
             ep_capacity_level=None if ep is None else ep.level,
             eplb=self.eplb.stats() if self.eplb is not None else {},
             quantization=self.net.quantization, **parameter_bytes(self.net),

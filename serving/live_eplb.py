@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 
-import jax.numpy as jnp
 import numpy as np
 
 from model.moe import move_experts
@@ -27,6 +26,15 @@ class LiveEPLB:
         """The loads so far no longer describe the slots (a resize re-placed them)."""
         self._window.clear()
         self._seen = 0
+
+    def warmup(self) -> None:
+        """Compiles the expert move (one program whatever the placement, model/moe.py) by moving every
+        expert to where it is, so a live rebalance compiles nothing."""
+        if self.interval and self.runner.net.ep is not None:
+            mlp = self.runner.net.moe_layers.mlp
+            move_experts(self.runner.net.moe_layers, *(np.asarray(m[...]) for m in (mlp.phy2log, mlp.log2phy,
+                                                                                 mlp.logcnt)))
+            self.runner.refresh_weights()
 
     def after_step(self, steps: int) -> None:
         if self.interval and self.runner.net.ep is not None and steps % self.interval == 0:
@@ -50,7 +58,8 @@ class LiveEPLB:
             return
         move_experts(net.moe_layers, *new)
         runner.refresh_weights()
-        runner.expert_load, self._seen = jnp.zeros_like(runner.expert_load), 0  # slots now mean other experts
+        runner.reset_expert_load()  # slots now mean other experts (a host zero array: nothing to compile)
+        self._seen = 0
         self.rebalances += 1
         self.last = {"step": step, "balancedness_before": before.tolist(), "balancedness_after": after.tolist(),
                      "mean_before": float(before.mean()), "mean_after": float(after.mean()),

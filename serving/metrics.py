@@ -104,6 +104,8 @@ class EngineCollector:
                     s["parameter_bytes_per_device"])
         yield counter("compilations", "XLA compilations of the engine step (shape buckets, EP capacity levels).",
                       s["compilations"])
+        yield counter("xla_compilations", "XLA compilations in the server process, whatever asked for them (engine "
+                      "steps, expert moves, KV hand-overs); flat after warm-up.", s["xla_compilations"])
         # speculative decoding, vLLM's names (vllm:spec_decode_*) under our prefix
         yield counter("spec_decode_num_drafts", "Verify windows of MTP drafts run (one per request and step).",
                       s["spec_drafts"])

@@ -30,6 +30,13 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
 
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """The sequence's tokens [start, stop) (prompt then output; stop may run past its end), taken by
+        position: a step's host work is the tokens it feeds, not the context (no prompt + output copy)."""
+        P = len(self.prompt)
+        head = self.prompt[start:min(stop, P)] if start < P else []
+        return head + self.output[max(start - P, 0):max(stop - P, 0)]
+
     @property
     def in_prefill(self) -> bool:
         return self.computed < len(self.prompt)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from model.overlap import balanced_slots
 from serving.aot import AotStep, aot_directory, program_key, trim_heap
-from serving.kv_cache import POOL_AXES, PagedCache, new_pool
+from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank
 from serving.request import Batch
 from serving.penalties import PenaltyTable
 from serving.sampling import sampling_arrays, verify
@@ -71,8 +71,8 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
             head, overflow = head + [new], overflow | over
         keep = (j[None] <= accepted[:, None]) & ~overflow  # an overflowed step runs again
         table = table.count(sampling.slot, out, keep)
-        if stats:
-            expert_load = expert_load + stats["expert_load"]
+        if stats:  # ... so its expert loads count once: in the run that did not overflow
+            expert_load = expert_load + jnp.where(overflow, 0, stats["expert_load"])
         # one array to read back per step: per row the tokens accepted, the next drafts, the tokens and
         # logprobs (serving/sampling.py unpack); then the EP overflow flag
         rows_out = jnp.concatenate(head + [data.reshape(B, -1)], axis=1)
@@ -225,14 +225,13 @@ class ModelRunner:
             batch.slots.append(slots)
             for (req, pos, n), slot in zip(rows, slots):
                 b = rank * rows_b + slot
-                seq = req.prompt + req.output
                 used = req.blocks[:blocks]
                 if batch.kind == "decode":  # the last token, then its drafts (the next token: this step's)
-                    tokens[b, :n] = [seq[pos]] + req.drafts
+                    tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
                     n_drafts[b] = n - 1
                 else:
-                    tokens[b, :n] = seq[pos:pos + n]
-                    known = seq[pos + 1:pos + n + 1]
+                    tokens[b, :n] = req.tokens(pos, pos + n)
+                    known = req.tokens(pos + 1, pos + n + 1)
                     next_tokens[b, :len(known)] = known
                 # rows past what the request holds (a window running past its context) are not written
                 positions[b, :n] = np.where(np.arange(pos, pos + n) < len(used) * cfg.block_size,
@@ -342,9 +341,22 @@ class ModelRunner:
         if level is not None:
             self._set_level(level)
         self.penalties.warm_up()
+        self.warm_copies()
         jax.block_until_ready(self.pool)
         trim_heap()  # what compiling and loading left free goes back to the OS
         return self.compilations - before
+
+    def warm_copies(self) -> None:
+        """Compiles the block copies (serving/kv_cache.py: a hand-over out of or into this pool, a
+        resize's migration) at every power-of-two width a request's blocks can take, reading and
+        writing no block, so neither compiles while serving."""
+        K = 1
+        while True:
+            read_rank(self.pool, self.cache_mesh, dict.fromkeys(range(self.ranks), []), K)
+            self.pool = write_rank(self.pool, self.cache_mesh, {}, K)
+            if K >= self.max_blocks:
+                return
+            K *= 2
 
     def _least_blocks(self, kind: str, width: int) -> int:
         """The fewest KV blocks a batch of this width bucket can need (pack): a prefill chunk in a

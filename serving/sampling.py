@@ -175,24 +175,43 @@ def penalize(logits, counts, bias, arrays: SamplingArrays):
     return logits - arrays.frequency[:, None] * out - arrays.presence[:, None] * (out > 0)
 
 
-def masked_logits(logits, arrays: SamplingArrays):
+PARTIAL_TOP_K = 64  # top-k up to this runs on lax.top_k's k largest, not a sort of the vocabulary
+
+
+def masked_logits(logits, arrays: SamplingArrays, sampled=None):
     """logits f32[B, V] -> the temperature-scaled logits with what min-p, top-k and top-p cut set to -inf
-    (vLLM's order: temperature, min-p, then top-k and top-p)."""
+    (vLLM's order: temperature, min-p, then top-k and top-p). sampled bool[B]: the rows whose result
+    is used (default all); the cut costs what they ask: nothing without top-k or top-p, the
+    PARTIAL_TOP_K largest (lax.top_k) when each asks a top-k within them, a sort of the vocabulary
+    otherwise."""
     V = logits.shape[-1]
     temperature, top_k, top_p = arrays.temperature, arrays.top_k, arrays.top_p
+    sampled = jnp.ones(logits.shape[:1], bool) if sampled is None else sampled
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     # p / p_max >= min_p, in log space (min_p 0: log 0 = -inf keeps every token)
     scaled = jnp.where(scaled >= jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(arrays.min_p)[:, None],
                        scaled, -jnp.inf)
-    desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=1)
-    desc = jnp.where(desc >= kth, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, -jnp.inf)
+    has_k = (top_k > 0) & (top_k < V)
+    cap = min(PARTIAL_TOP_K, V)
+
+    def cut(desc):  # desc [B, n]: each row's n largest, descending (n = V: all)
+        k = jnp.where(has_k, jnp.minimum(top_k, desc.shape[-1]), desc.shape[-1])
+        kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=1)
+        desc = jnp.where(desc >= kth, desc, -jnp.inf)
+        probs = jax.nn.softmax(desc, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays; top_p 1 keeps
+        # all: a cumulative sum rounding to 1 before the tail must not cut it)
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p >= 1)[:, None]
+        threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(~wants[:, None] | (scaled >= jnp.maximum(threshold, kth)), scaled, -jnp.inf)
+
+    branches = [lambda: scaled,  # no row cuts
+                lambda: cut(jax.lax.top_k(scaled, cap)[0]),  # every row a top-k within the cap
+                lambda: cut(-jnp.sort(-scaled, axis=-1))]  # the whole vocabulary sorted
+    wants = has_k | (top_p < 1)  # [B]: the row cuts (the others keep every token in any branch)
+    cuts = sampled & wants
+    partial = jnp.all(~cuts | (has_k & (top_k <= cap)))
+    return jax.lax.switch(jnp.where(jnp.any(cuts), jnp.where(partial, 1, 2), 0), branches)
 
 
 def row_keys(arrays: SamplingArrays):
@@ -263,18 +282,23 @@ def verify(logits, drafts, n_drafts, arrays: SamplingArrays, table: "PenaltyTabl
         return penalize(x, counts.reshape(B * S, V), jnp.repeat(bias, S, axis=0), per_pos)
     # most steps have no row with penalties or a bias: they skip reading [B, V] rows of the table
     processed = jax.lax.cond(jnp.any(arrays.slot < table.slots), penalized, lambda x: x, flat)
-    masked = masked_logits(processed, per_pos)  # [B * S, V]
-    keys = row_keys(per_pos)
     target = jnp.concatenate([drafts, jnp.zeros((B, 1), jnp.int32)], axis=1).reshape(-1)  # draft after each position
     checks = (j[None] < n_drafts[:, None]).reshape(-1)  # a draft follows this position
     greedy = (arrays.temperature <= 0)[:, None]
     best = jnp.argmax(processed, axis=-1)
-    # sampled rows: accept with the rule's probability, else draw from p without the draft
-    p_draft = jnp.take_along_axis(jax.nn.softmax(masked, axis=-1), target[:, None], axis=1)[:, 0]
-    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys)
-    residual = jnp.where(checks[:, None] & (jnp.arange(V)[None] == target[:, None]), -jnp.inf, masked)
-    drawn = jax.vmap(jax.random.categorical)(keys, residual)
-    ok = jnp.where(greedy, (best == target).reshape(B, S), (u < acceptance(p_draft)).reshape(B, S))
+
+    def sampled(processed):  # sampled rows: accept with the rule's probability, else draw from p without the draft
+        masked = masked_logits(processed, per_pos, jnp.repeat(~greedy[:, 0], S))  # [B * S, V]
+        keys = row_keys(per_pos)
+        p_draft = jnp.take_along_axis(jax.nn.softmax(masked, axis=-1), target[:, None], axis=1)[:, 0]
+        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys)
+        residual = jnp.where(checks[:, None] & (jnp.arange(V)[None] == target[:, None]), -jnp.inf, masked)
+        return acceptance(p_draft) > u, jax.vmap(jax.random.categorical)(keys, residual)
+
+    def all_greedy(processed):  # greedy rows need the argmax alone: no cut, softmax or draw
+        return jnp.zeros(B * S, bool), best
+    accept, drawn = jax.lax.cond(jnp.all(greedy), all_greedy, sampled, processed)
+    ok = jnp.where(greedy, (best == target).reshape(B, S), accept.reshape(B, S))
     token = jnp.where(greedy, best.reshape(B, S), drawn.reshape(B, S)).astype(jnp.int32)
     accepted = jnp.sum(jnp.cumprod(ok & checks.reshape(B, S), axis=1), axis=1).astype(jnp.int32)
     tokens = jnp.where(j[None] < accepted[:, None], target.reshape(B, S), token)

@@ -16,6 +16,44 @@ COUNTERS = ("requests", "finished", "rejected", "prompt_tokens", "cached_prompt_
             "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
 
 
+class XlaCompilations:
+    """Every XLA compilation this process runs, whatever asked for it (engine steps, EPLB expert
+    moves, KV hand-overs and copies, eager ops on a new shape): jax.monitoring's backend-compile
+    events less its persistent-cache hits (a program loaded from the cache compiles nothing).
+    Listeners are process-wide and cannot be removed, so this is installed once (`xla_compilations`)."""
+
+    COMPILE = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+    CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+    def __init__(self):
+        self.compiles = self.cache_hits = 0
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+
+    def _duration(self, event: str, _secs: float, **_) -> None:
+        if event == self.COMPILE:
+            self.compiles += 1
+
+    def _event(self, event: str, **_) -> None:
+        if event == self.CACHE_HIT:
+            self.cache_hits += 1
+
+    @property
+    def count(self) -> int:
+        return self.compiles - self.cache_hits
+
+
+_XLA: XlaCompilations | None = None
+
+
+def xla_compilations() -> int:
+    """XLA compilations in this process since the counter was first read (engines read it at start)."""
+    global _XLA
+    if _XLA is None:
+        _XLA = XlaCompilations()
+    return _XLA.count
+
+
 def new_counters() -> dict:
     """One dict shared by the engine's parts (scheduler: requests and tokens; runner: steps)."""
     return {k: 0.0 if k.endswith("_s") else 0 for k in COUNTERS}
