@@ -9,7 +9,7 @@ from hf_reference import make_checkpoint, tiny_config
 from serving import LLM, SamplingParams
 from sharding.deployment import Deployment
 
-CONTEXT, BS = 48, 4
+CONTEXT, BS = 32, 4
 SERVING = {"block_size": BS, "prefill_tokens": [8], "prefill_rows": [4], "decode_batch": [8],
            "max_model_len": CONTEXT, "kv_dtype": "fp32"}
 GREEDY = dict(ignore_eos=True)
@@ -34,9 +34,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small(ckpt):
-    """A pool of two full-context requests (2 x 12 blocks) on one rank."""
+    """A pool of two full-context requests (2 x 8 blocks) on one rank."""
     llm = LLM(ckpt, deployment=deployment(2 * CONTEXT // BS))
-    assert llm.engine.scheduler.blocks_per_rank == 24
+    assert llm.engine.scheduler.blocks_per_rank == 16
     return llm
 
 
@@ -95,7 +95,7 @@ def test_preemption_recompute_changes_no_output_and_max_tokens_reserves_nothing(
 
 
 def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
-    """Two streams decode while two 28-token prompts arrive: a 10-token budget leaves 8 prompt tokens a
+    """Two streams decode while two 20-token prompts arrive: a 10-token budget leaves 8 prompt tokens a
     step, so the prompts take several mixed steps, and no step leaves a running stream without a token."""
     engine = small.engine
     params = SamplingParams(max_tokens=12, **GREEDY)
@@ -104,8 +104,8 @@ def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
     assert all(len(r.output) == 1 for r in first)
     engine.scheduler.budget = 10
     try:
-        longs = [engine.add_request(list(range(3, 31)), SamplingParams(max_tokens=4, **GREEDY)),
-                 engine.add_request(list(range(50, 78)), SamplingParams(max_tokens=4, **GREEDY))]
+        longs = [engine.add_request(list(range(3, 23)), SamplingParams(max_tokens=4, **GREEDY)),
+                 engine.add_request(list(range(50, 70)), SamplingParams(max_tokens=4, **GREEDY))]
         mixed = 0
         while any(r.output == [] for r in longs):
             running = [r for r in first if r.finish_reason is None]
@@ -113,7 +113,7 @@ def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
             engine.step()
             assert all(len(r.output) > before[r.id] for r in running)  # every running stream advanced
             mixed += engine.last_step["kind"] == "mixed"
-        assert mixed >= 4  # 2 x 28 prompt tokens, 8 a step
+        assert mixed >= 4  # 2 x 20 prompt tokens, 8 a step
         while not engine.idle:
             engine.step()
     finally:
@@ -124,13 +124,13 @@ def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
 
 def test_prompt_that_cannot_fit_a_rank_is_refused(ckpt):
     """A pool smaller than one full context: the engine starts; a prompt beyond a rank's pool is
-    refused in one sentence; one that fits runs, its output bounded by what the rank holds."""
-    llm = LLM(ckpt, deployment=deployment(5))  # 20 rows a rank, the context is 48
-    with pytest.raises(ValueError, match=r"request big: a prompt of 30 tokens needs 8 KV blocks, more than a "
+    refused in one sentence; one that fits is taken, its output bounded by what the rank holds."""
+    llm = LLM(ckpt, deployment=deployment(5))  # 20 rows a rank, the context is 32
+    with pytest.raises(ValueError, match=r"request big: a prompt of 24 tokens needs 6 KV blocks, more than a "
                                          r"rank's pool of 5 \(raise serving.kv_cache_mb\)"):
-        llm.engine.add_request(list(range(2, 32)), SamplingParams(max_tokens=2), "big")
-    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=40, **GREEDY))[0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 20 - len(PROMPTS[0]) + 1
+        llm.engine.add_request(list(range(2, 26)), SamplingParams(max_tokens=2), "big")
+    req = llm.engine.add_request(PROMPTS[0], SamplingParams(max_tokens=40, **GREEDY))
+    assert req.max_tokens == 20 - len(PROMPTS[0]) + 1 and llm.engine.counters["rejected"] == 1
 
 
 def test_preemption_with_disk_tier_restores_and_matches(ckpt, small, tmp_path):
