@@ -70,6 +70,7 @@ def _mixed_round(engine, rng, vocab, args, steps, stream_params, arrival_params)
             arrived[req.id] = time.perf_counter()
         live = [r for r in streams if engine.requests.get(r) is not None]
         compiled_before = engine.compilations
+        waiting = {r for r in arrived if not engine.requests[r].output}  # (no first token yet)
         events = engine.step()
         now, got = time.perf_counter(), set()
         # a step that compiled (a shape or EP capacity level the first round missed) is left out of the
@@ -77,7 +78,7 @@ def _mixed_round(engine, rng, vocab, args, steps, stream_params, arrival_params)
         compiled = engine.compilations != compiled_before
         compiling_steps += compiled
         if compiled:
-            tainted |= {r for r in arrived if not engine.requests.get(r) or not engine.requests[r].output}
+            tainted |= waiting
         for e in events:
             rid = e.request.id
             if rid in streams and e.new_tokens:
