@@ -70,7 +70,7 @@ def _mixed_round(engine, rng, vocab, args, steps, stream_params, arrival_params)
             arrived[req.id] = time.perf_counter()
         live = [r for r in streams if engine.requests.get(r) is not None]
         compiled_before = engine.compilations
-        waiting = {r for r in arrived if not engine.requests[r].output}  # (no first token yet)
+        waiting = {r for r in arrived if r in engine.requests and not engine.requests[r].output}  # (no token yet)
         events = engine.step()
         now, got = time.perf_counter(), set()
         # a step that compiled (a shape or EP capacity level the first round missed) is left out of the
