@@ -46,7 +46,8 @@ def mixed(args, llm_for) -> dict:
     rng = np.random.default_rng(0)
     result = None
     for _ in range(2):  # the first round compiles what the workload runs
-        result = _mixed_round(engine, rng, vocab, args, steps, SamplingParams(max_tokens=stream_tokens, ignore_eos=True),
+        result = _mixed_round(engine, rng, vocab, args, steps,
+                              SamplingParams(max_tokens=stream_tokens, ignore_eos=True),
                               SamplingParams(max_tokens=args.arrival_tokens, ignore_eos=True))
         for req in list(engine.requests.values()):
             engine.abort(req.id)
@@ -102,7 +103,8 @@ def _mixed_round(engine, rng, vocab, args, steps, stream_params, arrival_params)
             "ttft_samples": len(ttft),
             "ttft_ms": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99), "max": _pct(ttft, 100)},
             "streams": args.batch, "arrivals": args.arrivals, "arrival_len": args.arrival_len,
-            "arrival_every_steps": args.arrival_every, "compilations_during_measurement": engine.compilations - compiled,
+            "arrival_every_steps": args.arrival_every,
+            "compilations_during_measurement": engine.compilations - compiled,
             "preemptions": engine.counters.get("preemptions", 0) - before.get("preemptions", 0),
             "mixed_steps": engine.counters.get("mixed_steps", 0) - before.get("mixed_steps", 0)}
 

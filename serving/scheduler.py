@@ -89,8 +89,8 @@ class Scheduler:
         least = self._cap(req) - req.max_tokens + 1  # rows for the prompt and one token
         room = self.blocks_per_rank * self.cfg.block_size - least + 1  # the most tokens a rank can give it
         if room < 1:
-            raise ValueError(f"request {req.id}: a prompt of {len(req.prompt)} tokens needs {self._blocks(least)} "
-                             f"KV blocks, more than a rank's pool of {self.blocks_per_rank} (raise serving.kv_cache_mb)")
+            raise ValueError(f"request {req.id}: a prompt of {len(req.prompt)} tokens needs {self._blocks(least)} KV "
+                             f"blocks, more than a rank's pool of {self.blocks_per_rank} (raise serving.kv_cache_mb)")
         if self.role == "mixed":
             req.max_tokens = min(req.max_tokens, room)
         self.waiting.append(req)
