@@ -11,6 +11,9 @@ at every EP capacity level the steps may move between.
 
     python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16] [--no-speculative]
     python scripts/bench_engine.py --shapes issue31 --sweep 16x256,64x256,256x256,16x2048,64x2048,256x2048 --json
+    python scripts/bench_engine.py --workload mixed --json        # streams decoding while prompts arrive
+    python scripts/bench_engine.py --workload concurrency --json  # max_tokens reserving nothing
+(the scheduler's workloads: scripts/bench_scheduler.py)
 
 Per decode step it reports the wall time (`step_ms_median`), the device time (`device_step_ms_median`:
 the compiled step alone, block_until_ready, on the arrays of the next batch) and the exposed host
@@ -43,8 +46,9 @@ def replay_ms(engine, repeats: int) -> float:
     """Median ms of the jitted decode step alone, on the arrays of the engine's next decode batch."""
     import jax
     import numpy as np
-    batch = engine.scheduler.schedule()
-    assert batch.kind == "decode", "the replay measures a decode step"
+    batches = engine.scheduler.schedule()
+    assert [b.kind for b in batches] == ["decode"], "the replay measures a decode step"
+    batch = batches[0]
     arrays = engine.runner.pack(batch, engine.requests.__contains__)
     times = []
     for _ in range(repeats):
@@ -95,6 +99,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lazy", action="store_true",
                     help="skip Engine.warmup (every EP capacity level): the warm round compiles what it runs")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--workload", choices=("decode", "mixed", "concurrency"), default="decode")
+    ap.add_argument("--arrivals", type=int, default=16, help="mixed: prompts arriving while the streams decode")
+    ap.add_argument("--arrival-every", type=int, default=2, help="mixed: engine steps between arrivals")
+    ap.add_argument("--arrival-len", type=int, default=200, help="mixed: tokens of an arriving prompt")
+    ap.add_argument("--arrival-tokens", type=int, default=8, help="mixed: max_tokens of an arriving prompt")
     # the emulated devices must be set before serving is imported (its flags' helper lives there)
     devices = ap.parse_known_args(argv)[0].cpu_devices
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
@@ -114,6 +123,23 @@ def main(argv=None) -> int:
     from demo import default_model, questions
 
     import jax.numpy as jnp
+    if args.workload != "decode":
+        import subprocess
+
+        from bench_scheduler import concurrency, mixed
+
+        def llm_for(dep):
+            return LLM(args.model or default_model(), deployment=dep, speculative=speculative_flag(args),
+                       dtype=getattr(jnp, args.dtype) if args.dtype else None)
+        result = mixed(args, llm_for) if args.workload == "mixed" else \
+            concurrency(args, llm_for, questions, Path(args.model or default_model()))
+        import serving
+        source = Path(serving.__file__).resolve().parents[1]
+        result.update(workload=args.workload, serving_source=str(source), commit=subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+            device=jax.devices()[0].device_kind, load_average=os.getloadavg()[0])
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     # room for every measured step to give each request up to 1 + k tokens (MTP drafts accepted)
     max_tokens = (args.steps + 8) * (1 if args.no_speculative else 1 + (args.speculative_tokens or 1))
     if args.context:  # the measured steps run between context - (steps + 8) and context tokens

@@ -17,7 +17,7 @@ from serving.detokenizer import Detokenizer, text_ids
 from serving.disagg import DisaggEngine, build
 from serving.engine import build_engine
 from serving.sampling import SamplingParams
-from sharding.deployment import Deployment, Disaggregated, read
+from sharding.deployment import Deployment, Disaggregated, read, with_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "jaxseek-tiny"
@@ -119,14 +119,16 @@ def speculative_flag(args):
 
 
 class LLM:
-    def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None, speculative="auto"):
+    def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None, speculative="auto",
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None):
         """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
         tiny model). deployment: a deployment file or sharding.deployment.Deployment (default: every
         device present). dtype: activations and non-FP8 weights (default float32 on CPU, bfloat16
         elsewhere). quantization: "fp8" | "none" (default: the deployment's, else fp8 on a GPU for an
         FP8 checkpoint, none otherwise). speculative: {"method": "mtp", "num_tokens": k} (MTP drafts k
         tokens per step, verified in the next), None (off) or "auto" (the deployment's section; by
-        default 1 token where the checkpoint has MTP weights)."""
+        default 1 token where the checkpoint has MTP weights). max_model_len (default: the model's
+        context) and max_num_batched_tokens (per rank and step) override the deployment's serving."""
         from model import ModelConfig
         from model.quant import check_quantization
         if quantization is not None:
@@ -137,6 +139,8 @@ class LLM:
             deployment = Deployment.for_devices(len(jax.devices()), cfg.n_routed_experts)
         elif not isinstance(deployment, (Deployment, Disaggregated)):
             deployment = read(deployment)
+        deployment = with_serving(deployment, max_model_len=max_model_len,
+                                  max_num_batched_tokens=max_num_batched_tokens)
         if speculative != "auto":  # both slices of a disaggregated deployment
             def speculating(d):
                 return dataclasses.replace(d, speculative=speculative)

@@ -250,9 +250,9 @@ class Across:
 
     def step(self) -> list[Event]:
         engines = self.engines
-        launched = [e.launch() for e in engines]
+        launched = [(e.launch() or [None])[0] for e in engines]  # (a slice's step is one program: its role's)
         hosts = finish_steps([e.runner for e in engines], launched, self.read)
-        return [event for e, l, h in zip(engines, launched, hosts) if l for event in e.land(l, h)]
+        return [event for e, l, h in zip(engines, launched, hosts) if l for event in e.land([l], [h])]
 
     def warmup(self) -> None:
         """Compiles the cross-process send at every power-of-two block width a hand-over can take."""

@@ -3,10 +3,11 @@ module of its own: the scheduler owns the requests (serving/scheduler.py), the m
 the device side (serving/runner.py), live EPLB moves experts (serving/live_eplb.py), elastic
 capacity resizes (serving/elastic.py); statistics in serving/stats.py. A step:
 
-    batch = scheduler.schedule()                   # admission, placement, prefill or decode rows
-    out = runner.dispatch(runner.pack(batch))      # one jitted step, not waited for
-    host = finish_steps(runner, out)               # the one device->host read; overflow re-runs
-    events = scheduler.update_from_output(batch, *unpack(host))  # tokens, logprobs
+    batches = scheduler.schedule()                 # KV on demand, preemption, admission: the decode
+                                                   # rows, then prefill chunks within the token budget
+    outs = [runner.dispatch(runner.pack(b)) for b in batches]  # one jitted step each, not waited for
+    hosts = finish_steps(runner, outs)             # the device->host reads; overflow re-runs
+    events = [scheduler.update_from_output(b, *unpack(h)) for b, h in ...]  # tokens, logprobs
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Engine:
                                    drafts=self.drafts)
         if self.disk_tier:
             self.scheduler.on_prompt_done = self.disk_tier.store
+        # a preempted request's penalty row is rebuilt from its prompt and output when it samples again
+        self.scheduler.on_preempt = lambda req: self.runner.penalties.release(req.id)
         self.eplb = LiveEPLB(self.runner, deployment) if net.moe_layers is not None else None
         self.elastic = Elastic(self)
         self.started = time.perf_counter()
@@ -175,31 +178,32 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         launched = self.launch()
-        if launched is None:
+        if not launched:
             return []
-        host = finish_steps([self.runner], [launched], lambda outs: [np.asarray(outs[0])])[0]
-        return self.land(launched, host)
+        hosts = finish_steps([self.runner] * len(launched), launched, lambda outs: [np.asarray(o) for o in outs])
+        return self.land(launched, hosts)
 
     # A step in two halves around the read, so a disaggregated deployment spanning processes can
     # launch both slices' steps before reading either (serving/disagg.py).
-    def launch(self) -> Launched | None:
-        """Schedules the next batch and dispatches its jitted step (without waiting for it)."""
+    def launch(self) -> list[Launched]:
+        """Schedules the next step and dispatches its jitted programs without waiting for them: the
+        decode batch, then the prefill batch (a mixed step runs both; a role's engine one kind)."""
         start = time.perf_counter()
         if self.elastic.pending is not None:
             self.elastic.advance()
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return None
-        arrays = self.runner.pack(batch, self.requests.__contains__)
-        prepared = time.perf_counter()
-        return Launched(batch, arrays, self.runner.dispatch(batch.kind, arrays), start, prepared)
+        launched = []
+        for batch in self.scheduler.schedule():
+            arrays = self.runner.pack(batch, self.requests.__contains__)
+            prepared = time.perf_counter()
+            launched.append(Launched(batch, arrays, self.runner.dispatch(batch.kind, arrays), start, prepared))
+        return launched
 
-    def land(self, launched: Launched, host: np.ndarray) -> list[Event]:
-        """Advances the requests by the step's sampled tokens (host: the step's output, read back)."""
-        batch, start = launched.batch, launched.start
-        returned = time.perf_counter()
-        tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
-        events = self.scheduler.update_from_output(batch, tokens, logprobs, accepted, drafts)
+    def land(self, launched: list[Launched], hosts: list[np.ndarray]) -> list[Event]:
+        """Advances the requests by the step's sampled tokens (hosts: each program's output, read back)."""
+        start, returned, events = launched[0].start, time.perf_counter(), []
+        for part, host in zip(launched, hosts):
+            tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
+            events += self.scheduler.update_from_output(part.batch, tokens, logprobs, accepted, drafts)
         for e in events:  # a request that leaves this engine gives back its penalty row
             if e.request.guide is not None:  # the grammar moves by the accepted tokens only
                 if e.finished:
@@ -211,13 +215,17 @@ class Engine:
         self.runner.landed()
         done = time.perf_counter()
         elapsed = done - start
-        self.counters[f"{batch.kind}_steps"] += 1
-        self.counters[f"{batch.kind}_s"] += elapsed
-        # host bookkeeping: building the batch before the jitted call and advancing requests after it
-        self.last_step = {"kind": batch.kind, "wall_s": elapsed,
-                          "host_s": (launched.prepared - start) + (done - returned)}
+        kinds = [part.batch.kind for part in launched]
+        for kind in kinds:  # (a mixed step's time counts for both: each kind's rate over the steps it ran in)
+            self.counters[f"{kind}_steps"] += 1
+            self.counters[f"{kind}_s"] += elapsed
+        self.counters["steps"] += 1
+        self.counters["mixed_steps"] += len(kinds) > 1
+        # host bookkeeping: building the batches before the jitted calls and advancing requests after them
+        self.last_step = {"kind": "mixed" if len(kinds) > 1 else kinds[0], "wall_s": elapsed,
+                          "host_s": (launched[-1].prepared - start) + (done - returned)}
         if self.eplb is not None:
-            self.eplb.after_step(self.counters["prefill_steps"] + self.counters["decode_steps"])
+            self.eplb.after_step(self.counters["steps"])
         return events
 
     def warmup(self) -> int:

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
     ap.add_argument("--chat", action="store_true", help="wrap each text prompt in the model's chat template")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, help="the context length (default: the model's own)")
+    ap.add_argument("--max-num-batched-tokens", type=int, help="tokens per dp rank and step (default: the "
+                    "deployment's serving.max_num_batched_tokens)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
         print("[generate] loading the model and compiling (first run takes a while)...", file=sys.stderr)
-        llm = LLM(args.model, deployment=args.deployment, quantization=args.quantization, speculative=speculative_flag(args))
+        llm = LLM(args.model, deployment=args.deployment, quantization=args.quantization, speculative=speculative_flag(args),
+                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
         prompts = ([llm.chat_prompt([{"role": "user", "content": p}]) for p in args.prompt] if args.chat
                    else list(args.prompt)) + prompt_ids
     except ValueError as e:

@@ -83,6 +83,8 @@ class EngineCollector:
             seconds.add_metric([kind], s[f"{kind}_s"])
         yield steps
         yield seconds
+        yield counter("preemptions", "Running requests preempted (recompute) when a rank's KV pool had no block "
+                      "for a running request's next token (vLLM's num_preemptions).", s["preemptions"])
         yield gauge("requests_running", "Requests holding KV blocks (in prefill or decode).", s["running"])
         yield gauge("requests_waiting", "Requests queued for admission.", s["waiting"])
         used = GaugeMetricFamily(f"{PREFIX}_kv_blocks_used", "KV-cache blocks referenced by requests, per dp rank.",

@@ -29,6 +29,13 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    admitted: int = -1  # the scheduler's admission order (preemption takes the latest on a rank)
+
+    @property
+    def prefill_end(self) -> int:
+        """The tokens a prefill computes before decoding goes on: the prompt; after a preemption
+        (recompute) every token but the last one sampled, whose KV row the next decode step writes."""
+        return len(self.prompt) + max(0, len(self.output) - 1)
 
     def tokens(self, start: int, stop: int) -> list[int]:
         """The sequence's tokens [start, stop) (prompt then output; stop may run past its end), taken by
@@ -39,12 +46,12 @@ class Request:
 
     @property
     def in_prefill(self) -> bool:
-        return self.computed < len(self.prompt)
+        return self.computed < self.prefill_end
 
 
 @dataclasses.dataclass
 class Batch:
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" (a mixed step runs one of each: serving/engine.py)
     rows: list[list[tuple[Request, int, int]]]  # per rank: (request, first position, token count)
     slots: list[list[int]] = dataclasses.field(default_factory=list)  # per rank: each row's place in the batch
 

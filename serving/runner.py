@@ -120,13 +120,15 @@ class ModelRunner:
         layers = cfg.num_hidden_layers + (1 if drafts else 0)
         self.net, self.deployment, self.serving, self.counters = net, deployment, serving, counters
         self.context_len = serving.context_len(cfg.max_position_embeddings)
-        self.max_blocks = math.ceil(self.context_len / serving.block_size)
-        self.context_buckets = tuple(sorted({min(2 ** i, self.max_blocks) for i in
-                                             range(math.ceil(math.log2(self.max_blocks)) + 1)}))
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.kv_dtype = {"auto": net.dtype, "bf16": jnp.bfloat16, "fp32": jnp.float32}[serving.kv_dtype]
         self.blocks_per_rank = serving.blocks_per_rank(layers, self.width,
                                                        jnp.dtype(self.kv_dtype).itemsize)
+        # a row's page table: the context, but never more blocks than a rank holds (the scheduler
+        # bounds a request's output by its rank's pool)
+        self.max_blocks = min(math.ceil(self.context_len / serving.block_size), self.blocks_per_rank)
+        self.context_buckets = tuple(sorted({min(2 ** i, self.max_blocks) for i in
+                                             range(math.ceil(math.log2(self.max_blocks)) + 1)}))
         self._place(mesh)
         self.pool = new_pool(layers, self.ranks, self.blocks_per_rank, serving.block_size,
                              self.width, self.kv_dtype, mesh)
@@ -239,9 +241,10 @@ class ModelRunner:
                 table[b, :len(used)] = used
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
-                if req.params.needs_table and pos + n >= len(req.prompt):  # it samples (not a middle chunk)
+                samples = pos + n >= len(req.prompt) + len(req.output)  # not a middle chunk, nor a preempted request's recompute
+                if req.params.needs_table and samples:
                     rows_slot[b] = self.penalties.slot(req, rank, live)
-                if req.guide is not None and pos + n >= len(req.prompt):
+                if req.guide is not None and samples:
                     guided.append((b, req.guide, req.drafts if batch.kind == "decode" else []))
         mask, rows_guided = fill_masks(guided, B, 1 + self.drafts, self.mask_words)
         return (table, tokens, positions, sample_at, n_drafts, next_tokens,

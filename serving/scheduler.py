@@ -1,18 +1,30 @@
-"""Continuous batching: the scheduler owns the requests. Requests join and leave at any step. Each
-step is a prefill step (chunks of prompts, in token-count buckets) or a decode step (one token per
-running request, in batch-size buckets); each rank's rows form a contiguous slice of the batch,
-because attention is data-parallel. After a step, `update_from_output` advances every request of
-the batch by its sampled token: the one place requests advance (the engine, the disaggregated
-engine and scripts/bench_balance.py all go through it).
+"""Continuous batching as vLLM v1 and SGLang run it: the scheduler owns the requests. Requests join
+and leave at any step. KV blocks are given on demand: a request gets blocks for its prompt when
+admitted and one more each time its sequence crosses a block boundary (with MTP drafts: the rows
+the step's drafts need); max_tokens only bounds the output. When a rank's pool cannot give a
+running request its next block, the rank's most recently admitted request is preempted (recompute:
+its full blocks stay in the prefix cache, it goes back to the front of the queue, and on
+re-admission the part not cached is prefilled again; its output, logprobs and penalty counts are
+kept, so nothing a client saw changes).
+
+A step is mixed: every running decode first (one row each: its last token and its drafts), then the
+rest of a per-rank token budget (serving.max_num_batched_tokens) filled with prefill chunks of the
+waiting prompts, several prompts a step, a long prompt over several steps. The two parts run as a
+decode batch and a prefill batch, two programs dispatched back to back in one engine step
+(docs/DESIGN_NOTES.md: why not one ragged program). Each rank's rows form a contiguous slice of a
+batch, because attention is data-parallel. After a step, `update_from_output` advances every
+request of a batch by its sampled tokens: the one place requests advance (the engine, the
+disaggregated engine and scripts/bench_balance.py all go through it).
 
 Where a request runs is the balancers' choice (serving/balance.py): new prompts by the prefill
-balancer, prefilled requests handed over from a prefill slice by the decode balancer.
+balancer, prefilled requests handed over from a prefill slice by the decode balancer. Everything
+here is a function of the order of calls (no clock, no set or hash ordering), so processes that
+see the same inputs schedule the same steps.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import time
 from collections.abc import Callable
 
@@ -51,6 +63,9 @@ class Scheduler:
         self.finished: collections.deque[Request] = collections.deque(maxlen=4096)  # recent ones, for stats
         self.outbox: list[Request] = []  # prefill role: prompts done, KV still here, waiting for a decode rank
         self.on_prompt_done: Callable[[Request], None] | None = None  # (the disk tier stores its blocks)
+        self.on_preempt: Callable[[Request], None] | None = None  # (the engine frees its penalty row)
+        self.budget = cfg.token_budget()  # tokens per rank and step: decodes first, then prefill chunks
+        self._admissions = 0  # admission order: the latest on a rank is preempted first
         self.max_running = max_running or cfg.decode_batch[-1]
         self.blocks_per_rank = blocks_per_rank
         self.pools = [BlockPool(blocks_per_rank) for _ in range(ranks)]
@@ -61,7 +76,6 @@ class Scheduler:
         self.prefill_balancer, self.decode_balancer = Balancer(cfg.placement), Balancer(cfg.placement)
         self.balance = {"prefill_core_attention": Balancedness(), "prefill_input_tokens": Balancedness(),
                         "decode_kv_tokens": Balancedness(), "decode_requests": Balancedness()}
-        self._last = "decode"
 
     @property
     def ranks(self) -> int:
@@ -70,10 +84,15 @@ class Scheduler:
     def add(self, req: Request) -> None:
         if req.id in self.requests:
             raise ValueError(f"request {req.id}: id already in use")
-        need = self.blocks_needed(req)
-        if need > self.blocks_per_rank:
-            raise ValueError(f"request {req.id}: needs {need} KV blocks, more than a rank's pool of "
-                             f"{self.blocks_per_rank} (raise serving.kv_cache_mb or lower max_tokens)")
+        # KV on demand: only the prompt must fit an empty rank; the output is bounded by what one
+        # rank holds (a request alone on its rank is never preempted, so it always finishes)
+        least = self._cap(req) - req.max_tokens + 1  # rows for the prompt and one token
+        room = self.blocks_per_rank * self.cfg.block_size - least + 1  # the most tokens a rank can give it
+        if room < 1:
+            raise ValueError(f"request {req.id}: a prompt of {len(req.prompt)} tokens needs {self._blocks(least)} KV "
+                             f"blocks, more than a rank's pool of {self.blocks_per_rank} (raise serving.kv_cache_mb)")
+        if self.role == "mixed":
+            req.max_tokens = min(req.max_tokens, room)
         self.waiting.append(req)
         self.requests[req.id] = req
         self.counters["requests"] += 1
@@ -94,12 +113,24 @@ class Scheduler:
         else:
             self.finish(req, "abort")
 
+    def _cap(self, req: Request) -> int:
+        """The most cache rows the request ever writes: every prompt token and every generated token
+        but the last; with k drafts a step also writes the k draft rows after the last token and the
+        MTP module drafts k - 1 rows further (rows past `computed`: rewritten by the next step)."""
+        return len(req.prompt) + req.max_tokens - 1 + max(0, 2 * self.drafts - 1)
+
+    def _rows(self, req: Request, pos: int, n: int) -> int:
+        """Cache rows a step of n tokens at `pos` needs held: its own and the k - 1 the MTP module
+        drafts past them (a decode window of 1 + k tokens: 2k past its last token)."""
+        return min(pos + n + max(0, self.drafts - 1), self._cap(req))
+
+    def _blocks(self, rows: int) -> int:
+        return -(-rows // self.cfg.block_size)
+
     def blocks_needed(self, req: Request) -> int:
-        # every prompt token and every generated token but the last gets a cache row; with k drafts a
-        # step also writes the k draft rows after the last token and the MTP module drafts k - 1 rows
-        # further (rows past `computed`: rewritten by the next step, never visible)
-        extra = max(0, 2 * self.drafts - 1)
-        return math.ceil((len(req.prompt) + req.max_tokens - 1 + extra) / self.cfg.block_size)
+        """The worst case, prompt and max_tokens: what a decode slice reserves at hand-over (it cannot
+        recompute a preempted request: the prefill slice would have to)."""
+        return self._blocks(self._cap(req))
 
     def _open(self, rank: int) -> bool:
         return self.active[rank] and len(self.running[rank]) < self.max_running
@@ -107,8 +138,8 @@ class Scheduler:
     # ---- placement ---------------------------------------------------------------------------------
     def prefill_loads(self) -> np.ndarray:
         """[R, 2]: core-attention work and input tokens placed on each rank and not yet computed."""
-        return np.array([[sum(core_attention(len(r.prompt), r.computed) for r in reqs if r.in_prefill),
-                          sum(len(r.prompt) - r.computed for r in reqs if r.in_prefill)] for reqs in self.running],
+        return np.array([[sum(core_attention(r.prefill_end, r.computed) for r in reqs if r.in_prefill),
+                          sum(r.prefill_end - r.computed for r in reqs if r.in_prefill)] for reqs in self.running],
                         np.float64).reshape(self.ranks, 2)
 
     def decode_loads(self) -> np.ndarray:
@@ -117,13 +148,15 @@ class Scheduler:
                         np.float64).reshape(self.ranks, 2)
 
     def _admit(self) -> None:
-        """FIFO: the prefill balancer places the oldest waiting request, cache hits counted on the rank
-        that holds them; all its blocks are reserved up front so a running request never waits."""
+        """FIFO: the prefill balancer places the oldest waiting request (a preempted one first), cache
+        hits counted on the rank that holds them; it gets the blocks its prompt needs."""
         bs, loads, placed = self.cfg.block_size, None, False
         while self.waiting:
             req = self.waiting[0]
-            hashes = block_hashes(req.prompt, bs)
-            reusable = hashes[:(len(req.prompt) - 1) // bs]  # the last prompt token is always recomputed
+            target = req.prefill_end  # a preempted request recomputes its output but the last token too
+            hashes = block_hashes((req.prompt + req.output)[:target], bs)
+            # a prompt's last token is always recomputed (its sample is the first token)
+            reusable = hashes if req.output else hashes[:(target - 1) // bs]
             hits, costs, on_disk = [], np.zeros((self.ranks, 2)), {}  # on_disk: by device-hit length
             allowed = np.zeros(self.ranks, bool)
             for rank, pool in enumerate(self.pools):
@@ -131,17 +164,17 @@ class Scheduler:
                 if len(hit) not in on_disk:  # (file lookups: once per distinct device hit, not per rank)
                     on_disk[len(hit)] = self.disk[0](reusable[len(hit):]) if self.disk else 0
                 cached = (len(hit) + on_disk[len(hit)]) * bs
-                fresh = self.blocks_needed(req) - len(hit)
+                fresh = self._blocks(self._rows(req, 0, target)) - len(hit)
                 allowed[rank] = self._open(rank) and fresh <= pool.available - sum(b in pool.evictable for b in hit)
                 hits.append(hit)
-                costs[rank] = core_attention(len(req.prompt), cached), len(req.prompt) - cached
+                costs[rank] = core_attention(target, cached), target - cached
             loads = self.prefill_loads() if loads is None else loads
             rank = self.prefill_balancer.choose(loads, costs, allowed)
             if rank is None:
                 break
             self.waiting.popleft()
             self._place(req, rank, hits[rank], hashes, reusable)
-            loads[rank] += core_attention(len(req.prompt), req.computed), len(req.prompt) - req.computed
+            loads[rank] += core_attention(target, req.computed), target - req.computed
             placed = True
         if placed:
             active = [r for r in range(self.ranks) if self.active[r]]
@@ -151,7 +184,9 @@ class Scheduler:
     def _place(self, req: Request, rank: int, hit: list[int], hashes: list[bytes], reusable: list[bytes]) -> None:
         pool = self.pools[rank]
         pool.acquire(hit)
-        req.rank, req.blocks, req.hashes = rank, hit + pool.allocate(self.blocks_needed(req) - len(hit)), hashes
+        fresh = pool.allocate(self._blocks(self._rows(req, 0, req.prefill_end)) - len(hit))
+        req.rank, req.blocks, req.hashes = rank, hit + fresh, hashes[:len(req.prompt) // self.cfg.block_size]
+        req.admitted, self._admissions = self._admissions, self._admissions + 1
         loaded = 0
         if self.disk and len(hit) < len(reusable):
             loaded = self.disk[1](rank, reusable[len(hit):], req.blocks[len(hit):len(reusable)])
@@ -181,39 +216,76 @@ class Scheduler:
         self.pools[rank].release(blocks)
 
     # ---- steps -------------------------------------------------------------------------------------
-    def schedule(self) -> Batch | None:
-        self._admit()
+    def schedule(self) -> list[Batch]:
+        """The next step's batches: the decode rows of every running request past its prefill, then
+        prefill chunks within what is left of each rank's token budget (decode first when both)."""
+        if not self._grow():  # (as vLLM: nothing is admitted in a step that had to preempt)
+            self._admit()
         chunk, rows = self.cfg.prefill_tokens[-1], self.cfg.prefill_rows[-1]
         prefill, decode = [], []
         for reqs in self.running:  # one pass: this runs every step over every running request
-            p, d = [], []
+            d = [(r, r.computed, 1 + len(r.drafts)) for r in reqs if not r.in_prefill]
+            left, p = self.budget - sum(n for _, _, n in d), []
             for r in reqs:
-                left = len(r.prompt) - r.computed
-                if left > 0:
-                    p.append((r, r.computed, min(chunk, left)))
-                else:
-                    d.append((r, r.computed, 1 + len(r.drafts)))
-            prefill.append(p[:rows])
+                if left <= 0 or len(p) == rows:
+                    break
+                if r.in_prefill:
+                    n = min(chunk, r.prefill_end - r.computed, left)
+                    p.append((r, r.computed, n))
+                    left -= n
+            prefill.append(p)
             decode.append(d)
-        has_prefill, has_decode = any(prefill), any(decode)
-        # alternate when both wait, so neither new requests nor running ones starve
-        if has_prefill and (not has_decode or self._last == "decode"):
-            self._last = "prefill"
-            return Batch("prefill", prefill)
-        if has_decode:
-            self._last = "decode"
+        batches = []
+        if any(decode):
             active = [rank for rank in range(self.ranks) if self.active[rank]]
             self.balance["decode_kv_tokens"].record([sum(p + 1 for _, p, _ in decode[r]) for r in active])
             self.balance["decode_requests"].record([len(decode[r]) for r in active])
-            return Batch("decode", decode)
-        return None
+            batches.append(Batch("decode", decode))
+        if any(prefill):
+            batches.append(Batch("prefill", prefill))
+        return batches
+
+    def _grow(self) -> bool:
+        """KV on demand: gives each running decode, oldest first, the blocks its next step writes into;
+        where a rank's pool has none left, preempts the rank's most recently admitted request until it
+        has (vLLM's policy). Prompts hold their blocks from admission. -> whether any was preempted."""
+        preempted = False
+        for rank, reqs in enumerate(self.running):
+            pool = self.pools[rank]
+            for req in sorted(reqs, key=lambda r: r.admitted):
+                if req.rank != rank or req.in_prefill:  # (preempted just now; a prompt's blocks are held)
+                    continue
+                short = self._blocks(self._rows(req, req.computed, 1 + len(req.drafts))) - len(req.blocks)
+                while short > pool.available:  # (alone on its rank it always fits: add() bounds max_tokens)
+                    victim = max(reqs, key=lambda r: r.admitted)
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if short > 0 and req.rank == rank:
+                    req.blocks = req.blocks + pool.allocate(short)
+        return preempted
+
+    def preempt(self, req: Request) -> None:
+        """Recompute preemption: the request's full blocks of computed rows join the prefix cache as
+        evictable (re-admission mostly hits them), the rest are freed, and it goes to the front of the
+        queue with its output, logprobs and drafts kept."""
+        pool, seq = self.pools[req.rank], req.prompt + req.output
+        for block, h in zip(req.blocks, block_hashes(seq[:req.computed], self.cfg.block_size)):
+            pool.register(block, h)
+        self.release(req)
+        req.rank, req.blocks, req.cached, req.computed = -1, [], 0, 0
+        self.waiting.appendleft(req)
+        self.counters["preemptions"] += 1
+        if self.on_preempt is not None:
+            self.on_preempt(req)
 
     def update_from_output(self, batch: Batch, tokens, logprobs=None, accepted=None, drafts=None) -> list[Event]:
         """Advances every request of the batch by its row's new tokens (tokens [B] or [B, S]: rank r's
         rows at [r * rows_per_rank, ...); accepted [B]: how many of a row's drafts the step accepted,
         so its run is tokens[row, :accepted + 1] (default 0); drafts [B, k]: the next step's drafts;
         logprobs: per row and position (logprob, top ids, top logprobs), serving/sampling.py `unpack`).
-        A prompt chunk that ends mid-prompt samples nothing; a finished prompt's blocks join the prefix
+        A prompt chunk that ends mid-prompt (or a recompute) samples nothing; a finished prompt's blocks join the prefix
         cache; a run is cut at the first stop token or at max_tokens, the request then finishing and
         freeing its blocks; on a prefill slice the others move to the outbox."""
         tokens = np.asarray(tokens)
@@ -228,8 +300,8 @@ class Scheduler:
                 a = int(accepted[row]) if accepted is not None else 0
                 # a decode row's window is its last token then its drafts: the accepted ones are computed
                 req.computed = pos + n if batch.kind == "prefill" else pos + 1 + a
-                if req.in_prefill:  # a middle chunk of a long prompt: its sample is not a token
-                    continue
+                if batch.kind == "prefill" and pos + n < len(req.prompt) + len(req.output):
+                    continue  # a middle chunk of a long prompt, or a preempted request's recompute: no token
                 if batch.kind == "prefill":
                     self.register_prompt_blocks(req)
                     if self.on_prompt_done is not None:

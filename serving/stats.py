@@ -12,6 +12,8 @@ import numpy as np
 COUNTERS = ("requests", "finished", "rejected", "prompt_tokens", "cached_prompt_tokens", "generated_tokens",
             "kv_tokens_read", "prefill_steps", "decode_steps", "prefill_s", "decode_s", "ep_overflow_retries",
             "ep_capacity_steps_down", "disk_cached_prompt_tokens", "resizes",
+            # the scheduler: engine steps, those running a decode and a prefill batch, preemptions (recompute)
+            "steps", "mixed_steps", "preemptions",
             # speculative decoding (vLLM's names): verify windows, draft tokens in them, drafts accepted
             "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
 

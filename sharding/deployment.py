@@ -84,12 +84,15 @@ class ServingConfig:
     block_size: int = 16  # tokens per KV block: the prefix-cache granularity
     kv_cache_mb: float = 64.0  # per dp rank; the pool holds as many blocks as fit
     kv_dtype: str = "auto"  # auto = the model's dtype
-    max_model_len: int | None = None  # default: min(the model's max positions, 2048)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (a larger one is refused)
     # Shape buckets, each compiled once: prefill chunk lengths (the largest is the chunk size for
     # long prompts), prefill rows per rank, decode rows per rank.
     prefill_tokens: tuple[int, ...] = (16, 64, 256)
     prefill_rows: tuple[int, ...] = (1, 4)
     decode_batch: tuple[int, ...] = (1, 4, 16, 64)
+    # Tokens per dp rank and step (vLLM's name): every running decode's rows first, the rest prefill
+    # chunks. Default: the largest prefill batch the buckets compile (prefill_rows x prefill_tokens).
+    max_num_batched_tokens: int | None = None
     placement: str = "balanced"  # requests on dp ranks: balanced (serving/balance.py) | round_robin
     # Disk tier of the prefix cache (serving/kv_disk.py): one checksummed file per full block.
     disk_cache_dir: str | None = None
@@ -107,11 +110,25 @@ class ServingConfig:
             raise ValueError(f"serving.placement {self.placement!r} is not one of {PLACEMENTS}")
         if self.disk_cache_mb <= 0:
             raise ValueError(f"serving.disk_cache_mb={self.disk_cache_mb} must be > 0")
+        if self.max_num_batched_tokens is not None and (not isinstance(self.max_num_batched_tokens, int)
+                                                        or self.max_num_batched_tokens < 1):
+            raise ValueError(f"serving.max_num_batched_tokens must be a positive integer, got "
+                             f"{self.max_num_batched_tokens!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"serving.max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"serving.kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES}")
 
     def context_len(self, model_max: int) -> int:
-        return self.max_model_len or min(model_max, 2048)
+        """The context served: max_model_len, by default the model's own (as vLLM and SGLang)."""
+        if self.max_model_len is not None and self.max_model_len > model_max:
+            raise ValueError(f"serving.max_model_len {self.max_model_len} is more than the model's context of "
+                             f"{model_max} tokens (max_position_embeddings); lower it or leave it out")
+        return self.max_model_len or model_max
+
+    def token_budget(self) -> int:
+        """Tokens per dp rank and step (max_num_batched_tokens, or the largest prefill batch)."""
+        return self.max_num_batched_tokens or self.prefill_rows[-1] * self.prefill_tokens[-1]
 
     def blocks_per_rank(self, layers: int, width: int, itemsize: int) -> int:
         per_block = layers * self.block_size * width * itemsize
@@ -341,3 +358,15 @@ def resolve(deployment, mesh=None) -> tuple[Deployment, object]:
         raise ValueError(f"{deployment.source}: names mesh dp={deployment.dp} x tp={deployment.tp}, "
                          f"but the mesh given is {dict(mesh.shape)}")
     return deployment, mesh
+
+
+def with_serving(dep, **fields):
+    """The deployment (or both slices of a disaggregated one) with these serving fields set; None
+    values are left as they are (--max-model-len, --max-num-batched-tokens, LLM's arguments)."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if not fields:
+        return dep
+    if isinstance(dep, Disaggregated):
+        return dataclasses.replace(dep, prefill=with_serving(dep.prefill, **fields),
+                                   decode=with_serving(dep.decode, **fields))
+    return dataclasses.replace(dep, serving=dataclasses.replace(dep.serving, **fields))

@@ -31,6 +31,25 @@ def test_vllm_flags_reshape_the_deployment():
     disagg = deployment(flags("--deployment", str(ROOT / "configs/deploy/cpu8-disagg.json"), "--max-model-len", "64"),
                         TINY_MODEL)
     assert disagg.prefill.serving.max_model_len == disagg.decode.serving.max_model_len == 64
+    assert flags("--max-num-batched-tokens", "512").max_num_batched_tokens == 512
+
+
+def test_context_defaults_to_the_models_and_a_longer_one_is_refused():
+    """vLLM's default: the model's max_position_embeddings (what /v1/models reports as max_model_len);
+    --max-model-len lowers it; above the model's it is refused in one sentence."""
+    from sharding.deployment import Deployment, ServingConfig, with_serving
+    assert ServingConfig().context_len(163840) == 163840
+    assert ServingConfig(max_model_len=4096).context_len(163840) == 4096
+    with pytest.raises(ValueError, match=r"serving.max_model_len 200000 is more than the model's context of 163840 "
+                                         r"tokens \(max_position_embeddings\); lower it or leave it out"):
+        ServingConfig(max_model_len=200000).context_len(163840)
+    d = with_serving(Deployment(name="x", dp=1), max_model_len=96, max_num_batched_tokens=None)
+    assert (d.serving.max_model_len, d.serving.token_budget()) == (96, 4 * 256)
+    with pytest.raises(ValueError, match="serving.max_num_batched_tokens must be a positive integer, got 0"):
+        ServingConfig(max_num_batched_tokens=0)
+
+
+def test_flags_parse():
     args = flags("--seed", "3", "--generation-config", "vllm", "--reasoning-parser", "deepseek_r1",
                  "--tool-call-parser", "deepseek_v3", "--enable-auto-tool-choice", "-tp", "1")
     assert (args.seed, args.tensor_parallel_size, args.enable_auto_tool_choice) == (3, 1, True)

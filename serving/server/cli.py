@@ -63,7 +63,11 @@ def parser() -> argparse.ArgumentParser:
                     help="data-parallel (attention) ranks of the deployment's mesh (default: the deployment's)")
     ap.add_argument("--enable-expert-parallel", action="store_true",
                     help="accepted for vLLM's command lines: routed experts are always expert-parallel over the mesh")
-    ap.add_argument("--max-model-len", type=int, metavar="N", help="the context length (default: the deployment's)")
+    ap.add_argument("--max-model-len", type=int, metavar="N",
+                    help="the context length (default: the deployment's, else the model's own)")
+    ap.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                    help="tokens per dp rank and engine step: running decodes first, the rest prefill chunks "
+                         "(default: the deployment's serving.max_num_batched_tokens)")
     ap.add_argument("--seed", type=int, help="requests without a seed draw theirs from this seed, in arrival order")
     ap.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM's command lines (no effect)")
     ap.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
         check_parsers(Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None, args)
         print(f"[server] loading {model_dir}...", file=sys.stderr)
         llm = LLM(model_dir, deployment=deployment(args, model_dir), quantization=args.quantization,
-                  speculative=speculative_flag(args))
+                  speculative=speculative_flag(args), max_num_batched_tokens=args.max_num_batched_tokens)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
