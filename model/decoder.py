@@ -26,6 +26,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from model.attention import MLA
@@ -156,3 +157,29 @@ class DecoderLayer(nnx.Module):
 
     def dense_mlp(self, s: LayerState) -> None:
         s.x, s.h = s.x + self.mlp(s.h), None
+
+
+def stack_layers(make_layer, n: int, rngs):
+    """n layers of one kind as one module whose arrays lead with a "layers" axis (None when n is 0)."""
+    if n == 0:
+        return None
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return make_layer(r)
+
+    return make(rngs)
+
+
+def scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):
+    """-> x, cache, per-layer stats stacked on a leading L axis."""
+    graphdef, params = nnx.split(stack)
+
+    def body(carry, layer_params):
+        x, cache, layer = carry
+        x, cache, stats = nnx.merge(graphdef, layer_params)(x, cos, sin, cache, layer, slots, mask, absorbed)
+        return (x, cache, layer + 1), stats
+
+    (x, cache, _), stats = jax.lax.scan(body, (x, cache, jnp.int32(layer0)), params)
+    return x, cache, stats

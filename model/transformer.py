@@ -22,7 +22,7 @@ from model.attention import MLA, absorbed_weights
 from model.cache import DenseCache
 from model.checkpoint import load, save_orbax  # checkpoint takes the model class as an argument: no cycle
 from model.config import ModelConfig
-from model.decoder import DecoderLayer  # the layer's stages and plain forward
+from model.decoder import DecoderLayer, scan_layers, stack_layers  # the layer's stages; stacks of them
 from model.experts import Experts
 from model.kernels import registry
 from model.layers import Derived, Linear, RMSNorm, param, rope_cos_sin
@@ -62,18 +62,6 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg, dtype, rngs)
 
 
-def _stack(make_layer, n: int, rngs):
-    if n == 0:
-        return None
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(r):
-        return make_layer(r)
-
-    return make(rngs)
-
-
 def causal_mask(positions, T: int):
     """positions int32[B, S] (-1: padding) -> bool[B, S, T]: slot t is visible to a query at p iff t <= p."""
     return jnp.arange(T)[None, None, :] <= positions[:, :, None]
@@ -97,11 +85,11 @@ class DeepseekV3(nnx.Module):
         self.compiler_options = ()  # the deployment's XLA options for its platform, (name, value) pairs: direct calls'
         D, P, fp8 = cfg.hidden_size, n_physical_experts, quantization == "fp8"
         self.embed_tokens = Embedding(cfg.vocab_size, D, dtype, rngs)
-        self.dense_layers = _stack(lambda r: DecoderLayer(cfg, False, dtype, r, fp8=fp8), cfg.n_dense_layers, rngs)
-        self.moe_layers = _stack(lambda r: DecoderLayer(cfg, True, dtype, r, P, fp8, placement), cfg.n_moe_layers, rngs)
+        self.dense_layers = stack_layers(lambda r: DecoderLayer(cfg, False, dtype, r, fp8=fp8), cfg.n_dense_layers, rngs)
+        self.moe_layers = stack_layers(lambda r: DecoderLayer(cfg, True, dtype, r, P, fp8, placement), cfg.n_moe_layers, rngs)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, "embed")
         self.lm_head = None if cfg.tie_word_embeddings else Linear(D, cfg.vocab_size, ("vocab", "embed"), dtype, rngs)
-        self.mtp = _stack(lambda r: MTPLayer(cfg, dtype, r, P, fp8, placement), cfg.n_mtp_layers, rngs)
+        self.mtp = stack_layers(lambda r: MTPLayer(cfg, dtype, r, P, fp8, placement), cfg.n_mtp_layers, rngs)
 
     def set_kernels(self, kernels) -> None:
         """The deployment's kernel choices, resolved for its platform (model/kernels/registry.py: resolve):
@@ -198,7 +186,7 @@ class DeepseekV3(nnx.Module):
         cache = self._planned(cache, positions, absorbed, ep.mesh.shape[ep.batch_axis] if overlapped else None)
         stats, out = {}, None
         if self.dense_layers is not None:
-            x, cache, _ = _scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
+            x, cache, _ = scan_layers(self.dense_layers, x, cos, sin, cache, 0, positions, mask, absorbed)
         if self.moe_layers is not None:
             if overlapped:
                 outs, cache, stats = overlapped_stack(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
@@ -206,7 +194,7 @@ class DeepseekV3(nnx.Module):
                                                       lambda x, rows: head(self.norm(x), rows))
                 out = join_trees(*outs, ep.mesh.shape[ep.batch_axis])
             else:
-                x, cache, stats = _scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
+                x, cache, stats = scan_layers(self.moe_layers, x, cos, sin, cache, self.config.n_dense_layers,
                                                positions, mask, absorbed)
                 out = None
             stats = {**stats, "overflow": jnp.any(stats["overflow"])}
@@ -377,19 +365,6 @@ class DeepseekV3(nnx.Module):
     def save(self, path) -> None:
         """Orbax checkpoint + config.json; reload with `from_pretrained(path)`."""
         save_orbax(self, path)
-
-
-def _scan_layers(stack, x, cos, sin, cache, layer0, slots, mask, absorbed):
-    """-> x, cache, per-layer stats stacked on a leading L axis."""
-    graphdef, params = nnx.split(stack)
-
-    def body(carry, layer_params):
-        x, cache, layer = carry
-        x, cache, stats = nnx.merge(graphdef, layer_params)(x, cos, sin, cache, layer, slots, mask, absorbed)
-        return (x, cache, layer + 1), stats
-
-    (x, cache, _), stats = jax.lax.scan(body, (x, cache, jnp.int32(layer0)), params)
-    return x, cache, stats
 
 
 @functools.cache

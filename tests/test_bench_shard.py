@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.quant import held_scale_shape
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_shard.py"
 SMALL = {"layers": 4, "dense_layers": 1, "moe_layers": 3, "hidden": 256, "moe_intermediate": 128}
@@ -158,9 +160,10 @@ def test_decode_roofline_bytes(runs):
     s, roof = r["shapes"], r["roofline"]
     work = roof["work"]
     assert work["kv_cache"] == s["batch"] * s["kv_len"] * s["cache_row"] * 2 * s["layers"]
-    # FP8: one byte per expert weight plus a float32 scale per 128x128 block (three matrices per expert)
+    # FP8: one byte per expert weight plus its float32 128x128 block scales as held on device (K-block axis
+    # padded to a 256-byte slice: model/quant.py), for gate and up [F, D] and down [D, F]
     D, F = s["hidden"], s["moe_intermediate"]
-    per_expert = 3 * D * F + 3 * math.ceil(D / 128) * math.ceil(F / 128) * 4
+    per_expert = 3 * D * F + 4 * (2 * math.prod(held_scale_shape((F, D))) + math.prod(held_scale_shape((D, F))))
     assert work["expert_weights"] == s["moe_layers"] * s["routed_experts_local"] * per_expert
     assert work["total"] == work["replicated_weights"] + work["expert_weights"] + work["kv_cache"]
     assert work["replicated_weights"] > work["expert_weights"] > 0
