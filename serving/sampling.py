@@ -192,6 +192,7 @@ def masked_logits(logits, arrays: SamplingArrays, sampled=None):
     scaled = jnp.where(scaled >= jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(arrays.min_p)[:, None],
                        scaled, -jnp.inf)
     has_k = (top_k > 0) & (top_k < V)
+    wants = has_k | (top_p < 1)  # [B]: the row cuts (the others keep every token in any branch)
     cap = min(PARTIAL_TOP_K, V)
 
     def cut(desc):  # desc [B, n]: each row's n largest, descending (n = V: all)
@@ -208,7 +209,6 @@ def masked_logits(logits, arrays: SamplingArrays, sampled=None):
     branches = [lambda: scaled,  # no row cuts
                 lambda: cut(jax.lax.top_k(scaled, cap)[0]),  # every row a top-k within the cap
                 lambda: cut(-jnp.sort(-scaled, axis=-1))]  # the whole vocabulary sorted
-    wants = has_k | (top_p < 1)  # [B]: the row cuts (the others keep every token in any branch)
     cuts = sampled & wants
     partial = jnp.all(~cuts | (has_k & (top_k <= cap)))
     return jax.lax.switch(jnp.where(jnp.any(cuts), jnp.where(partial, 1, 2), 0), branches)
