@@ -18,10 +18,13 @@ from serving import LLM
 from serving.server import create_app, warm_up
 from server_util import TINY_MODEL, serving, value, write_deployment
 
-# EP over 2 ranks, a first capacity bucket that skewed routing overflows, compact buckets.
+# EP over 2 ranks, a first capacity bucket that skewed routing overflows, compact buckets. A prefill
+# step holds one 16-token row per rank, so each local expert's first bucket holds 8 (row, expert)
+# pairs (sharding/ep.py capacities: 1.0 x 16 x 4 / 8): any one prompt here (11 tokens, all routed to
+# experts 0-3) overflows it, however the requests happen to be batched.
 DEPLOYMENT = {"mesh": {"dp": 2, "tp": 1}, "experts": {"redundant": 0},
               "dispatch": {"dtype": "bf16", "combine_dtype": "bf16", "capacity_factors": [1.0, 2.0, None]},
-              "serving": {"block_size": 16, "prefill_tokens": [16], "prefill_rows": [4], "decode_batch": [8],
+              "serving": {"block_size": 16, "prefill_tokens": [16], "prefill_rows": [1], "decode_batch": [8],
                           "max_model_len": 16, "kv_cache_mb": 4}}  # one context bucket: 2 programs a level
 TTFT_BOUND_S = 2.0  # a step here takes milliseconds; compiling one takes seconds
 
