@@ -113,6 +113,11 @@ class EngineCollector:
                       s["spec_drafts"])
         yield counter("spec_decode_num_draft_tokens", "MTP draft tokens verified.", s["spec_draft_tokens"])
         yield counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted.", s["spec_accepted_tokens"])
+        if s.get("handover"):  # a disaggregated deployment
+            yield counter("kv_handovers", "Requests whose KV blocks the prefill slice handed to a decode rank.",
+                          s["handover"]["requests"])
+        yield counter("ep_capacity_steps_down", "EP capacity levels stepped back down after a window without "
+                      "overflow.", s["ep_capacity_steps_down"])
         yield counter("ep_overflow_retries",
                       "Engine steps re-run at a larger EP capacity bucket because rows overflowed.",
                       s["ep_overflow_retries"])
