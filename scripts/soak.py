@@ -196,8 +196,9 @@ def follows(check: str, choice: dict) -> bool:
 
 
 COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total", "jaxseek_xla_compilations_total")
-# followed over the run too (the first three must not move): what the soak exercised
-FOLLOWED = COUNTERS + ("jaxseek_engine_errors_total", "jaxseek_eplb_rebalances_total", "jaxseek_kv_handovers_total",
+# followed over the run too (errors and cache hits must not move either): what the soak exercised
+FOLLOWED = COUNTERS + ("jaxseek_engine_errors_total", "jaxseek_xla_compilation_cache_hits_total",
+                       "jaxseek_eplb_rebalances_total", "jaxseek_kv_handovers_total",
                        "jaxseek_ep_capacity_steps_down_total", "jaxseek_spec_decode_num_drafts_total",
                        "jaxseek_spec_decode_num_accepted_tokens_total", "jaxseek_engine_requests_total",
                        "jaxseek_generation_tokens_total", "jaxseek_preemptions_total")
@@ -276,6 +277,8 @@ async def run(args, pid: int | None) -> dict:
                           for k, v in end.items()}
     report["timeline"] = timeline
     report["engine_errors_during_run"] = report["counters"]["engine_errors"]["during_run"]
+    # a program taken from the persistent cache is not counted as a compilation, but was still built
+    report["xla_cache_hits_during_run"] = report["counters"]["xla_compilation_cache_hits"]["during_run"]
     if pid:
         n, b = len(items), args.rss_baseline
         start_mb = np.median([r for d, r in samples if b * n <= d < (b + 0.1) * n] or [samples[0][1]]) / 2 ** 20
@@ -286,7 +289,7 @@ async def run(args, pid: int | None) -> dict:
                     and report.get("rss_growth", 0) < 0.05
                     # serving after warm-up compiles nothing
                     and report["compilations_during_run"] == 0 and report["xla_compilations_during_run"] == 0
-                    and report["engine_errors_during_run"] == 0)
+                    and report["engine_errors_during_run"] == 0 and report["xla_cache_hits_during_run"] == 0)
     return report
 
 
@@ -350,9 +353,10 @@ def startup(log: Path) -> dict:
     warm = re.search(r"warm-up: (\d+) compilations, (\d+) programs loaded in ([\d.]+)s", text)
     if warm:
         out.update(warmup_compilations=int(warm[1]), warmup_programs_loaded=int(warm[2]), warmup_s=float(warm[3]))
-    xla = re.search(r"XLA compilations in the process: (\d+) before, (\d+) after", text)
+    xla = re.search(r"XLA compilations in the process: (\d+) before, (\d+) after, (\d+) programs from the cache", text)
     if xla:
-        out.update(xla_compilations_before_warmup=int(xla[1]), xla_compilations_after_warmup=int(xla[2]))
+        out.update(xla_compilations_before_warmup=int(xla[1]), xla_compilations_after_warmup=int(xla[2]),
+                   xla_cache_hits_after_warmup=int(xla[3]))
     started = re.search(r"started in ([\d.]+)s", text)
     if started:
         out["started_s"] = float(started[1])

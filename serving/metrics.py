@@ -36,11 +36,12 @@ def imbalance(load: np.ndarray) -> float:
 
 def engine_snapshot(engine) -> dict:
     """What the collector exposes, read from the engine. Call it only in the thread that owns the engine."""
+    from serving.stats import xla_cache_hits
     stats = engine.stats()
     load = np.asarray(engine.expert_load)  # [MoE layers, physical expert slots], summed since the last rebalance
     first_moe = engine.net.config.num_hidden_layers - load.shape[0] if load.ndim == 2 else 0
     return {
-        "stats": stats,
+        "stats": stats, "xla_cache_hits": xla_cache_hits(),
         "expert_imbalance": imbalance(load.sum(0)) if load.size else None,
         "expert_imbalance_per_layer": ({first_moe + i: imbalance(row) for i, row in enumerate(load)}
                                        if load.size else {}),
@@ -108,6 +109,8 @@ class EngineCollector:
                       s["compilations"])
         yield counter("xla_compilations", "XLA compilations in the server process, whatever asked for them (engine "
                       "steps, expert moves, KV hand-overs); flat after warm-up.", s["xla_compilations"])
+        yield counter("xla_compilation_cache_hits", "Programs the server process took from JAX's persistent "
+                      "compilation cache instead of compiling them; flat after warm-up.", snap.get("xla_cache_hits", 0))
         # speculative decoding, vLLM's names (vllm:spec_decode_*) under our prefix
         yield counter("spec_decode_num_drafts", "Verify windows of MTP drafts run (one per request and step).",
                       s["spec_drafts"])
