@@ -198,6 +198,7 @@ def follows(check: str, choice: dict) -> bool:
 COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total", "jaxseek_xla_compilations_total")
 # followed over the run too (errors and cache hits must not move either): what the soak exercised
 FOLLOWED = COUNTERS + ("jaxseek_engine_errors_total", "jaxseek_xla_compilation_cache_hits_total",
+                       "jaxseek_programs_loaded_total",
                        "jaxseek_eplb_rebalances_total", "jaxseek_kv_handovers_total",
                        "jaxseek_ep_capacity_steps_down_total", "jaxseek_spec_decode_num_drafts_total",
                        "jaxseek_spec_decode_num_accepted_tokens_total", "jaxseek_engine_requests_total",

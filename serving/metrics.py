@@ -41,7 +41,7 @@ def engine_snapshot(engine) -> dict:
     load = np.asarray(engine.expert_load)  # [MoE layers, physical expert slots], summed since the last rebalance
     first_moe = engine.net.config.num_hidden_layers - load.shape[0] if load.ndim == 2 else 0
     return {
-        "stats": stats, "xla_cache_hits": xla_cache_hits(),
+        "stats": stats, "xla_cache_hits": xla_cache_hits(), "programs_loaded": engine.programs_loaded,
         "expert_imbalance": imbalance(load.sum(0)) if load.size else None,
         "expert_imbalance_per_layer": ({first_moe + i: imbalance(row) for i, row in enumerate(load)}
                                        if load.size else {}),
@@ -111,6 +111,9 @@ class EngineCollector:
                       "steps, expert moves, KV hand-overs); flat after warm-up.", s["xla_compilations"])
         yield counter("xla_compilation_cache_hits", "Programs the server process took from JAX's persistent "
                       "compilation cache instead of compiling them; flat after warm-up.", snap.get("xla_cache_hits", 0))
+        yield counter("programs_loaded", "Compiled engine steps loaded from disk instead of compiled (saved steps: "
+                      "warm-up, and a raised EP capacity level's when an overflow needs it).",
+                      snap.get("programs_loaded", 0))
         # speculative decoding, vLLM's names (vllm:spec_decode_*) under our prefix
         yield counter("spec_decode_num_drafts", "Verify windows of MTP drafts run (one per request and step).",
                       s["spec_drafts"])
