@@ -251,6 +251,11 @@ def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_wa
     assert stats["ep_overflow_retries"] >= 1 and stats["ep_capacity_steps_down"] >= 1
     assert stats["ep_capacity_level"] == 0  # the decode steps since fit the small bucket again
     assert capped.engine.compilations == compiled and xla_compilations() == xla  # (nor anything else)
+    # every routed token counted once, though overflowing steps ran twice: the prompts' tokens and
+    # each decode step's (a request's first token comes from its prefill), top-k slots per MoE layer
+    load = np.asarray(capped.engine.expert_load)
+    tokens = sum(map(len, prompts)) + sum(len(o.token_ids) - 1 for o in outs)
+    assert load.sum() == load.shape[0] * capped.engine.net.config.num_experts_per_tok * tokens
     if steps_kept == "serialized":
         assert runner.programs_loaded >= 1 and held() == [0, 2]
     assert [o.token_ids for o in outs] == [hf_greedy(hf[1], p, 6) for p in prompts]
