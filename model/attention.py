@@ -157,7 +157,10 @@ class MLA(nnx.Module):
         scores = (jnp.einsum("bshr,btr->bhst", q_latent, latent, preferred_element_type=jnp.float32)
                   + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
         probs = self._softmax(scores, mask).astype(latent.dtype)
-        context = jnp.einsum("bhst,btr->bshr", probs, latent)
+        # on float32 operands (the bf16 probabilities and latents exactly), as XLA:CPU runs a bf16 x bf16 dot
+        # on a slow path and takes no bf16 x bf16 -> float32 one there (measured on cpu8: the bf16 decode
+        # step's slowest GEMMs); the context is rounded to the activations' dtype after, as before
+        context = jnp.einsum("bhst,btr->bshr", probs.astype(jnp.float32), latent.astype(jnp.float32))
         return self.absorb_output(context.astype(q_nope.dtype))
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed: bool):

@@ -189,10 +189,14 @@ def _plan_local(x, ids, weights, valid, *, ep: EPConfig, experts_local: int, fp8
         pair_dest, pair_ids = plan_dispatch(ids, valid, experts_local, R)
         slots, send_counts = slots_by_key(pair_dest, R)
         pair_token = jnp.arange(n * k) // k
-        src_token = jnp.full((R, C), n, jnp.int32).at[pair_dest, slots].set(pair_token, mode="drop")
-        send_ids = jnp.full((R, C, k), -1, jnp.int32).at[pair_dest, slots].set(pair_ids, mode="drop")
-        pair_w = jnp.where(pair_ids >= 0, jnp.repeat(weights, k, axis=0), 0.0)
-        send_w = jnp.zeros((R, C, k), jnp.float32).at[pair_dest, slots].set(pair_w, mode="drop")
+        pair_w = jnp.where(pair_ids >= 0, jnp.repeat(weights, k, axis=0), 0.0).astype(jnp.float32)
+        # one scatter places each row's token, expert ids and gate weights (as int32 bits) in its slot
+        empty = jnp.concatenate([jnp.full((R, C, 1), n, jnp.int32), jnp.full((R, C, k), -1, jnp.int32),
+                                 jnp.zeros((R, C, k), jnp.int32)], axis=-1)
+        placed = empty.at[pair_dest, slots].set(jnp.concatenate(
+            [pair_token[:, None], pair_ids, jax.lax.bitcast_convert_type(pair_w, jnp.int32)], axis=-1), mode="drop")
+        src_token, send_ids = placed[..., 0], placed[..., 1:1 + k]  # [R, C], [R, C, k]
+        send_w = jax.lax.bitcast_convert_type(placed[..., 1 + k:], jnp.float32)  # [R, C, k]
         wire = payload(ep, fp8_experts)
         rows = [p[src_token] for p in _encode(jnp.concatenate([x, jnp.zeros_like(x[:1])]), wire)]  # each [R, C, ...]
         pieces = [*rows, send_ids, send_w]
@@ -210,9 +214,10 @@ def _dispatch_local(send, recv_counts, sent, *, ep: EPConfig, pieces):
         send = send.reshape(R, -1, send.shape[-1])
         if ep.transport == "ragged":
             return ragged_exchange(send, sent, recv_counts, ep.axes).reshape(-1, send.shape[-1]), recv_counts
-        buf = padded_exchange(send, sent, None, ep.axes)  # every slot travels: a used one carries an expert
-        recv_ids = unpack(buf, pieces)[-2]
-        return buf.reshape(-1, send.shape[-1]), jnp.sum(jnp.any(recv_ids >= 0, axis=-1), axis=1).astype(jnp.int32)
+        buf = padded_exchange(send, sent, None, ep.axes)
+        # every slot travels, an unused one carrying no expert (ids -1, as planned): all C slots of each
+        # source are read, and the slots' ids say which hold rows (no count to learn from the buffer)
+        return buf.reshape(-1, send.shape[-1]), jnp.full((R,), send.shape[1], jnp.int32)
 
 
 def _unpack_received(buf, recv_counts, d: "Dispatched"):

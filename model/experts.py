@@ -188,8 +188,12 @@ def grouped_ffn(rows, ids, weights, experts: ExpertWeights, layout: str, *, capa
     w = experts if tile_expert is None else experts.take(tile_expert)
     overflow = jnp.any(counts > capacity) if layout == "masked" else jnp.bool_(False)
     # [G, Mmax]: which row each slot holds (M: none, a zero row in, a discarded row out) and its weight
-    src = jnp.full((n_groups, group_rows), M, jnp.int32).at[group, slot].set(jnp.arange(M * k) // k, mode="drop")
-    slot_w = jnp.zeros((n_groups, group_rows), jnp.float32).at[group, slot].set(pair_w, mode="drop")
+    # (one scatter places both: the weight as int32 bits)
+    placed = jnp.stack([jnp.full((n_groups, group_rows), M, jnp.int32), jnp.zeros((n_groups, group_rows), jnp.int32)],
+                       axis=-1).at[group, slot].set(jnp.stack([jnp.arange(M * k, dtype=jnp.int32) // k,
+                                                               jax.lax.bitcast_convert_type(pair_w, jnp.int32)], axis=-1),
+                                                    mode="drop")
+    src, slot_w = placed[..., 0], jax.lax.bitcast_convert_type(placed[..., 1], jnp.float32)
     used = jnp.bincount(jnp.where(group < n_groups, group, n_groups), length=n_groups + 1)[:n_groups]
     padded = tuple(map(_zero_row, x)) if isinstance(x, tuple) else _zero_row(x)  # row M: the empty slots' input
     y = _swiglu(_take(padded, src), w, lambda a, w_, s: layout_gemm("masked", a, w_, s, used, dtype, gemm), dtype)

@@ -25,6 +25,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.ep import Dispatched, ep_combine, ep_dispatch, ep_experts, ep_land, ep_plan, ep_stats
 from model.experts import Experts, expert_layout, grouped_ffn
+from model.kernels import registry
 from model.layers import MLP, param
 
 
@@ -37,26 +38,31 @@ class Gate(nnx.Module):
 
     def __call__(self, x):
         """x [N, D] -> weights float32[N, k], logical expert ids int32[N, k]."""
-        cfg = self.cfg
-        N, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
-        # float32 products and sums of the activations' dtype (DeepSeek: bf16 inputs, float32 scores),
-        # on the weight as held: a converted copy of it would be a copy of the layer's weight every step
-        scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x, self.weight[...].astype(x.dtype),
-                                           preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST))
-        # The bias only steers *which* experts are chosen (auxiliary-loss-free balancing);
-        # the weights come from the unbiased scores so the bias never changes the output scale.
-        biased = scores + self.e_score_correction_bias[...]
-        group_scores = _top2_sum(biased.reshape(N, G, E // G))  # [N, G]
-        top_groups = jax.lax.top_k(group_scores, cfg.topk_group)[1]  # [N, topk_group]
-        # Elementwise (no scatter), so under EP each rank routes its own tokens: a scatter here made
-        # the partitioner gather every rank's scores.
-        group_ok = jnp.any(top_groups[:, :, None] == jnp.arange(G)[None, None, :], axis=1)  # [N, G]
-        biased = jnp.where(jnp.repeat(group_ok, E // G, axis=1), biased, -jnp.inf)
-        ids = jax.lax.top_k(biased, cfg.num_experts_per_tok)[1]
-        weights = jnp.take_along_axis(scores, ids, axis=1)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
+        return gate_topk(x, self.weight[...], self.e_score_correction_bias[...], self.cfg)
+
+
+def gate_topk(x, weight, bias, cfg: ModelConfig):
+    """The gate on the weights as values (a rank's shard_map takes them as arguments): x [N, D],
+    weight [E, D], bias float32[E] -> weights float32[N, k], logical expert ids int32[N, k]."""
+    N, E, G = x.shape[0], cfg.n_routed_experts, cfg.n_group
+    # float32 products and sums of the activations' dtype (DeepSeek: bf16 inputs, float32 scores),
+    # on the weight as held: a converted copy of it would be a copy of the layer's weight every step
+    scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x, weight.astype(x.dtype),
+                                       preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST))
+    # The bias only steers *which* experts are chosen (auxiliary-loss-free balancing);
+    # the weights come from the unbiased scores so the bias never changes the output scale.
+    biased = scores + bias
+    group_scores = _top2_sum(biased.reshape(N, G, E // G))  # [N, G]
+    top_groups = jax.lax.top_k(group_scores, cfg.topk_group)[1]  # [N, topk_group]
+    # Elementwise (no scatter), so under EP each rank routes its own tokens: a scatter here made
+    # the partitioner gather every rank's scores.
+    group_ok = jnp.any(top_groups[:, :, None] == jnp.arange(G)[None, None, :], axis=1)  # [N, G]
+    biased = jnp.where(jnp.repeat(group_ok, E // G, axis=1), biased, -jnp.inf)
+    ids = jax.lax.top_k(biased, cfg.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, ids, axis=1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
 
 
 def _top2_sum(v):
@@ -67,6 +73,15 @@ def _top2_sum(v):
     m1 = jnp.take_along_axis(v, first, axis=-1)[..., 0]
     m2 = jnp.max(jnp.where(jnp.arange(v.shape[-1]) == first, -jnp.inf, v), axis=-1)
     return m1 + m2
+
+
+def to_physical(ids, index, log2phy, logcnt):
+    """Logical ids [N, k] -> physical slots, spreading the tokens of a replicated expert round-robin
+    over its replicas by index int32[N], each token's place in the whole batch (a rank routing its own
+    rows passes theirs, so every rank picks as the whole batch would); log2phy [E, P-E+1], logcnt [E]."""
+    k = ids.shape[1]
+    turn = (index[:, None] * k + jnp.arange(k)[None, :]) % logcnt[ids]
+    return log2phy[ids, turn]
 
 
 class ExpertMap(nnx.Variable):
@@ -102,11 +117,8 @@ class MoE(nnx.Module):
         self.ep = None  # sharding.ep.EPConfig when the experts are spread over a mesh (model/ep.py)
 
     def to_physical(self, ids):
-        """Logical ids [N, k] -> physical slots, spreading the tokens of a replicated expert
-        round-robin over its replicas."""
-        N, k = ids.shape
-        turn = (jnp.arange(N)[:, None] * k + jnp.arange(k)[None, :]) % self.logcnt[...][ids]
-        return self.log2phy[...][ids, turn]
+        """Logical ids [N, k] -> physical slots (`to_physical`)."""
+        return to_physical(ids, jnp.arange(ids.shape[0]), self.log2phy[...], self.logcnt[...])
 
     def __call__(self, x, valid):
         """x [B, S, D] (normalised), valid bool[B, S] -> ([B, S, D], stats of the routed experts)."""
@@ -118,8 +130,17 @@ class MoE(nnx.Module):
     def route(self, x, valid) -> "Routed":
         """x [B, S, D], valid bool[B, S] -> each token's experts (physical slots) and gate weights."""
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.gate(flat)
-        return Routed(flat, weights, self.to_physical(ids), valid.reshape(-1))
+
+        def route(flat, index, weight, bias, log2phy, logcnt):  # (a rank's) tokens -> gate weights, slots
+            weights, ids = gate_topk(flat, weight, bias, self.gate.cfg)
+            return weights, to_physical(ids, index, log2phy, logcnt)
+        # Under EP each rank routes its own tokens (one shard_map): left to XLA's partitioner, the gate's
+        # top_k calls gathered every rank's scores, two all-gathers per MoE layer (measured on cpu8).
+        ranks = None if self.ep is None else registry.Ranks(self.ep.mesh, self.ep.batch_axis)
+        args = (flat, jnp.arange(flat.shape[0], dtype=jnp.int32), self.gate.weight[...],
+                self.gate.e_score_correction_bias[...], self.log2phy[...], self.logcnt[...])
+        weights, ids = registry.per_rank(ranks, route, args, (0, 0, None, None, None, None), 0)
+        return Routed(flat, weights, ids, valid.reshape(-1))
 
     def plan(self, routed: "Routed") -> "Routed | Dispatched":
         """Under EP: where each token goes, its rows packed for the wire (model/ep.py: ep_plan); on

@@ -62,6 +62,12 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg, dtype, rngs)
 
 
+def project_logits(hidden, weight):
+    """hidden [..., D], weight [V, D] -> float32 logits [..., V] (a function of values: the serving
+    step runs it per rank, on the rows each rank samples)."""
+    return jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=jnp.float32)
+
+
 def causal_mask(positions, T: int):
     """positions int32[B, S] (-1: padding) -> bool[B, S, T]: slot t is visible to a query at p iff t <= p."""
     return jnp.arange(T)[None, None, :] <= positions[:, :, None]
@@ -226,8 +232,11 @@ class DeepseekV3(nnx.Module):
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return jnp.einsum("...d,vd->...v", hidden, w[...], preferred_element_type=jnp.float32)
+        return project_logits(hidden, self.head_weight())
+
+    def head_weight(self):
+        """The output projection's weight [V, D] (the embedding's when tied)."""
+        return (self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)[...]
 
     def mtp_logits(self, hidden, tokens, positions):
         """Next-next-token logits [B, S, V] from the main model's hidden states [B, S, D] (after the

@@ -14,9 +14,12 @@ layout over the 8 devices (1, 8, 1): experts and heads over them. Its decode att
 
     python scripts/bench_peer.py --peer /path/to/deepseek_r1_jax --json
 
-Reported per system and dtype: ms per decode step (median of --steps steps after warm-up: the peer's
-decode_step dispatched back to back and waited on per step, as its main.py loop reads each token;
-jaxseek's Engine.step, which reads its tokens every step) and tokens/s (batch / step).
+Reported per system and dtype: ms per decode step (median of --steps steps after 3 settling steps: the
+peer's decode_step waited on per step, as its main.py loop reads each token; jaxseek's Engine.step, which
+reads its tokens every step) and tokens/s (batch / step). The two systems' steps are interleaved, one
+each in turn, so both see the same load on a shared machine. jaxseek compiles its decode program in its
+first settling step (the bench runs no Engine.warmup): counted apart from the measured steps, which
+must compile nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def peer_ms(peer, dtype, batch: int, prompt_len: int, steps: int, max_seq_len: int) -> float:
+def peer_stepper(peer, dtype, batch: int, prompt_len: int, max_seq_len: int):
+    """The peer's model on the shapes, prefilled -> step(): one decode step, waited on."""
     import jax
     import numpy as np
     from jax.sharding import AxisType
@@ -55,38 +59,49 @@ def peer_ms(peer, dtype, batch: int, prompt_len: int, steps: int, max_seq_len: i
     cache = dsjax.KVCache.init(jax.random.key(1), cfg, batch, cfg.max_seq_len)
     tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     next_tokens, _, cache = dsjax.prefill(tokens, weights, cache, cfg)
-    curr = next_tokens[:, cache.iter - 1:cache.iter]
-    times = []
-    for i in range(steps + 3):  # the first 3: compile and settle
-        t0 = time.perf_counter()
-        curr, cache = dsjax.decode_step(curr, weights, cache, cfg)
-        jax.block_until_ready(curr)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    state = {"curr": next_tokens[:, cache.iter - 1:cache.iter], "cache": cache}
+
+    def step():  # as its main.py loop: each step's tokens read before the next
+        state["curr"], state["cache"] = dsjax.decode_step(state["curr"], weights, state["cache"], cfg)
+        jax.block_until_ready(state["curr"])
+    return step
 
 
-def jaxseek_ms(model: Path, deployment: str, dtype, batch: int, prompt_len: int, steps: int) -> tuple[float, int]:
+def jaxseek_stepper(model: Path, deployment: str, dtype, batch: int, prompt_len: int, steps: int):
+    """jaxseek's engine with the batch's requests added and prefilled -> (step(): one Engine.step,
+    which reads its tokens; the engine, for its compilation count)."""
     import numpy as np
 
     from bench_engine import narrowed
     from serving import LLM, SamplingParams
     llm = LLM(model, deployment=narrowed(deployment, batch, prompt_len, steps + 8), dtype=dtype, speculative=None)
-    engine = llm.engine  # (no Engine.warmup: the steps before the measured ones compile what they run)
+    engine = llm.engine  # (no Engine.warmup: the settling steps before the measured ones compile what they run)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(rng.integers(2, engine.net.config.vocab_size, prompt_len).tolist(), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
         engine.step()
+    return engine.step, engine
+
+
+def measure(peer_step, jaxseek_step, engine, steps: int, settle: int = 3) -> tuple[float, float, int, int]:
+    """The two systems' steps interleaved, one each in turn, so both see the same load on a shared
+    machine -> (peer ms, jaxseek ms: medians of the measured steps, jaxseek's compilations while
+    settling (its decode program's first run) and while measured)."""
+    import numpy as np
+    times: dict[str, list[float]] = {"peer": [], "jaxseek": []}
     compiled = engine.compilations
-    times = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
-        engine.step()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times)), engine.compilations - compiled
+    for i in range(steps + settle):  # the first `settle`: compile and settle
+        if i == settle:
+            settling, compiled = engine.compilations - compiled, engine.compilations
+        for name, step in (("peer", peer_step), ("jaxseek", jaxseek_step)):
+            t0 = time.perf_counter()
+            step()
+            if i >= settle:
+                times[name].append(time.perf_counter() - t0)
+    return (1e3 * float(np.median(times["peer"])), 1e3 * float(np.median(times["jaxseek"])), settling,
+            engine.compilations - compiled)
 
 
 def main(argv=None) -> int:
@@ -117,11 +132,15 @@ def main(argv=None) -> int:
     rows = []
     for name in args.dtypes.split(","):
         dtype = getattr(jnp, name)
-        theirs = peer_ms(peer, dtype, args.batch, args.prompt_len, args.steps, args.max_seq_len)
-        ours, compiled = jaxseek_ms(model, args.deployment, dtype, args.batch, args.prompt_len, args.steps)
+        peer_step = peer_stepper(peer, dtype, args.batch, args.prompt_len, args.max_seq_len)
+        jaxseek_step, engine = jaxseek_stepper(model, args.deployment, dtype, args.batch, args.prompt_len,
+                                               args.steps)
+        theirs, ours, settling, compiled = measure(peer_step, jaxseek_step, engine, args.steps)
         rows.append({"dtype": name, "peer_ms_per_step": theirs, "jaxseek_ms_per_step": ours,
                      "peer_tokens_per_s": args.batch / theirs * 1e3, "jaxseek_tokens_per_s": args.batch / ours * 1e3,
-                     "jaxseek_over_peer": ours / theirs, "jaxseek_compilations_while_measured": compiled})
+                     "jaxseek_over_peer": ours / theirs, "jaxseek_compilations_while_settling": settling,
+                     "jaxseek_compilations_while_measured": compiled})
+        del peer_step, jaxseek_step, engine
         print(f"[bench_peer] {name}: peer {theirs:.1f} ms/step, jaxseek {ours:.1f} ms/step", file=sys.stderr, flush=True)
     result = {"device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "batch": args.batch,
               "prompt_len": args.prompt_len, "steps": args.steps, "peer_max_seq_len": args.max_seq_len,

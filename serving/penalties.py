@@ -37,7 +37,7 @@ class _TableArrays:
     slots: int = dataclasses.field(metadata={"static": True})  # S: rows per rank (a row's slot S: none)
     mesh: object = dataclasses.field(default=None, metadata={"static": True})
 
-    def _per_rank(self, fn, out_specs, *args, replicated: int = 0):
+    def per_rank(self, fn, out_specs, *args, replicated: int = 0):
         """fn over each dp rank's rows; the last `replicated` args are the same on every rank."""
         if self.mesh is None:
             return fn(*args)
@@ -49,7 +49,7 @@ class _TableArrays:
         def local(counts, bias, slot):
             return (jnp.take(counts, slot, axis=0, mode="fill", fill_value=0),
                     jnp.take(bias, slot, axis=0, mode="fill", fill_value=0))
-        return self._per_rank(local, (BY_RANK, BY_RANK), self.counts, self.bias, slot)
+        return self.per_rank(local, (BY_RANK, BY_RANK), self.counts, self.bias, slot)
 
     def count(self, slot, tokens, keep):
         """Adds each row's new tokens (tokens [B, S]) to its slot's counts where keep bool[B, S]: False
@@ -57,7 +57,7 @@ class _TableArrays:
         re-run does not count twice."""
         def local(counts, slot, tokens, keep):
             return counts.at[slot[:, None], tokens].add(keep.astype(jnp.int32), mode="drop")
-        counts = self._per_rank(local, BY_RANK, self.counts, slot, tokens, keep)
+        counts = self.per_rank(local, BY_RANK, self.counts, slot, tokens, keep)
         return dataclasses.replace(self, counts=counts)
 
 

@@ -25,10 +25,11 @@ import numpy as np
 from flax import nnx
 
 from model.overlap import balanced_slots
+from model.transformer import project_logits
 from serving.aot import AotStep, aot_directory, program_key, trim_heap
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank, zero_shard
 from serving.request import Batch
-from serving.penalties import PenaltyTable
+from serving.penalties import BY_RANK, PenaltyTable
 from serving.sampling import sampling_arrays, verify
 from serving.structured import fill_masks
 from sharding.mesh import logical_sharding, logical_size, param_shardings
@@ -57,11 +58,19 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
         B, W = tokens.shape
-        rows, j = jnp.arange(B), jnp.arange(k + 1)
+        j = jnp.arange(k + 1)
         base = sample_at - n_drafts  # [B]: the window's first position (the row's last sampled token)
-        at = jnp.minimum(base[:, None] + j, W - 1)  # [B, k + 1]
-        drafts = jnp.take_along_axis(tokens, at[:, 1:], axis=1)  # [B, k]: the drafts being verified
-        out, accepted, data = verify(net.logits(hidden[rows[:, None], at]), drafts, n_drafts, sampling, table)
+
+        def sample_rows(hidden, tokens, base, n_drafts, sampling, counts, bias, head):  # one rank's rows
+            at = jnp.minimum(base[:, None] + j, W - 1)  # [b, k + 1]
+            drafts = jnp.take_along_axis(tokens, at[:, 1:], axis=1)  # [b, k]: the drafts being verified
+            logits = project_logits(jnp.take_along_axis(hidden, at[..., None], axis=1), head)
+            return verify(logits, drafts, n_drafts, sampling, PenaltyTable.Device(counts, bias, table.slots))
+        # each rank samples its own rows in one shard_map: its logits, cuts and draws, with no collective
+        # (left to XLA's partitioner, the logits' rows were gathered and the sampler's branch
+        # predicates reduced across the ranks)
+        out, accepted, data = table.per_rank(sample_rows, (BY_RANK,) * 3, hidden, tokens, base, n_drafts, sampling,
+                                             table.counts, table.bias, net.head_weight(), replicated=1)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
         head = [accepted[:, None]]
         if k:  # the MTP module sees the token after each position: the prompt's, or this step's accepted run
