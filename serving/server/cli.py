@@ -149,10 +149,11 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         if llm.tokenizer is not None:  # llguidance's view of the vocabulary, for the first grammar (seconds at 129k)
             llm.engine.grammars.tokenizer  # noqa: B018
-        n = llm.engine.warmup()
+        n = llm.engine.warmup(background=True)  # the buckets that hold any batch now, the rest while serving
+        warming = getattr(getattr(llm.engine, "runner", None), "warming", None)
+        ready = f"; {warming.ready} of {warming.total} shape buckets ready" if warming is not None else ""
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
-              f"{time.perf_counter() - began:.1f}s "
-              f"(cache: {cache_dir or 'off'})", file=sys.stderr)
+              f"{time.perf_counter() - began:.1f}s (cache: {cache_dir or 'off'}{ready})", file=sys.stderr)
     steps = multihost.Shared("step") if multi else None
     if not lead:  # no HTTP here: the same steps as process 0, on the inputs it publishes
         return multihost.follow(llm.engine, steps)

@@ -1,0 +1,93 @@
+"""The engine step's shape buckets: the one policy that decides which programs exist, which one a
+batch runs, and in what order warm-up makes them ready.
+
+A step program is specific to its *shape* (kind, rows per rank, tokens per row, page-table blocks)
+and its EP capacity level:
+- rows per rank: `serving.prefill_rows` / `serving.decode_batch`;
+- tokens per row: prefill chunk lengths `serving.prefill_tokens`; decode 1 + k (the last token and
+  the MTP drafts);
+- page-table blocks: powers of two up to a row's most blocks (the context, capped by the pool);
+  a prefill chunk in a width bucket holds more tokens than the bucket below it, so its smallest
+  page tables never occur.
+A batch runs the smallest shape holding it. Padding is harmless: padded rows and tokens have
+position -1 (nothing written, nothing sampled) and page-table entries past a row's blocks are never
+read, so any larger shape computes the same tokens.
+
+Readiness (background warm-up, serving/warmup.py): while some shapes are still compiling, `fit`
+picks the smallest *ready* shape that holds the batch. The largest shape of each kind (the
+"cover-all": most rows, longest chunk, widest page table) holds every batch of that kind, so once
+it is ready at every capacity level, the engine can serve anything without compiling.
+"""
+
+from __future__ import annotations
+
+import math
+
+Shape = tuple[str, int, int, int]  # (kind, rows per rank, tokens per row, page-table blocks)
+
+
+def bucket(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest bucket holding n (sizes sorted); n must not exceed the largest."""
+    for s in sizes:
+        if n <= s:
+            return s
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def context_buckets(max_blocks: int) -> tuple[int, ...]:
+    """Page-table widths: powers of two up to max_blocks (which is one too)."""
+    return tuple(sorted({min(2 ** i, max_blocks) for i in range(math.ceil(math.log2(max_blocks)) + 1)}))
+
+
+class Buckets:
+    def __init__(self, serving, drafts: int, max_blocks: int):
+        """serving: sharding.deployment.ServingConfig; drafts: k, MTP draft tokens per decode row;
+        max_blocks: the most KV blocks a row's page table holds."""
+        self.serving, self.drafts, self.max_blocks = serving, drafts, max_blocks
+        self.context = context_buckets(max_blocks)
+        # Shapes a batch may run while warm-up compiles the rest in the background; None: any shape
+        # (all warmed up, or none: compiled on first use). Rebound, never mutated: the engine thread
+        # reads it while the warm-up thread grows it.
+        self.ready: frozenset[Shape] | None = None
+
+    def exact(self, kind: str, per_rank: int, width: int, need: int) -> Shape:
+        """The smallest shape holding `per_rank` rows of up to `width` new tokens needing `need` blocks."""
+        if kind == "prefill":
+            rows, width = bucket(per_rank, self.serving.prefill_rows), bucket(width, self.serving.prefill_tokens)
+        else:
+            rows, width = bucket(per_rank, self.serving.decode_batch), 1 + self.drafts
+        return kind, rows, width, bucket(min(need, self.max_blocks), self.context)
+
+    def fit(self, kind: str, per_rank: int, width: int, need: int) -> Shape:
+        """The shape this batch runs: the smallest holding it, or while warm-up is under way the
+        smallest ready one that does (fewest padded tokens, then the narrowest page table)."""
+        shape, ready = self.exact(kind, per_rank, width, need), self.ready
+        if ready is None or shape in ready:
+            return shape
+        holds = [s for s in ready if s[0] == kind and all(a >= b for a, b in zip(s[1:], shape[1:]))]
+        if not holds:  # (warm-up makes the cover-all shapes ready first: only a bug lands here)
+            raise RuntimeError(f"no compiled {kind} program holds {shape[1:]} yet (ready: {sorted(ready)})")
+        return min(holds, key=lambda s: (s[1] * s[2], s[3]))
+
+    def shapes(self, kinds: tuple[str, ...]) -> list[Shape]:
+        """Every shape these step kinds run, in warm-up order: the cover-all shape of each kind first
+        (`first(kinds)`), then by page-table width and tokens per step, small ones first (what a
+        first request runs: one row, a short context)."""
+        s = self.serving
+        every = [("prefill", r, t, b) for r in s.prefill_rows for t in s.prefill_tokens
+                 for b in self._widths("prefill", t) if "prefill" in kinds]
+        every += [("decode", r, 1 + self.drafts, b) for r in s.decode_batch
+                  for b in self._widths("decode", 1 + self.drafts) if "decode" in kinds]
+        head = self.first(kinds)
+        return head + sorted((x for x in every if x not in head), key=lambda x: (x[3], x[1] * x[2], x[0]))
+
+    def first(self, kinds: tuple[str, ...]) -> list[Shape]:
+        """The cover-all shape of each kind: each holds every batch of its kind."""
+        s, widest = self.serving, self.context[-1]
+        return ([("decode", s.decode_batch[-1], 1 + self.drafts, widest)] if "decode" in kinds else []) + \
+            ([("prefill", s.prefill_rows[-1], s.prefill_tokens[-1], widest)] if "prefill" in kinds else [])
+
+    def _widths(self, kind: str, width: int) -> list[int]:
+        below = max([t for t in self.serving.prefill_tokens if t < width], default=0) if kind == "prefill" else 0
+        least = bucket(min(math.ceil((below + 1) / self.serving.block_size), self.max_blocks), self.context)
+        return [b for b in self.context if b >= least]
