@@ -13,6 +13,12 @@ A batch runs the smallest shape holding it. Padding is harmless: padded rows and
 position -1 (nothing written, nothing sampled) and page-table entries past a row's blocks are never
 read, so any larger shape computes the same tokens.
 
+At a raised EP capacity level (a step re-run after its rows overflowed the level's expert buckets,
+and the `capacity_window` steps after it) the page table is always the widest: a raised level is
+rare and short-lived, and one width there instead of one per context bucket makes about half of
+all programs unnecessary (126 -> 62 on cpu8). An overflowed step's table is widened (`widen`: zero
+columns, never read) before it re-runs.
+
 Readiness (background warm-up, serving/warmup.py): while some shapes are still compiling, `fit`
 picks the smallest *ready* shape that holds the batch. The largest shape of each kind (the
 "cover-all": most rows, longest chunk, widest page table) holds every batch of that kind, so once
@@ -22,6 +28,8 @@ it is ready at every capacity level, the engine can serve anything without compi
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 Shape = tuple[str, int, int, int]  # (kind, rows per rank, tokens per row, page-table blocks)
 
@@ -50,19 +58,35 @@ class Buckets:
         # reads it while the warm-up thread grows it.
         self.ready: frozenset[Shape] | None = None
 
-    def exact(self, kind: str, per_rank: int, width: int, need: int) -> Shape:
-        """The smallest shape holding `per_rank` rows of up to `width` new tokens needing `need` blocks."""
+    def exact(self, kind: str, per_rank: int, width: int, need: int, level: int = 0) -> Shape:
+        """The smallest shape holding `per_rank` rows of up to `width` new tokens needing `need` blocks
+        at this EP capacity level (raised levels: the widest page table)."""
         if kind == "prefill":
             rows, width = bucket(per_rank, self.serving.prefill_rows), bucket(width, self.serving.prefill_tokens)
         else:
             rows, width = bucket(per_rank, self.serving.decode_batch), 1 + self.drafts
-        return kind, rows, width, bucket(min(need, self.max_blocks), self.context)
+        return kind, rows, width, self.context[-1] if level else bucket(min(need, self.max_blocks), self.context)
 
-    def fit(self, kind: str, per_rank: int, width: int, need: int) -> Shape:
+    def raised(self, shape: Shape) -> Shape:
+        """The shape a batch of this shape runs at a raised capacity level."""
+        return (*shape[:3], self.context[-1])
+
+    def widen(self, arrays: tuple) -> tuple:
+        """A packed batch (page table first) with the widest page table, to re-run at a raised level."""
+        table = arrays[0]
+        if table.shape[1] == self.context[-1]:
+            return arrays
+        return (np.pad(table, ((0, 0), (0, self.context[-1] - table.shape[1]))), *arrays[1:])
+
+    def fit(self, kind: str, per_rank: int, width: int, need: int, level: int = 0) -> Shape:
         """The shape this batch runs: the smallest holding it, or while warm-up is under way the
         smallest ready one that does (fewest padded tokens, then the narrowest page table)."""
-        shape, ready = self.exact(kind, per_rank, width, need), self.ready
-        if ready is None or shape in ready:
+        shape, ready = self.exact(kind, per_rank, width, need, level), self.ready
+        if ready is None:
+            return shape
+        if level:  # a shape is ready once its programs exist at every level: its raised shape too
+            ready = {self.raised(s) for s in ready}
+        if shape in ready:
             return shape
         holds = [s for s in ready if s[0] == kind and all(a >= b for a, b in zip(s[1:], shape[1:]))]
         if not holds:  # (warm-up makes the cover-all shapes ready first: only a bug lands here)

@@ -199,7 +199,8 @@ class ModelRunner:
         per_rank = max(len(rows) for rows in batch.rows)
         width = max(n for rows in batch.rows for _, _, n in rows)
         need = max(math.ceil((p + n + self.drafts) / cfg.block_size) for rows in batch.rows for _, p, n in rows)
-        _, rows_b, width, blocks = self.buckets.fit(batch.kind, per_rank, width, need)
+        level = 0 if self.net.ep is None else self.net.ep.level
+        _, rows_b, width, blocks = self.buckets.fit(batch.kind, per_rank, width, need, level)
         B = rows_b * self.ranks
         tokens = np.zeros((B, width), np.int32)
         positions = np.full((B, width), -1, np.int32)
@@ -272,6 +273,7 @@ class ModelRunner:
         self._set_level(self.net.ep.level + 1)
         self._clean_steps = 0
         self.counters["ep_overflow_retries"] += 1
+        launched.arrays = self.buckets.widen(launched.arrays)  # a raised level's page table (serving/buckets.py)
         launched.out = self.dispatch(launched.batch.kind, launched.arrays)
         return True
 

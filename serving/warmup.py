@@ -40,6 +40,7 @@ class Warmup:
         self.runner, self.kinds = runner, kinds
         self.total = self.ready = 0  # shapes, and how many run without compiling
         self.compiled = self.loaded = 0  # programs the warm-up thread compiled, loaded
+        self.programs = 0  # ... of this many
         self.error: str | None = None
         self.began = self.finished = None
         self._stop = threading.Event()
@@ -52,6 +53,7 @@ class Warmup:
         shapes = buckets.shapes(self.kinds)
         head = buckets.first(self.kinds) if background else shapes
         rest = shapes[len(head):]
+        heads = {False: head, True: list(dict.fromkeys(buckets.raised(s) for s in head))}  # by raised level
         self.total, self.ready = len(shapes), len(head)
         level = None if runner.net.ep is None else runner.net.ep.level
         levels = [None] if level is None else list(reversed(range(len(runner.net.ep.capacity_factors))))
@@ -60,19 +62,21 @@ class Warmup:
         for lvl in levels:
             if lvl is not None:
                 runner._set_level(lvl)
-            calls = {shape: runner._call(shape[0], self._arrays(shape)) for shape in head}
             step, raised = runner._step, lvl != level
+            calls = {shape: runner._call(shape[0], self._arrays(shape)) for shape in heads[bool(lvl)]}
             if raised and step.saves:  # a raised level: saved is enough, a step that overflows loads it
                 step.prepare(list(calls.values()), load=False)
             else:
-                if step.saves:
-                    step.prepare(list(calls.values()))  # saved programs, in parallel
-                for shape, (args, static) in calls.items():
-                    out = runner.dispatch(shape[0], args[4:])
-                jax.block_until_ready(out)
-            if rest:
-                plan.append((raised, step, {shape: jax.tree.map(_spec, runner._call(shape[0], self._arrays(shape)))
-                                            for shape in rest}))
+                if step.saves or background:
+                    step.prepare(list(calls.values()))  # saved programs loaded in parallel, the rest compiled
+                if not background:  # (else not run now: serving is waiting for them)
+                    for shape, (args, static) in calls.items():
+                        out = runner.dispatch(shape[0], args[4:])
+                    jax.block_until_ready(out)
+            if rest:  # (a raised level runs the widest page table: one program for several shapes)
+                plan.append((raised, step, {shape: jax.tree.map(_spec, runner._call(shape[0], self._arrays(
+                    buckets.raised(shape) if lvl else shape))) for shape in rest}))
+                self.programs += len(rest) if not lvl else len({buckets.raised(s) for s in rest} - set(heads[True]))
         if level is not None:
             runner._set_level(level)
         runner.penalties.warm_up()
@@ -110,7 +114,7 @@ class Warmup:
     def _background(self, rest, plan) -> None:
         buckets, started = self.runner.buckets, time.perf_counter()
         say(f"warm-up: serving; {len(rest)} more shape buckets compile in the background "
-            f"({len(rest) * len(plan)} programs)")
+            f"({self.programs} programs)")
         try:
             for i, shape in enumerate(rest):
                 for raised, step, specs in plan:
@@ -127,10 +131,11 @@ class Warmup:
                 self.ready += 1
                 done = i + 1
                 if done == len(rest) or done % max(1, len(rest) // 10) == 0:
-                    spent = time.perf_counter() - started
+                    spent, made = time.perf_counter() - started, self.compiled + self.loaded
                     say(f"warm-up: {self.ready} of {self.total} shape buckets ready ({self.compiled} programs compiled, "
                         f"{self.loaded} loaded in the background, {spent:.0f}s)"
-                        + (f", about {spent / done * (len(rest) - done):.0f}s left" if done < len(rest) else ""))
+                        + (f", about {spent / max(1, made) * (self.programs - made):.0f}s left"
+                           if done < len(rest) else ""))
             buckets.ready = None  # every shape: batches run their own bucket again
             self.finished = time.perf_counter()
             trim_heap()
