@@ -19,10 +19,13 @@ rare and short-lived, and one width there instead of one per context bucket make
 all programs unnecessary (126 -> 62 on cpu8). An overflowed step's table is widened (`widen`: zero
 columns, never read) before it re-runs.
 
-Readiness (background warm-up, serving/warmup.py): while some shapes are still compiling, `fit`
-picks the smallest *ready* shape that holds the batch. The largest shape of each kind (the
-"cover-all": most rows, longest chunk, widest page table) holds every batch of that kind, so once
-it is ready at every capacity level, the engine can serve anything without compiling.
+Readiness (background warm-up, serving/warmup.py): a program is a (level, shape) pair. While some
+are still compiling, `fit` picks the smallest shape that holds the batch and is *usable*: ready at
+the current level, and its raised shape ready at the last level (which cannot overflow), so an
+overflow always has somewhere to re-run (`retry_level`: the next level whose program for it and
+whose cover-all shapes are ready, else the last). The largest shape of each kind (the "cover-all":
+most rows, longest chunk, widest page table) holds every batch of that kind; ready at the first
+and the last level, it lets the engine serve anything without compiling.
 """
 
 from __future__ import annotations
@@ -48,15 +51,16 @@ def context_buckets(max_blocks: int) -> tuple[int, ...]:
 
 
 class Buckets:
-    def __init__(self, serving, drafts: int, max_blocks: int):
+    def __init__(self, serving, drafts: int, max_blocks: int, levels: int = 1):
         """serving: sharding.deployment.ServingConfig; drafts: k, MTP draft tokens per decode row;
-        max_blocks: the most KV blocks a row's page table holds."""
-        self.serving, self.drafts, self.max_blocks = serving, drafts, max_blocks
+        max_blocks: the most KV blocks a row's page table holds; levels: EP capacity levels."""
+        self.serving, self.drafts, self.max_blocks, self.levels = serving, drafts, max_blocks, levels
         self.context = context_buckets(max_blocks)
-        # Shapes a batch may run while warm-up compiles the rest in the background; None: any shape
-        # (all warmed up, or none: compiled on first use). Rebound, never mutated: the engine thread
-        # reads it while the warm-up thread grows it.
-        self.ready: frozenset[Shape] | None = None
+        self.covers: list[Shape] = []  # the cover-all shapes of the kinds warmed up
+        # (level, shape) programs a batch may run while warm-up compiles the rest in the background;
+        # None: any (all warmed up, or none: compiled on first use). Rebound, never mutated: the
+        # engine thread reads it while the warm-up thread grows it.
+        self.ready: frozenset[tuple[int, Shape]] | None = None
 
     def exact(self, kind: str, per_rank: int, width: int, need: int, level: int = 0) -> Shape:
         """The smallest shape holding `per_rank` rows of up to `width` new tokens needing `need` blocks
@@ -80,18 +84,49 @@ class Buckets:
 
     def fit(self, kind: str, per_rank: int, width: int, need: int, level: int = 0) -> Shape:
         """The shape this batch runs: the smallest holding it, or while warm-up is under way the
-        smallest ready one that does (fewest padded tokens, then the narrowest page table)."""
+        smallest usable one that does (fewest padded tokens, then the narrowest page table)."""
         shape, ready = self.exact(kind, per_rank, width, need, level), self.ready
-        if ready is None:
+        if ready is None or self._usable(level, shape, ready):
             return shape
-        if level:  # a shape is ready once its programs exist at every level: its raised shape too
-            ready = {self.raised(s) for s in ready}
-        if shape in ready:
-            return shape
-        holds = [s for s in ready if s[0] == kind and all(a >= b for a, b in zip(s[1:], shape[1:]))]
+        holds = [s for lvl, s in ready if lvl == level and s[0] == kind and self._usable(level, s, ready)
+                 and all(a >= b for a, b in zip(s[1:], shape[1:]))]
         if not holds:  # (warm-up makes the cover-all shapes ready first: only a bug lands here)
-            raise RuntimeError(f"no compiled {kind} program holds {shape[1:]} yet (ready: {sorted(ready)})")
+            raise RuntimeError(f"no compiled {kind} program at EP capacity level {level} holds {shape[1:]} yet")
         return min(holds, key=lambda s: (s[1] * s[2], s[3]))
+
+    def _usable(self, level: int, shape: Shape, ready) -> bool:
+        return (level, shape) in ready and (self.levels - 1, self.raised(shape)) in ready
+
+    def _covered(self, level: int, ready) -> bool:
+        return all((level, c) in ready for c in self.covers)
+
+    def retry_level(self, shape: Shape, level: int) -> int:
+        """The level a step of this shape that overflowed `level` re-runs at: the next, or while warm-up
+        is under way the next where its program and the cover-all shapes are ready (the last's are)."""
+        ready = self.ready
+        if ready is None:
+            return level + 1
+        return next((lvl for lvl in range(level + 1, self.levels - 1)
+                     if (lvl, self.raised(shape)) in ready and self._covered(lvl, ready)), self.levels - 1)
+
+    def down_level(self, level: int) -> int:
+        """The level a window of steps without overflow brings `level` down to: the one below, or while
+        warm-up is under way the nearest below whose cover-all shapes are ready (the first's are)."""
+        ready = self.ready
+        if ready is None:
+            return level - 1
+        return next((lvl for lvl in range(level - 1, 0, -1) if self._covered(lvl, ready)), 0)
+
+    def plan(self, kinds: tuple[str, ...]) -> tuple[list, list]:
+        """Warm-up order, as (level, shape) programs: (first, rest). first: the cover-all shapes at the
+        first and the last level (enough to serve anything). rest: the other levels' cover-all
+        shapes, then each shape (`shapes`) at the last level, the first, and the ones between."""
+        self.covers, last = self.first(kinds), self.levels - 1
+        first = [(0, c) for c in self.covers] + [(last, c) for c in self.covers if last]
+        rest = [(lvl, c) for lvl in range(1, last) for c in self.covers]
+        for s in self.shapes(kinds)[len(self.covers):]:
+            rest += [(lvl, s if lvl == 0 else self.raised(s)) for lvl in [last, 0, *range(1, last)]]
+        return first, [p for p in dict.fromkeys(rest) if p not in first]
 
     def shapes(self, kinds: tuple[str, ...]) -> list[Shape]:
         """Every shape these step kinds run, in warm-up order: the cover-all shape of each kind first

@@ -108,11 +108,10 @@ class EngineCollector:
                       s["compilations"])
         yield counter("xla_compilations", "XLA compilations in the server process, whatever asked for them (engine "
                       "steps, expert moves, KV hand-overs); flat after warm-up.", s["xla_compilations"])
-        if s.get("warmup"):  # shape buckets that run without compiling (the rest compile in the background)
-            yield gauge("warmup_buckets_ready", "Shape buckets of the engine step compiled or loaded: a batch runs the "
-                        "smallest ready one that holds it.", s["warmup"]["buckets_ready"])
-            yield gauge("warmup_buckets", "Shape buckets of the engine step (every EP capacity level each).",
-                        s["warmup"]["buckets"])
+        if s.get("warmup"):  # programs that run without compiling (the rest compile in the background)
+            yield gauge("warmup_programs_ready", "Engine-step programs (shape bucket x EP capacity level) compiled or "
+                        "loaded: a batch runs the smallest ready shape that holds it.", s["warmup"]["programs_ready"])
+            yield gauge("warmup_programs", "Engine-step programs warm-up makes ready.", s["warmup"]["programs"])
         # speculative decoding, vLLM's names (vllm:spec_decode_*) under our prefix
         yield counter("spec_decode_num_drafts", "Verify windows of MTP drafts run (one per request and step).",
                       s["spec_drafts"])

@@ -121,7 +121,8 @@ class ModelRunner:
         # a row's page table: the context, but never more blocks than a rank holds (the scheduler
         # bounds a request's output by its rank's pool)
         self.max_blocks = min(math.ceil(self.context_len / serving.block_size), self.blocks_per_rank)
-        self.buckets = Buckets(serving, drafts, self.max_blocks)  # the shape buckets (serving/buckets.py)
+        self.buckets = Buckets(serving, drafts, self.max_blocks,  # the shape buckets (serving/buckets.py)
+                               1 if net.ep is None else len(net.ep.capacity_factors))
         self.context_buckets = self.buckets.context
         self.warming: Warmup | None = None  # the last warm-up (its background thread, its progress)
         self._place(mesh)
@@ -270,7 +271,9 @@ class ModelRunner:
         the step reads it first writes again."""
         if not host[-1]:
             return False
-        self._set_level(self.net.ep.level + 1)
+        table, tokens = launched.arrays[:2]
+        shape = (launched.batch.kind, tokens.shape[0] // self.ranks, tokens.shape[1], table.shape[1])
+        self._set_level(self.buckets.retry_level(shape, self.net.ep.level))  # (the next level, once warmed up)
         self._clean_steps = 0
         self.counters["ep_overflow_retries"] += 1
         launched.arrays = self.buckets.widen(launched.arrays)  # a raised level's page table (serving/buckets.py)
@@ -285,7 +288,7 @@ class ModelRunner:
             return
         self._clean_steps += 1
         if self._clean_steps >= self.deployment.capacity_window:
-            self._set_level(ep.level - 1)
+            self._set_level(self.buckets.down_level(ep.level))  # (the one below, once warmed up)
             self._clean_steps = 0
             self.counters["ep_capacity_steps_down"] += 1
 

@@ -3,10 +3,11 @@
 
 Blocking (`Warmup.run(background=False)`, the library's and the tests' default): everything before
 returning. Background (the server): only the cover-all shape of each step kind (most rows, longest
-chunk, widest page table) before returning -- they hold any batch, so the engine can serve at once,
-padding what it runs up to a ready shape (Buckets.fit) -- and the other shapes on a thread, smallest
-first, each made ready (for `fit`) once its programs exist at every capacity level, so an overflow
-re-run finds its program too. The engine thread never compiles: it runs what is ready.
+chunk, widest page table) at the first and the last EP capacity level before returning -- they
+hold any batch, and the last level cannot overflow, so the engine can serve at once, padding what
+it runs up to a ready shape (Buckets.fit) -- and the other programs on a thread, in
+`Buckets.plan`'s order (small shapes first, each at the last level before the first, so an
+overflow re-run always finds its program). The engine thread never compiles: it runs what is ready.
 
 The warm-up thread lowers and compiles on jax.ShapeDtypeStructs of the step's arguments (the engine
 thread donates the real pool, loads and penalty table to every step) and one compile at a time,
@@ -38,9 +39,8 @@ def _spec(x):
 class Warmup:
     def __init__(self, runner, kinds: tuple[str, ...]):
         self.runner, self.kinds = runner, kinds
-        self.total = self.ready = 0  # shapes, and how many run without compiling
+        self.total = self.ready = 0  # (level, shape) programs, and how many run without compiling
         self.compiled = self.loaded = 0  # programs the warm-up thread compiled, loaded
-        self.programs = 0  # ... of this many
         self.error: str | None = None
         self.began = self.finished = None
         self._stop = threading.Event()
@@ -50,33 +50,30 @@ class Warmup:
         """Warms up (see the module docstring); returns the compilations this call took."""
         runner, buckets = self.runner, self.runner.buckets
         before, self.began = runner.compilations, time.perf_counter()
-        shapes = buckets.shapes(self.kinds)
-        head = buckets.first(self.kinds) if background else shapes
-        rest = shapes[len(head):]
-        heads = {False: head, True: list(dict.fromkeys(buckets.raised(s) for s in head))}  # by raised level
-        self.total, self.ready = len(shapes), len(head)
+        first, rest = buckets.plan(self.kinds)  # (level, shape) programs
+        if not background:
+            first, rest = first + rest, []
+        self.total, self.ready = len(first) + len(rest), len(first)
         level = None if runner.net.ep is None else runner.net.ep.level
         levels = [None] if level is None else list(reversed(range(len(runner.net.ep.capacity_factors))))
-        plan = []  # per level: (raised, its step, {shape: the call's specs}) for the warm-up thread
+        steps = {}  # level -> (whether only saved, not loaded; its step, {shape: the call's specs}): the thread's
         # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
         for lvl in levels:
             if lvl is not None:
                 runner._set_level(lvl)
-            step, raised = runner._step, lvl != level
-            calls = {shape: runner._call(shape[0], self._arrays(shape)) for shape in heads[bool(lvl)]}
+            step, raised, at = runner._step, lvl != level, lvl or 0
+            calls = {shape: runner._call(shape[0], self._arrays(shape)) for l, shape in first if l == at}
             if raised and step.saves:  # a raised level: saved is enough, a step that overflows loads it
                 step.prepare(list(calls.values()), load=False)
-            else:
+            elif calls:
                 if step.saves or background:
                     step.prepare(list(calls.values()))  # saved programs loaded in parallel, the rest compiled
                 if not background:  # (else not run now: serving is waiting for them)
                     for shape, (args, static) in calls.items():
                         out = runner.dispatch(shape[0], args[4:])
                     jax.block_until_ready(out)
-            if rest:  # (a raised level runs the widest page table: one program for several shapes)
-                plan.append((raised, step, {shape: jax.tree.map(_spec, runner._call(shape[0], self._arrays(
-                    buckets.raised(shape) if lvl else shape))) for shape in rest}))
-                self.programs += len(rest) if not lvl else len({buckets.raised(s) for s in rest} - set(heads[True]))
+            steps[at] = (raised and step.saves, step, {shape: jax.tree.map(
+                _spec, runner._call(shape[0], self._arrays(shape))) for l, shape in rest if l == at})
         if level is not None:
             runner._set_level(level)
         runner.penalties.warm_up()
@@ -84,9 +81,9 @@ class Warmup:
         jax.block_until_ready(runner.pool)
         trim_heap()  # what compiling and loading left free goes back to the OS
         compiled = runner.compilations - before
-        if rest:  # batches run on the ready shapes until `start`'s thread has made the rest ready
-            buckets.ready = frozenset(head)
-            self._thread = threading.Thread(target=self._background, args=(rest, plan), name="warm-up", daemon=True)
+        if rest:  # batches run on the ready programs until `start`'s thread has made the rest ready
+            buckets.ready = frozenset(first)
+            self._thread = threading.Thread(target=self._background, args=(rest, steps), name="warm-up", daemon=True)
         else:
             self.finished = time.perf_counter()
         return compiled
@@ -111,37 +108,33 @@ class Warmup:
                 sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.runner.penalties.slots,
                                 self.runner._mask(B, None)))
 
-    def _background(self, rest, plan) -> None:
+    def _background(self, rest, steps) -> None:
         buckets, started = self.runner.buckets, time.perf_counter()
-        say(f"warm-up: serving; {len(rest)} more shape buckets compile in the background "
-            f"({self.programs} programs)")
+        say(f"warm-up: serving; {len(rest)} more programs compile in the background")
         try:
-            for i, shape in enumerate(rest):
-                for raised, step, specs in plan:
-                    if self._stop.is_set():
-                        return
-                    held = len(step.compiled)
-                    c, n = step.compiles, step.loads
-                    step.prepare([specs[shape]], load=not (raised and step.saves), threads=1)
-                    self.compiled += step.compiles - c
-                    self.loaded += step.loads - n
-                    if raised and step.saves and step is not self.runner._step and len(step.compiled) > held:
-                        step.drop([specs[shape]])  # saved: loaded again if a step overflows to this level
-                buckets.ready = buckets.ready | {shape}
+            for done, (lvl, shape) in enumerate(rest, 1):
+                if self._stop.is_set():
+                    return
+                saved_only, step, specs = steps[lvl]
+                c, n, held = step.compiles, step.loads, len(step.compiled)
+                step.prepare([specs[shape]], load=not saved_only, threads=1)
+                self.compiled += step.compiles - c
+                self.loaded += step.loads - n
+                if saved_only and step is not self.runner._step and len(step.compiled) > held:
+                    step.drop([specs[shape]])  # saved: loaded again if a step overflows to this level
+                buckets.ready = buckets.ready | {(lvl, shape)}
                 self.ready += 1
-                done = i + 1
                 if done == len(rest) or done % max(1, len(rest) // 10) == 0:
-                    spent, made = time.perf_counter() - started, self.compiled + self.loaded
-                    say(f"warm-up: {self.ready} of {self.total} shape buckets ready ({self.compiled} programs compiled, "
-                        f"{self.loaded} loaded in the background, {spent:.0f}s)"
-                        + (f", about {spent / max(1, made) * (self.programs - made):.0f}s left"
-                           if done < len(rest) else ""))
-            buckets.ready = None  # every shape: batches run their own bucket again
+                    spent = time.perf_counter() - started
+                    say(f"warm-up: {self.ready} of {self.total} programs ready ({self.compiled} compiled, "
+                        f"{self.loaded} loaded in the background in {spent:.0f}s)"
+                        + (f", about {spent / done * (len(rest) - done):.0f}s left" if done < len(rest) else ""))
+            buckets.ready = None  # every program: batches run their own bucket again
             self.finished = time.perf_counter()
             trim_heap()
-        except Exception as e:  # noqa: BLE001 - serving goes on with the shapes that are ready
+        except Exception as e:  # noqa: BLE001 - serving goes on with the programs that are ready
             self.error = f"{type(e).__name__}: {e}"
-            log.exception("background warm-up failed; serving goes on with the %d shape buckets ready", self.ready)
+            log.exception("background warm-up failed; serving goes on with the %d programs ready", self.ready)
 
     def stop(self) -> None:
         """Stops the warm-up thread after its current program (a resize: the shapes are the old mesh's)."""
@@ -154,8 +147,8 @@ class Warmup:
         return self.finished is not None
 
     def progress(self) -> dict:
-        """For /health and /metrics: shape buckets ready of all, programs the warm-up thread made."""
-        return {"done": self.done, "buckets_ready": self.ready, "buckets": self.total,
+        """For /health and /metrics: programs ready of all, and those the warm-up thread made."""
+        return {"done": self.done, "programs_ready": self.ready, "programs": self.total,
                 "background_compiled": self.compiled, "background_loaded": self.loaded,
                 "seconds": round((self.finished or time.perf_counter()) - self.began, 1), "error": self.error}
 

@@ -19,20 +19,31 @@ DEPLOYMENT = {"mesh": {"dp": 2, "tp": 1}, "experts": {"redundant": 0}, "dispatch
 
 def test_a_batch_runs_the_smallest_ready_shape_that_holds_it():
     b = Buckets(ServingConfig(prefill_tokens=(16, 64), prefill_rows=(1, 4), decode_batch=(1, 4, 16), block_size=16),
-                drafts=1, max_blocks=16)
+                drafts=1, max_blocks=16, levels=3)
     assert b.context == (1, 2, 4, 8, 16)
     shapes = b.shapes(("prefill", "decode"))
-    assert shapes[:2] == b.first(("prefill", "decode")) == [("decode", 16, 2, 16), ("prefill", 4, 64, 16)]
     assert len(shapes) == len(set(shapes)) == 2 * (5 + 4) + 3 * 5  # a 64-token chunk needs >= 2 blocks
-    assert b.fit("decode", 3, 2, 5) == ("decode", 4, 2, 8)  # all ready: its own bucket
-    b.ready = frozenset(b.first(("prefill", "decode")))
+    first, rest = b.plan(("prefill", "decode"))
+    covers = [("decode", 16, 2, 16), ("prefill", 4, 64, 16)]
+    assert b.covers == covers and first == [(0, c) for c in covers] + [(2, c) for c in covers]
+    assert rest[:2] == [(1, c) for c in covers]  # then each shape at the last level before the first
+    assert rest[2:4] == [(2, ("decode", 1, 2, 16)), (0, ("decode", 1, 2, 1))]
+    # raised levels run the widest page table: 33 shapes at level 0, 2 x 7 rows x tokens above it
+    assert len(first + rest) == len(set(first + rest)) == 33 + 2 * (2 * 2 + 3)
+    assert b.fit("decode", 3, 2, 5) == ("decode", 4, 2, 8) and b.fit("decode", 3, 2, 5, 1) == ("decode", 4, 2, 16)
+    b.ready = frozenset(first)
     assert b.fit("decode", 3, 2, 5) == ("decode", 16, 2, 16)  # padded up to the cover-all
     assert b.fit("prefill", 1, 10, 1) == ("prefill", 4, 64, 16)
-    b.ready |= {("decode", 4, 2, 16), ("decode", 16, 2, 8), ("decode", 1, 2, 8)}
-    assert b.fit("decode", 3, 2, 5) == ("decode", 4, 2, 16)  # fewest padded rows first, then the table
-    assert b.fit("decode", 1, 2, 2) == ("decode", 1, 2, 8)
-    b.ready = frozenset({("decode", 1, 2, 1)})
-    with pytest.raises(RuntimeError, match="no compiled decode program holds"):
+    assert b.retry_level(("decode", 16, 2, 16), 0) == 2  # level 1 not ready yet: the last
+    b.ready |= {(0, ("decode", 4, 2, 16)), (0, ("decode", 1, 2, 8)), (2, ("decode", 1, 2, 16))}
+    assert b.fit("decode", 3, 2, 5) == ("decode", 16, 2, 16)  # (4, 2, 16) has no program at the last level
+    assert b.fit("decode", 1, 2, 2) == ("decode", 1, 2, 8)  # fewest padded rows first, then the table
+    assert b.down_level(2) == 0  # level 1's cover-all shapes are not ready
+    b.ready |= {(1, c) for c in covers} | {(2, ("decode", 4, 2, 16))}
+    assert b.fit("decode", 3, 2, 5) == ("decode", 4, 2, 16) and b.down_level(2) == 1
+    assert b.retry_level(("decode", 4, 2, 16), 0) == 2 and b.retry_level(("decode", 16, 2, 16), 0) == 1
+    b.ready = frozenset({(0, ("decode", 1, 2, 1))})
+    with pytest.raises(RuntimeError, match="no compiled decode program"):
         b.fit("decode", 2, 2, 1)
 
 
@@ -51,21 +62,21 @@ def test_healthy_and_serving_before_the_background_compiles_finish(llm):
     with serving(create_app(llm, "jaxseek-tiny")) as server:
         health = server.http.get("/health")
         assert health.status_code == 200
-        assert health.json()["warmup"] | {"seconds": 0} == {"done": False, "buckets_ready": 2, "buckets": 6,
+        assert health.json()["warmup"] | {"seconds": 0} == {"done": False, "programs_ready": 2, "programs": 6,
                                                             "background_compiled": 0, "background_loaded": 0,
                                                             "seconds": 0, "error": None}
         padded = [server.client.completions.create(**prompt).choices[0].text for _ in range(2)]
         assert engine.compilations == compiled  # every step ran a ready shape, padded up
         metrics = server.metrics()
-        assert value(metrics, "jaxseek_warmup_buckets_ready") == 2 and value(metrics, "jaxseek_warmup_buckets") == 6
+        assert value(metrics, "jaxseek_warmup_programs_ready") == 2 and value(metrics, "jaxseek_warmup_programs") == 6
         warming.start()
         during = server.client.completions.create(**prompt).choices[0].text  # while the thread compiles
         assert warming.join(timeout=900) and warming.error is None
         health = server.http.get("/health").json()["warmup"]
-        assert health["done"] and health["buckets_ready"] == 6 and health["background_compiled"] == 4
+        assert health["done"] and health["programs_ready"] == 6 and health["background_compiled"] == 4
         assert runner.buckets.ready is None  # batches run their own shape again
         exact = server.client.completions.create(**prompt).choices[0].text
-        assert value(server.metrics(), "jaxseek_warmup_buckets_ready") == 6
+        assert value(server.metrics(), "jaxseek_warmup_programs_ready") == 6
     assert padded == [exact, exact] and during == exact  # padding changes no token
     # what compiled after the cover-all shapes is the warm-up thread's four programs: nothing on the engine thread
     assert engine.compilations == compiled + 4

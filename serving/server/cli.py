@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             llm.engine.grammars.tokenizer  # noqa: B018
         n = llm.engine.warmup(background=True)  # the buckets that hold any batch now, the rest while serving
         warming = getattr(getattr(llm.engine, "runner", None), "warming", None)
-        ready = f"; {warming.ready} of {warming.total} shape buckets ready" if warming is not None else ""
+        ready = f"; {warming.ready} of {warming.total} programs ready" if warming is not None else ""
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
               f"{time.perf_counter() - began:.1f}s (cache: {cache_dir or 'off'}{ready})", file=sys.stderr)
     steps = multihost.Shared("step") if multi else None
