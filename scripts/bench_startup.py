@@ -62,6 +62,7 @@ def start_once(args, cache: str) -> dict:
            "loaded": int(warm[2]) if warm else None, "warmup_s": float(warm[3]) if warm else None}
     if args.all_ready:
         out.update(all_ready_s=round(done, 1), warmup=health)
+    out["log"] = [line for line in err.splitlines() if line.startswith("[server]")]  # its start-up progress
     return out
 
 
