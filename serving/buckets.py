@@ -24,8 +24,9 @@ are still compiling, `fit` picks the smallest shape that holds the batch and is 
 the current level, and its raised shape ready at the last level (which cannot overflow), so an
 overflow always has somewhere to re-run (`retry_level`: the next level whose program for it and
 whose cover-all shapes are ready, else the last). The largest shape of each kind (the "cover-all":
-most rows, longest chunk, widest page table) holds every batch of that kind; ready at the first
-and the last level, it lets the engine serve anything without compiling.
+most rows, longest chunk, widest page table) holds every batch of that kind; ready at the last
+level, it lets the engine serve anything without compiling (at the worst-case EP capacity, until
+a window of steps brings the level down to one whose cover-all shapes are ready: `down_level`).
 """
 
 from __future__ import annotations
@@ -111,19 +112,20 @@ class Buckets:
 
     def down_level(self, level: int) -> int:
         """The level a window of steps without overflow brings `level` down to: the one below, or while
-        warm-up is under way the nearest below whose cover-all shapes are ready (the first's are)."""
+        warm-up is under way the nearest below whose cover-all shapes are ready (none: `level`)."""
         ready = self.ready
         if ready is None:
             return level - 1
-        return next((lvl for lvl in range(level - 1, 0, -1) if self._covered(lvl, ready)), 0)
+        return next((lvl for lvl in range(level - 1, -1, -1) if self._covered(lvl, ready)), level)
 
     def plan(self, kinds: tuple[str, ...]) -> tuple[list, list]:
         """Warm-up order, as (level, shape) programs: (first, rest). first: the cover-all shapes at the
-        first and the last level (enough to serve anything). rest: the other levels' cover-all
-        shapes, then each shape (`shapes`) at the last level, the first, and the ones between."""
+        last level (enough to serve anything: the engine starts there, where nothing overflows, and
+        steps down once a lower level's are ready). rest: the other levels' cover-all shapes, the
+        first level's first, then each shape (`shapes`) at the last level, the first, and between."""
         self.covers, last = self.first(kinds), self.levels - 1
-        first = [(0, c) for c in self.covers] + [(last, c) for c in self.covers if last]
-        rest = [(lvl, c) for lvl in range(1, last) for c in self.covers]
+        first = [(last, c) for c in self.covers]
+        rest = [(lvl, c) for lvl in range(last) for c in self.covers]
         for s in self.shapes(kinds)[len(self.covers):]:
             rest += [(lvl, s if lvl == 0 else self.raised(s)) for lvl in [last, 0, *range(1, last)]]
         return first, [p for p in dict.fromkeys(rest) if p not in first]

@@ -288,9 +288,11 @@ class ModelRunner:
             return
         self._clean_steps += 1
         if self._clean_steps >= self.deployment.capacity_window:
-            self._set_level(self.buckets.down_level(ep.level))  # (the one below, once warmed up)
             self._clean_steps = 0
-            self.counters["ep_capacity_steps_down"] += 1
+            down = self.buckets.down_level(ep.level)  # (the one below, once warmed up)
+            if down < ep.level:
+                self._set_level(down)
+                self.counters["ep_capacity_steps_down"] += 1
 
     def _set_level(self, level: int) -> None:
         """Steps at this capacity level from now on. Stepping down releases the programs of the level

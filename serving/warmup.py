@@ -3,11 +3,12 @@
 
 Blocking (`Warmup.run(background=False)`, the library's and the tests' default): everything before
 returning. Background (the server): only the cover-all shape of each step kind (most rows, longest
-chunk, widest page table) at the first and the last EP capacity level before returning -- they
-hold any batch, and the last level cannot overflow, so the engine can serve at once, padding what
-it runs up to a ready shape (Buckets.fit) -- and the other programs on a thread, in
-`Buckets.plan`'s order (small shapes first, each at the last level before the first, so an
-overflow re-run always finds its program). The engine thread never compiles: it runs what is ready.
+chunk, widest page table) at the last EP capacity level before returning -- they hold any batch,
+and the last level cannot overflow, so the engine serves at once from that level, padding what it
+runs up to a ready shape (Buckets.fit), and steps down once a lower level's cover-all shapes are
+ready -- and the other programs on a thread, in `Buckets.plan`'s order (the lower levels' cover-all
+shapes, then small shapes first, each at the last level before the first, so an overflow re-run
+always finds its program). The engine thread never compiles: it runs what is ready.
 
 The warm-up thread lowers and compiles on jax.ShapeDtypeStructs of the step's arguments (the engine
 thread donates the real pool, loads and penalty table to every step) and one compile at a time,
@@ -55,13 +56,16 @@ class Warmup:
             first, rest = first + rest, []
         self.total, self.ready = len(first) + len(rest), len(first)
         level = None if runner.net.ep is None else runner.net.ep.level
-        levels = [None] if level is None else list(reversed(range(len(runner.net.ep.capacity_factors))))
+        # the level served from: the current one, or (background) the last, whose programs are ready first
+        serve = level if level is None or not rest else max(lvl for lvl, _ in first)
+        levels = [None] if level is None else sorted(range(len(runner.net.ep.capacity_factors)),
+                                                     key=lambda lvl: (lvl == serve, -lvl))
         steps = {}  # level -> (whether only saved, not loaded; its step, {shape: the call's specs}): the thread's
-        # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
+        # the served level last, the others from the highest: each step down releases the level left
         for lvl in levels:
             if lvl is not None:
                 runner._set_level(lvl)
-            step, raised, at = runner._step, lvl != level, lvl or 0
+            step, raised, at = runner._step, lvl != serve, lvl or 0
             calls = {shape: runner._call(shape[0], self._arrays(shape)) for l, shape in first if l == at}
             if raised and step.saves:  # a raised level: saved is enough, a step that overflows loads it
                 step.prepare(list(calls.values()), load=False)
@@ -72,10 +76,8 @@ class Warmup:
                     for shape, (args, static) in calls.items():
                         out = runner.dispatch(shape[0], args[4:])
                     jax.block_until_ready(out)
-            steps[at] = (raised and step.saves, step, {shape: jax.tree.map(
+            steps[at] = (at > 0 and step.saves, step, {shape: jax.tree.map(
                 _spec, runner._call(shape[0], self._arrays(shape))) for l, shape in rest if l == at})
-        if level is not None:
-            runner._set_level(level)
         runner.penalties.warm_up()
         runner.warm_copies()
         jax.block_until_ready(runner.pool)

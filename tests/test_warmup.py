@@ -25,20 +25,22 @@ def test_a_batch_runs_the_smallest_ready_shape_that_holds_it():
     assert len(shapes) == len(set(shapes)) == 2 * (5 + 4) + 3 * 5  # a 64-token chunk needs >= 2 blocks
     first, rest = b.plan(("prefill", "decode"))
     covers = [("decode", 16, 2, 16), ("prefill", 4, 64, 16)]
-    assert b.covers == covers and first == [(0, c) for c in covers] + [(2, c) for c in covers]
-    assert rest[:2] == [(1, c) for c in covers]  # then each shape at the last level before the first
-    assert rest[2:4] == [(2, ("decode", 1, 2, 16)), (0, ("decode", 1, 2, 1))]
+    assert b.covers == covers and first == [(2, c) for c in covers]  # the last level: nothing overflows there
+    assert rest[:4] == [(0, c) for c in covers] + [(1, c) for c in covers]
+    assert rest[4:6] == [(2, ("decode", 1, 2, 16)), (0, ("decode", 1, 2, 1))]  # each shape at the last level first
     # raised levels run the widest page table: 33 shapes at level 0, 2 x 7 rows x tokens above it
     assert len(first + rest) == len(set(first + rest)) == 33 + 2 * (2 * 2 + 3)
     assert b.fit("decode", 3, 2, 5) == ("decode", 4, 2, 8) and b.fit("decode", 3, 2, 5, 1) == ("decode", 4, 2, 16)
     b.ready = frozenset(first)
-    assert b.fit("decode", 3, 2, 5) == ("decode", 16, 2, 16)  # padded up to the cover-all
-    assert b.fit("prefill", 1, 10, 1) == ("prefill", 4, 64, 16)
+    assert b.fit("decode", 3, 2, 5, 2) == ("decode", 16, 2, 16)  # padded up to the cover-all
+    assert b.fit("prefill", 1, 10, 1, 2) == ("prefill", 4, 64, 16)
+    assert b.down_level(2) == 2  # no lower level's cover-all shapes yet: stay
+    b.ready |= {(0, c) for c in covers}
+    assert b.down_level(2) == 0 and b.fit("decode", 3, 2, 5) == ("decode", 16, 2, 16)
     assert b.retry_level(("decode", 16, 2, 16), 0) == 2  # level 1 not ready yet: the last
     b.ready |= {(0, ("decode", 4, 2, 16)), (0, ("decode", 1, 2, 8)), (2, ("decode", 1, 2, 16))}
     assert b.fit("decode", 3, 2, 5) == ("decode", 16, 2, 16)  # (4, 2, 16) has no program at the last level
     assert b.fit("decode", 1, 2, 2) == ("decode", 1, 2, 8)  # fewest padded rows first, then the table
-    assert b.down_level(2) == 0  # level 1's cover-all shapes are not ready
     b.ready |= {(1, c) for c in covers} | {(2, ("decode", 4, 2, 16))}
     assert b.fit("decode", 3, 2, 5) == ("decode", 4, 2, 16) and b.down_level(2) == 1
     assert b.retry_level(("decode", 4, 2, 16), 0) == 2 and b.retry_level(("decode", 16, 2, 16), 0) == 1
