@@ -21,7 +21,7 @@ our key but not the HLO. So `prepare` compiles with JAX's cache switched off.
 Saved programs need not stay loaded: XLA:CPU maps three memory regions (code, constants, data)
 per kernel of a loaded executable -- about 860 for the embedded model's step -- and a Linux process
 may hold 65,530 mappings (vm.max_map_count), i.e. about 75 engine steps. Every bucket at three EP
-capacity levels is 126 on 8 devices, so `release` lets the runner keep only the levels in use;
+capacity levels is 62 on 8 devices (serving/buckets.py), so `release` lets the runner keep only the levels in use;
 a released program is loaded again (not compiled) when a step needs it. Programs are lowered
 through a jit wrapper of their own, so that JAX's in-memory caches do not keep them alive.
 
@@ -92,7 +92,8 @@ class AotStep:
     """jax.jit(fun, **options)(*args, **static), one compiled program per signature (the shapes and
     dtypes of args[1:] -- args[0] are the weights, fixed by the key -- and the static arguments),
     each loaded from `directory` when a previous process saved it, else compiled and saved there.
-    Without a directory it is the jitted function."""
+    Without a directory it is the jitted function, but for the programs `prepare` compiled and holds
+    (a background warm-up's: serving/warmup.py)."""
 
     def __init__(self, fun, options: dict, directory: Path | None, key: bytes, devices, out_tree):
         """options: jax.jit's keyword arguments. out_tree(args): the structure of the step's outputs
