@@ -60,7 +60,8 @@ def test_healthy_and_serving_before_the_background_compiles_finish(llm):
     warming.run(background=True)  # the cover-all shapes now; the thread not started yet
     assert warming.ready == 2 and warming.total == 6 and not warming.done
     compiled = engine.compilations
-    prompt = dict(model="jaxseek-tiny", prompt="sort 4321=", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    prompt = dict(model="jaxseek-tiny", prompt="sort 4321=", max_tokens=6, temperature=0,
+                  extra_body={"ignore_eos": True})
     with serving(create_app(llm, "jaxseek-tiny")) as server:
         health = server.http.get("/health")
         assert health.status_code == 200
