@@ -2,6 +2,10 @@
 
     python scripts/soak.py --requests 10000 --json        # starts `python -m serving.server` itself
     python scripts/soak.py --url http://127.0.0.1:8000 --server-pid PID --api-key KEY
+    python scripts/soak.py --deployment configs/deploy/cpu8-disagg.json \
+        --override '{"experts": {"rebalance_interval": 8, "rebalance_threshold": 1.0}}' --json
+                                   # live EPLB and KV hand-overs under load (--override: merged into
+                                   # each section of the deployment, both slices of a disaggregated one)
 
 The mix (seeded): completions and chat, streamed and not, prompts of 1 to ~100 tokens, max_tokens
 1 to 48, EOS honoured or ignored, n of 1 or 2, some with logprobs, penalties or stop strings, some
@@ -19,7 +23,11 @@ waiting request, and its resident memory (RSS, from /proc, sampled 4 times a sec
 less than 5%: the median over the last tenth of the run against the median over the tenth after the
 first (--rss-baseline: where that window starts). And nothing may compile while it runs: the server's
 jaxseek_compilations_total (engine steps) and jaxseek_xla_compilations_total (every XLA compilation
-in the process: live EPLB moves, hand-overs, ...) must not move (reported as *_during_run).
+in the process: live EPLB moves, hand-overs, ...) must not move (reported as *_during_run), nor may
+jaxseek_engine_errors_total. The report follows the server's counters (compilations, EPLB
+rebalances, KV hand-overs, EP overflow retries and steps down, MTP drafts, requests) from /health on
+(`counters`: at_health, at_end, during_run; `timeline`: sampled every --sample-s), with the warm-up
+the server logged (compilations, seconds; a server this starts).
 Bounded in time: --deadline-s for the whole run, 120 s a request.
 """
 
@@ -188,12 +196,23 @@ def follows(check: str, choice: dict) -> bool:
 
 
 COUNTERS = ("jaxseek_compilations_total", "jaxseek_ep_overflow_retries_total", "jaxseek_xla_compilations_total")
+# followed over the run too (errors and cache hits must not move either): what the soak exercised
+FOLLOWED = COUNTERS + ("jaxseek_engine_errors_total", "jaxseek_xla_compilation_cache_hits_total",
+                       "jaxseek_programs_loaded_total",
+                       "jaxseek_eplb_rebalances_total", "jaxseek_kv_handovers_total",
+                       "jaxseek_ep_capacity_steps_down_total", "jaxseek_spec_decode_num_drafts_total",
+                       "jaxseek_spec_decode_num_accepted_tokens_total", "jaxseek_engine_requests_total",
+                       "jaxseek_generation_tokens_total", "jaxseek_preemptions_total")
 
 
-def counters(metrics: str) -> dict[str, float]:
+def counters(metrics: str, names=COUNTERS) -> dict[str, float]:
     """The engine counters the report follows over the run (compilations must not move)."""
     return {name: sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " "))
-            for name in COUNTERS}
+            for name in names}
+
+
+def followed(metrics: str) -> dict[str, float]:
+    return {k.removeprefix("jaxseek_").removesuffix("_total"): v for k, v in counters(metrics, FOLLOWED).items()}
 
 
 async def run(args, pid: int | None) -> dict:
@@ -209,6 +228,12 @@ async def run(args, pid: int | None) -> dict:
             while pid:
                 samples.append((sum(r is not None for r in results), rss_bytes(pid)))
                 await asyncio.sleep(0.25)
+
+        async def sample_counters():  # the server's counters while the load runs (must stay flat: compilations)
+            while True:
+                await asyncio.sleep(args.sample_s)
+                timeline.append({"s": round(time.perf_counter() - start, 1), "answered": sum(r is not None for r in results),
+                                 **followed((await client.get("/metrics")).text)})
 
         async def guarded(i: int, item: dict):
             async with sem:
@@ -227,12 +252,14 @@ async def run(args, pid: int | None) -> dict:
             if time.perf_counter() - waited > args.deadline_s:
                 raise SystemExit(f"the server's background warm-up did not finish in {args.deadline_s} s")
             await asyncio.sleep(0.5)
-        before = counters((await client.get("/metrics")).text)
+        first = (await client.get("/metrics")).text
+        before, timeline = counters(first), [{"s": 0.0, "answered": 0, **followed(first)}]
         start = time.perf_counter()
-        sampler = asyncio.create_task(sample_rss())
+        sampler, counter_sampler = asyncio.create_task(sample_rss()), asyncio.create_task(sample_counters())
         await asyncio.wait_for(asyncio.gather(*(guarded(i, it) for i, it in enumerate(items))), args.deadline_s)
         elapsed = time.perf_counter() - start
         sampler.cancel()
+        counter_sampler.cancel()
         # aborts land between engine steps: give the engine a moment to settle
         for _ in range(100):
             metrics = (await client.get("/metrics")).text
@@ -252,6 +279,14 @@ async def run(args, pid: int | None) -> dict:
               "ep_overflow_retries_during_run": counters(metrics)[COUNTERS[1]] - before[COUNTERS[1]],
               # every XLA compilation in the server process (engine steps, expert moves, hand-overs)
               "xla_compilations_during_run": counters(metrics)[COUNTERS[2]] - before[COUNTERS[2]]}
+    end = followed(metrics)
+    timeline.append({"s": round(time.perf_counter() - start, 1), "answered": len(items), **end})
+    report["counters"] = {k: {"at_health": timeline[0][k], "at_end": v, "during_run": v - timeline[0][k]}
+                          for k, v in end.items()}
+    report["timeline"] = timeline
+    report["engine_errors_during_run"] = report["counters"]["engine_errors"]["during_run"]
+    # a program taken from the persistent cache is not counted as a compilation, but was still built
+    report["xla_cache_hits_during_run"] = report["counters"]["xla_compilation_cache_hits"]["during_run"]
     if pid:
         n, b = len(items), args.rss_baseline
         start_mb = np.median([r for d, r in samples if b * n <= d < (b + 0.1) * n] or [samples[0][1]]) / 2 ** 20
@@ -261,33 +296,79 @@ async def run(args, pid: int | None) -> dict:
     report["ok"] = (report["lost"] == 0 and used == 0 and not any(running)
                     and report.get("rss_growth", 0) < 0.05
                     # serving after warm-up compiles nothing
-                    and report["compilations_during_run"] == 0 and report["xla_compilations_during_run"] == 0)
+                    and report["compilations_during_run"] == 0 and report["xla_compilations_during_run"] == 0
+                    and report["engine_errors_during_run"] == 0 and report["xla_cache_hits_during_run"] == 0)
     return report
 
 
-def start_server(args) -> subprocess.Popen:
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, key by key (nested objects merged, other values replaced)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def overridden(path: str, override: dict) -> tuple[Path, dict]:
+    """The deployment at `path` with `override` merged into each section (both slices of a
+    disaggregated one), written beside the run's temporary files -> (its path, its JSON)."""
+    import tempfile
+    raw = json.loads(Path(path).read_text())
+    for role in ("prefill", "decode"):
+        if role in raw:
+            raw[role] = merge(raw[role], override)
+    if "prefill" not in raw:
+        raw = merge(raw, override)
+    out = Path(tempfile.mkdtemp(prefix="soak-")) / Path(path).name
+    out.write_text(json.dumps(raw))
+    return out, raw
+
+
+def start_server(args) -> tuple[subprocess.Popen, Path]:
+    """-> the server process and the file its stderr goes to (read for its warm-up line)."""
+    import tempfile
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "serving.server", "--port", str(port), "--log-level", "warning"]
     cmd += ["--model", args.model] if args.model else []
-    cmd += ["--deployment", args.deployment] if args.deployment else []
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd += ["--deployment", str(args.deployment)] if args.deployment else []
+    log = Path(tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1])
+    with log.open("w") as err:  # a file, not a pipe: a long run's output never blocks the server
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=err, text=True, start_new_session=True)
     args.url = f"http://127.0.0.1:{port}"
     import httpx
     deadline = time.time() + args.startup_timeout_s
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"the server exited: {log.read_text()[-4000:]}")
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise SystemExit("the server did not come up in time")
         try:
             if httpx.get(f"{args.url}/health", timeout=2).status_code == 200:
-                return proc
+                return proc, log
         except httpx.TransportError:
             pass
         time.sleep(0.5)
+
+
+def startup(log: Path) -> dict:
+    """The server's own start-up lines (warm-up compilations and seconds, start to serving)."""
+    import re
+    text = log.read_text()
+    out = {}
+    warm = re.search(r"warm-up: (\d+) compilations, (\d+) programs loaded in ([\d.]+)s", text)
+    if warm:
+        out.update(warmup_compilations=int(warm[1]), warmup_programs_loaded=int(warm[2]), warmup_s=float(warm[3]))
+    xla = re.search(r"XLA compilations in the process: (\d+) before, (\d+) after, (\d+) programs from the cache", text)
+    if xla:
+        out.update(xla_compilations_before_warmup=int(xla[1]), xla_compilations_after_warmup=int(xla[2]),
+                   xla_cache_hits_after_warmup=int(xla[3]))
+    started = re.search(r"started in ([\d.]+)s", text)
+    if started:
+        out["started_s"] = float(started[1])
+    return out
 
 
 def main(argv=None) -> int:
@@ -300,13 +381,22 @@ def main(argv=None) -> int:
     ap.add_argument("--api-key", default=os.environ.get("JAXSEEK_API_KEY"))
     ap.add_argument("--model", help="checkpoint for the server this starts (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment for the server this starts (default: every device)")
+    ap.add_argument("--override", type=json.loads, default=None,
+                    help="JSON merged into each section of --deployment (both slices of a disaggregated one), "
+                         "e.g. '{\"experts\": {\"rebalance_interval\": 8}}'")
+    ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples of the server's counters")
     ap.add_argument("--deadline-s", type=float, default=3600.0, help="the whole run must end within this")
     ap.add_argument("--rss-baseline", type=float, default=0.1,
                     help="fraction of the requests after which the server's RSS is the baseline")
     ap.add_argument("--startup-timeout-s", type=float, default=900.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    proc = None if args.url else start_server(args)
+    effective = None
+    if args.override is not None:
+        if not args.deployment or args.url:
+            ap.error("--override needs --deployment (a server this starts)")
+        args.deployment, effective = overridden(args.deployment, args.override)
+    proc, log = (None, None) if args.url else start_server(args)
     pid = args.server_pid or (proc.pid if proc else None)
     try:
         report = asyncio.run(run(args, pid))
@@ -318,6 +408,10 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     report.update(concurrency=args.concurrency, seed=args.seed)
+    if log is not None:
+        report["startup"] = startup(log)
+    if effective is not None:
+        report["deployment"] = effective
     if args.json:
         print(json.dumps(report))
     else:

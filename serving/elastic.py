@@ -4,13 +4,20 @@ Shrinking: the leaving ranks (the last ones) stop taking requests; their request
 staying ranks by the decode balancer and their KV blocks copied there; any that find no room finish
 where they are, and the resize completes on the step after the leaving ranks empty. Then the
 weights and the pool move to the new mesh (ModelRunner.move_to). Growing takes effect at once.
+
+An engine that was warmed up (Engine.warmup: the server's start) warms up each set of devices on
+its first visit too (every shape bucket and capacity level, the block copies, the expert move), and
+keeps the programs: a resize back to devices served before, and whatever is served there, compiles
+nothing. An engine never warmed up compiles on first use, there as everywhere.
 """
 
 from __future__ import annotations
 
 import time
 
-from serving.kv_cache import copy_blocks
+import jax
+
+from serving.kv_cache import copy_blocks, zero_shard
 from sharding.mesh import make_mesh
 
 
@@ -19,6 +26,22 @@ class Elastic:
         self.engine = engine
         self.pending: list | None = None  # devices of a resize waiting for leaving ranks to empty
         self.history: list[dict] = []
+        self.warmed: set[tuple] = set()  # device ids of the meshes Engine.warmup compiled for
+
+    def warmed_up(self) -> None:
+        """Engine.warmup compiled the current mesh's programs; and (compiled only) the pool shard a
+        grow puts on each device of this process, whichever devices a grow takes later."""
+        runner = self.engine.runner
+        if runner.mesh is None:
+            return
+        self.warmed.add(self._ids(runner.mesh.devices.flat))
+        L, _, BS, C = runner.pool.shape
+        for device in jax.local_devices():
+            zero_shard(device, (L, runner.blocks_per_rank, BS, C), runner.pool.dtype, run=False)
+
+    @staticmethod
+    def _ids(devices) -> tuple:
+        return tuple(d.id for d in devices)
 
     def resize(self, devices) -> None:
         """Serve on these devices from now on (whole dp ranks: dp x tp devices, the current ranks'
@@ -71,9 +94,13 @@ class Elastic:
         started = time.perf_counter()
         runner.move_to(make_mesh(dp, runner.mesh.size // runner.ranks, devices))
         scheduler.resize(dp)
+        compiled = 0
+        if self.warmed and self._ids(devices) not in self.warmed:  # (all-padding steps: KV stays as it is)
+            compiled = engine.warmup()
         if engine.eplb is not None:
             engine.eplb.reset()
         engine.clock.hold(runner.mesh.size)
         self.pending = None
         engine.counters["resizes"] += 1
-        self.history[-1].update(done_at=time.perf_counter() - engine.started, reshard_s=time.perf_counter() - started)
+        self.history[-1].update(done_at=time.perf_counter() - engine.started, reshard_s=time.perf_counter() - started,
+                                compilations=compiled)

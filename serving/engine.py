@@ -236,6 +236,7 @@ class Engine:
         compiled = self.runner.warmup(kinds, background)
         if self.eplb is not None:
             self.eplb.warmup()
+        self.elastic.warmed_up()  # (a resize to other devices warms those up too: serving/elastic.py)
         return compiled
 
     # ---- elastic capacity ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from sharding.mesh import logical_sharding, logical_size, logical_to_spec
 
@@ -235,6 +235,20 @@ def zeros_on(device, shape, dtype) -> jax.Array:
 
 
 _ZEROS: dict = {}
+
+
+def zero_shard(device, shape: tuple, dtype, run: bool = True) -> jax.Array | None:
+    """Zeros of `shape` on this device (a resize's new rank's pool shard) by a program compiled once
+    per device and kept (jnp.zeros(device=d) compiles per device when first used; through the host
+    it would move a pool's bytes). run=False compiles it only, allocating nothing (warm-up)."""
+    key = (device, tuple(shape), jnp.dtype(dtype).name)
+    if key not in _ZERO_SHARDS:
+        zeros = functools.partial(jnp.zeros, tuple(shape), dtype)
+        _ZERO_SHARDS[key] = jax.jit(zeros, out_shardings=SingleDeviceSharding(device)).lower().compile()
+    return _ZERO_SHARDS[key]() if run else None
+
+
+_ZERO_SHARDS: dict = {}
 
 
 def read_rank(pool: jax.Array, mesh, reads: dict[int, list[int]], K: int) -> dict[int, jax.Array]:

@@ -36,11 +36,12 @@ def imbalance(load: np.ndarray) -> float:
 
 def engine_snapshot(engine) -> dict:
     """What the collector exposes, read from the engine. Call it only in the thread that owns the engine."""
+    from serving.stats import xla_cache_hits
     stats = engine.stats()
     load = np.asarray(engine.expert_load)  # [MoE layers, physical expert slots], summed since the last rebalance
     first_moe = engine.net.config.num_hidden_layers - load.shape[0] if load.ndim == 2 else 0
     return {
-        "stats": stats,
+        "stats": stats, "xla_cache_hits": xla_cache_hits(), "programs_loaded": engine.programs_loaded,
         "expert_imbalance": imbalance(load.sum(0)) if load.size else None,
         "expert_imbalance_per_layer": ({first_moe + i: imbalance(row) for i, row in enumerate(load)}
                                        if load.size else {}),
@@ -112,11 +113,21 @@ class EngineCollector:
             yield gauge("warmup_programs_ready", "Engine-step programs (shape bucket x EP capacity level) compiled or "
                         "loaded: a batch runs the smallest ready shape that holds it.", s["warmup"]["programs_ready"])
             yield gauge("warmup_programs", "Engine-step programs warm-up makes ready.", s["warmup"]["programs"])
+        yield counter("xla_compilation_cache_hits", "Programs the server process took from JAX's persistent "
+                      "compilation cache instead of compiling them; flat after warm-up.", snap.get("xla_cache_hits", 0))
+        yield counter("programs_loaded", "Compiled engine steps loaded from disk instead of compiled (saved steps: "
+                      "warm-up, and a raised EP capacity level's when an overflow needs it).",
+                      snap.get("programs_loaded", 0))
         # speculative decoding, vLLM's names (vllm:spec_decode_*) under our prefix
         yield counter("spec_decode_num_drafts", "Verify windows of MTP drafts run (one per request and step).",
                       s["spec_drafts"])
         yield counter("spec_decode_num_draft_tokens", "MTP draft tokens verified.", s["spec_draft_tokens"])
         yield counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted.", s["spec_accepted_tokens"])
+        if s.get("handover"):  # a disaggregated deployment
+            yield counter("kv_handovers", "Requests whose KV blocks the prefill slice handed to a decode rank.",
+                          s["handover"]["requests"])
+        yield counter("ep_capacity_steps_down", "EP capacity levels stepped back down after a window without "
+                      "overflow.", s["ep_capacity_steps_down"])
         yield counter("ep_overflow_retries",
                       "Engine steps re-run at a larger EP capacity bucket because rows overflowed.",
                       s["ep_overflow_retries"])

@@ -27,7 +27,7 @@ from flax import nnx
 from model.overlap import balanced_slots
 from serving.aot import AotStep, aot_directory, program_key
 from serving.buckets import Buckets, bucket  # noqa: F401 - bucket: the scripts' import
-from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank
+from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank, zero_shard
 from serving.request import Batch
 from serving.penalties import PenaltyTable
 from serving.sampling import sampling_arrays, verify
@@ -356,7 +356,7 @@ class ModelRunner:
         ranks = logical_size(mesh, "batch")
         self.pool = jax.make_array_from_single_device_arrays(
             (L, ranks * self.blocks_per_rank, BS, C), logical_sharding(mesh, *POOL_AXES),
-            [shards[d] if d in shards else jnp.zeros((L, self.blocks_per_rank, BS, C), self.pool.dtype, device=d)
+            [shards[d] if d in shards else zero_shard(d, (L, self.blocks_per_rank, BS, C), self.pool.dtype)
              for d in mesh.devices.flat])
         self._place(mesh)
         self.penalties.resize(self.ranks, mesh)

@@ -50,10 +50,20 @@ _XLA: XlaCompilations | None = None
 
 def xla_compilations() -> int:
     """XLA compilations in this process since the counter was first read (engines read it at start)."""
+    return _xla().count
+
+
+def xla_cache_hits() -> int:
+    """Programs this process took from JAX's persistent compilation cache instead of compiling them
+    (each still traced and lowered first): flat after warm-up too, where a cache is on."""
+    return _xla().cache_hits
+
+
+def _xla() -> XlaCompilations:
     global _XLA
     if _XLA is None:
         _XLA = XlaCompilations()
-    return _XLA.count
+    return _XLA
 
 
 def new_counters() -> dict:

@@ -29,3 +29,50 @@ SLOW_FIRST = ("test_disagg.py", "test_engine.py", "test_multihost.py", "test_ep.
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file's own order kept
+
+
+# Where the suite's time goes: XLA compile seconds per file (this process's compilations; servers in
+# subprocesses compile uncounted), printed after the run. Most of a cold run is compilation, so this
+# names the files to make cheaper (fewer distinct programs) when the suite nears its 15-minute bound.
+_compile = {"s": 0.0, "n": 0}
+
+
+def _on_duration(event: str, secs: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compile["s"] += secs
+        _compile["n"] += 1
+
+
+def pytest_configure(config):
+    import jax.monitoring
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def pytest_runtest_protocol(item, nextitem):
+    item.user_properties.append(("compile_before", dict(_compile)))
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "teardown":
+        before = dict(item.user_properties).get("compile_before", _compile)
+        item.user_properties.append(("xla_compile", (_compile["s"] - before["s"], _compile["n"] - before["n"])))
+
+
+def pytest_terminal_summary(terminalreporter):
+    files: dict[str, list[float]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            props = dict(getattr(report, "user_properties", ()) or ())
+            if getattr(report, "when", None) == "teardown" and "xla_compile" in props:
+                secs, n = props["xla_compile"]
+                total = files.setdefault(report.nodeid.split("::")[0], [0.0, 0, 0.0])
+                total[0] += secs
+                total[1] += n
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                files.setdefault(report.nodeid.split("::")[0], [0.0, 0, 0.0])[2] += report.duration
+    if not files:
+        return
+    rows = sorted(files.items(), key=lambda kv: -kv[1][2])[:15]
+    terminalreporter.write_sep("-", f"slowest files: seconds, of which XLA compiling (programs compiled or loaded)")
+    for name, (secs, n, wall) in rows:
+        terminalreporter.write_line(f"{wall:7.1f} s  {secs:7.1f} s compiling ({n:3d})  {name}")

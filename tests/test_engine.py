@@ -13,6 +13,7 @@ import torch
 
 from hf_reference import make_checkpoint, tiny_config
 from serving import LLM, SamplingParams
+from serving.stats import xla_compilations
 from sharding.deployment import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +241,7 @@ def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_wa
                               "decode_batch": [2], "kv_dtype": "fp32"})
     capped = LLM(hf[0], deployment=dep)
     assert capped.engine.warmup() == 2 * 2  # (prefill, decode) x 2 capacity levels, one context bucket
-    compiled, runner = capped.engine.compilations, capped.engine.runner
+    compiled, runner, xla = capped.engine.compilations, capped.engine.runner, xla_compilations()
     held = lambda: sorted(len(step.compiled) for step in runner._steps.values())  # noqa: E731
     if steps_kept == "serialized":
         assert held() == [0, 2] and runner.programs_loaded == 0  # level 0's two programs only
@@ -249,7 +250,12 @@ def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_wa
     stats = capped.stats()
     assert stats["ep_overflow_retries"] >= 1 and stats["ep_capacity_steps_down"] >= 1
     assert stats["ep_capacity_level"] == 0  # the decode steps since fit the small bucket again
-    assert capped.engine.compilations == compiled
+    assert capped.engine.compilations == compiled and xla_compilations() == xla  # (nor anything else)
+    # every routed token counted once, though overflowing steps ran twice: the prompts' tokens and
+    # each decode step's (a request's first token comes from its prefill), top-k slots per MoE layer
+    load = np.asarray(capped.engine.expert_load)
+    tokens = sum(map(len, prompts)) + sum(len(o.token_ids) - 1 for o in outs)
+    assert load.sum() == load.shape[0] * capped.engine.net.config.num_experts_per_tok * tokens
     if steps_kept == "serialized":
         assert runner.programs_loaded >= 1 and held() == [0, 2]
     assert [o.token_ids for o in outs] == [hf_greedy(hf[1], p, 6) for p in prompts]

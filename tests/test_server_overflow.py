@@ -16,6 +16,7 @@ import pytest
 
 from serving import LLM
 from serving.server import create_app, warm_up
+from serving.stats import xla_compilations
 from server_util import TINY_MODEL, serving, value, write_deployment
 
 # EP over 2 ranks, a first capacity bucket that skewed routing overflows, compact buckets. A prefill
@@ -51,6 +52,7 @@ def test_skewed_routing_after_warm_up_compiles_nothing(llm):
     with serving(create_app(llm, "jaxseek-tiny")) as server:
         before = server.metrics()
         assert value(before, "jaxseek_compilations_total") == compiled
+        xla = value(before, "jaxseek_xla_compilations_total")
 
         async def one(client, i):
             extra = {"ignore_eos": True, **({"structured_outputs": {"regex": "[a-f]{4}"}} if i % 2 else {})}
@@ -75,6 +77,7 @@ def test_skewed_routing_after_warm_up_compiles_nothing(llm):
         after = server.metrics()
     assert value(after, "jaxseek_ep_overflow_retries_total") > 0  # the skew did overflow the first bucket
     assert value(after, "jaxseek_compilations_total") == compiled  # ... and nothing compiled
+    assert value(after, "jaxseek_xla_compilations_total") == xla  # (nothing else in the process either)
     assert all(finish == "length" for _, finish in results)  # every request got its 4 tokens
     ttft = [first for first, _ in results]
     assert max(ttft) < TTFT_BOUND_S, ttft

@@ -19,6 +19,7 @@ from serving.server.app import DEFAULT_MAX_BODY_BYTES
 from serving.server.parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, REASONING_PARSERS, THINK_END,
                                     THINK_START, TOOL_CALL_PARSERS, TOOL_SEP)
 from serving.server.protocol import GENERATION_DEFAULTS, Options
+from serving.stats import xla_cache_hits, xla_compilations
 
 
 def default_cache_dir() -> Path:
@@ -149,11 +150,14 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         if llm.tokenizer is not None:  # llguidance's view of the vocabulary, for the first grammar (seconds at 129k)
             llm.engine.grammars.tokenizer  # noqa: B018
+        xla = xla_compilations()
         n = llm.engine.warmup(background=True)  # the buckets that hold any batch now, the rest while serving
         warming = getattr(getattr(llm.engine, "runner", None), "warming", None)
         ready = f"; {warming.ready} of {warming.total} programs ready" if warming is not None else ""
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
-              f"{time.perf_counter() - began:.1f}s (cache: {cache_dir or 'off'}{ready})", file=sys.stderr)
+              f"{time.perf_counter() - began:.1f}s "
+              f"(cache: {cache_dir or 'off'}{ready}; XLA compilations in the process: {xla} before, "
+              f"{xla_compilations()} after, {xla_cache_hits()} programs from the cache)", file=sys.stderr)
     steps = multihost.Shared("step") if multi else None
     if not lead:  # no HTTP here: the same steps as process 0, on the inputs it publishes
         return multihost.follow(llm.engine, steps)
