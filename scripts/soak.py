@@ -245,6 +245,13 @@ async def run(args, pid: int | None) -> dict:
                 if not args.json and done % 500 == 0:
                     print(f"[soak] {done}/{len(items)}", file=sys.stderr, flush=True)
 
+        # a server warming up in the background compiles until its last program is ready (its /health
+        # says how far): the run starts after that, since nothing may compile while it runs
+        waited = time.perf_counter()
+        while not (await client.get("/health")).json().get("warmup", {}).get("done", True):
+            if time.perf_counter() - waited > args.deadline_s:
+                raise SystemExit(f"the server's background warm-up did not finish in {args.deadline_s} s")
+            await asyncio.sleep(0.5)
         first = (await client.get("/metrics")).text
         before, timeline = counters(first), [{"s": 0.0, "answered": 0, **followed(first)}]
         start = time.perf_counter()

@@ -21,7 +21,7 @@ our key but not the HLO. So `prepare` compiles with JAX's cache switched off.
 Saved programs need not stay loaded: XLA:CPU maps three memory regions (code, constants, data)
 per kernel of a loaded executable -- about 860 for the embedded model's step -- and a Linux process
 may hold 65,530 mappings (vm.max_map_count), i.e. about 75 engine steps. Every bucket at three EP
-capacity levels is 126 on 8 devices, so `release` lets the runner keep only the levels in use;
+capacity levels is 62 on 8 devices (serving/buckets.py), so `release` lets the runner keep only the levels in use;
 a released program is loaded again (not compiled) when a step needs it. Programs are lowered
 through a jit wrapper of their own, so that JAX's in-memory caches do not keep them alive.
 
@@ -92,7 +92,8 @@ class AotStep:
     """jax.jit(fun, **options)(*args, **static), one compiled program per signature (the shapes and
     dtypes of args[1:] -- args[0] are the weights, fixed by the key -- and the static arguments),
     each loaded from `directory` when a previous process saved it, else compiled and saved there.
-    Without a directory it is the jitted function."""
+    Without a directory it is the jitted function, but for the programs `prepare` compiled and holds
+    (a background warm-up's: serving/warmup.py)."""
 
     def __init__(self, fun, options: dict, directory: Path | None, key: bytes, devices, out_tree):
         """options: jax.jit's keyword arguments. out_tree(args): the structure of the step's outputs
@@ -103,14 +104,19 @@ class AotStep:
         self.compiled: dict[tuple, object] = {}
         self.pinned: set[tuple] = set()  # programs that could not be saved: never released
         self.compiles = self.loads = 0  # programs this process compiled, and loaded from the directory
+        self._count_lock = threading.Lock()
 
     def __call__(self, *args, **static):
-        if self.directory is None:
+        if self.directory is None and not self.compiled:
             return self.jitted(*args, **static)
         sig = self._signature(args, static)
-        if sig not in self.compiled:
+        program = self.compiled.get(sig)  # (one read: the warm-up thread may be adding programs)
+        if program is None:
+            if self.directory is None:
+                return self.jitted(*args, **static)
             self.prepare([(args, static)])
-        return self.compiled[sig](*args)
+            program = self.compiled[sig]
+        return program(*args)
 
     @staticmethod
     def _signature(args, static) -> tuple:
@@ -121,34 +127,50 @@ class AotStep:
         """Whether its programs are kept on disk (else it is the jitted function)."""
         return self.directory is not None
 
-    def prepare(self, calls: list[tuple[tuple, dict]], load: bool = True) -> None:
+    def prepare(self, calls: list[tuple[tuple, dict]], load: bool = True, threads: int = 4) -> None:
         """Has the programs of these (args, static) calls ready: saved ones loaded on a thread pool
         (load=False: left on disk until a call needs them), the others lowered here and compiled on
-        another (XLA releases the GIL), then saved."""
-        if self.directory is None:
-            return
+        up to `threads` others (XLA releases the GIL), then saved. Without a directory they are
+        compiled and held. The args may be jax.ShapeDtypeStructs (with the arrays' shardings), so
+        another thread can prepare programs while the step runs on (and donates) the real arrays."""
         todo = {}
         for args, static in calls:
             todo.setdefault(self._signature(args, static), (args, static))
         todo = {sig: call for sig, call in todo.items() if sig not in self.compiled}
-        if not load:
+        if not load and self.directory is not None:
             todo = {sig: call for sig, call in todo.items() if not self._path(sig).is_file()}
         if not todo:
             return
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            loads = {sig: pool.submit(self._load, sig, args) for sig, (args, _) in todo.items()}
-            for sig, done in loads.items():
-                if (program := done.result()) is not None:
-                    self.compiled[sig], self.loads = program, self.loads + 1
+        if self.directory is not None:
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                loads = {sig: pool.submit(self._load, sig, args) for sig, (args, _) in todo.items()}
+                for sig, done in loads.items():
+                    if (program := done.result()) is not None:
+                        self._hold(sig, program, loaded=True)
         missing = [sig for sig in todo if sig not in self.compiled]
         if not missing:
             return
         # a few compilations at a time: each holds a whole step's compiler state (GPU: its autotuning)
-        with _fresh_compiles(self.devices[0].platform), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        fresh = _fresh_compiles(self.devices[0].platform) if self.directory is not None else contextlib.nullcontext()
+        with fresh, ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1))) as pool:
             compiles = {sig: pool.submit(self._compile_and_save, sig, todo[sig][0], self._lower(*todo[sig]))
                         for sig in missing}
             for sig, done in compiles.items():
-                self.compiled[sig], self.compiles = done.result(), self.compiles + 1
+                self._hold(sig, done.result(), loaded=False)
+
+    def _hold(self, sig, program, loaded: bool) -> None:
+        with self._count_lock:  # (the warm-up thread and the engine thread may both be preparing)
+            self.compiled = {**self.compiled, sig: program}  # rebound whole: a reader never sees it change
+            if loaded:
+                self.loads += 1
+            else:
+                self.compiles += 1
+
+    def ready(self, calls: list[tuple[tuple, dict]]) -> bool:
+        """Whether every program of these calls runs without compiling: held, or saved on disk."""
+        sigs = [self._signature(args, static) for args, static in calls]
+        return all(sig in self.compiled or (self.directory is not None and self._path(sig).is_file())
+                   for sig in sigs)
 
     def _lower(self, args, static):
         # through a jit of its own: JAX's in-memory caches then let the executable go with our last
@@ -159,13 +181,23 @@ class AotStep:
         """Unloads the programs held that are saved (the next call loads them again); without a
         directory nothing is (they could only be compiled again)."""
         if self.directory is not None and len(self.compiled) > len(self.pinned):
-            self.compiled = {sig: program for sig, program in self.compiled.items() if sig in self.pinned}
+            with self._count_lock:
+                self.compiled = {sig: program for sig, program in self.compiled.items() if sig in self.pinned}
             trim_heap()
+
+    def drop(self, calls: list[tuple[tuple, dict]]) -> None:
+        """Unloads these calls' programs if they are saved (a raised capacity level's, prepared by the
+        warm-up thread: loaded again when a step needs them)."""
+        if self.directory is None:
+            return
+        sigs = {self._signature(args, static) for args, static in calls} - self.pinned
+        with self._count_lock:
+            self.compiled = {sig: program for sig, program in self.compiled.items() if sig not in sigs}
 
     @property
     def compilations(self) -> int:
         """XLA compilations of this step in this process (Engine.compilations sums them)."""
-        return self.compiles if self.directory is not None else self.jitted._cache_size()
+        return self.compiles + (self.jitted._cache_size() if self.directory is None else 0)
 
     def _path(self, sig) -> Path:
         return self.directory / f"step-{hashlib.blake2b(self.key + repr(sig).encode(), digest_size=20).hexdigest()}"
@@ -184,6 +216,8 @@ class AotStep:
 
     def _compile_and_save(self, sig, args, lowered):
         compiled = lowered.compile()  # on CPU not from JAX's persistent cache (_fresh_compiles)
+        if self.directory is None:
+            return compiled
         blob, saved_in, saved_out = serialize_executable.serialize(compiled)
         in_tree, path = jax.tree.structure((args, {})), self._path(sig)
         assert (saved_in, saved_out) == (in_tree, self.out_tree(args)), "the step's trees are not what was declared"

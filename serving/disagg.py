@@ -147,7 +147,9 @@ class DisaggEngine:
         self.handover["blocks"] += sum(n)
         self.handover["s"] += time.perf_counter() - start
 
-    def warmup(self) -> int:
+    def warmup(self, background: bool = False) -> int:
+        """Every shape bucket of both slices, now (background is not taken: the slices' steps launch
+        together, and across processes must run the same shapes)."""
         compiled = self.prefill.warmup() + self.decode.warmup()  # (each warms its block copies too)
         if self.across is not None:
             self.across.warmup()

@@ -228,11 +228,12 @@ class Engine:
             self.eplb.after_step(self.counters["steps"])
         return events
 
-    def warmup(self) -> int:
+    def warmup(self, background: bool = False) -> int:
         """Compiles every shape bucket this engine's role runs, at every EP capacity level, so serving
-        never compiles; returns the number of compilations this took."""
+        never compiles; returns the number of compilations this took. background: only the shapes
+        that hold any batch now, the rest while serving (serving/warmup.py)."""
         kinds = {"mixed": ("prefill", "decode"), "prefill": ("prefill",), "decode": ("decode",)}[self.role]
-        compiled = self.runner.warmup(kinds)
+        compiled = self.runner.warmup(kinds, background)
         if self.eplb is not None:
             self.eplb.warmup()
         self.elastic.warmed_up()  # (a resize to other devices warms those up too: serving/elastic.py)
@@ -279,6 +280,7 @@ class Engine:
             ep_capacity_level=None if ep is None else ep.level,
             eplb=self.eplb.stats() if self.eplb is not None else {},
             quantization=self.net.quantization, **parameter_bytes(self.net),
+            warmup=self.runner.warming.progress() if self.runner.warming else None,
         )
         c["speculative"]["num_tokens"] = self.drafts
         return c

@@ -109,6 +109,10 @@ class EngineCollector:
                       s["compilations"])
         yield counter("xla_compilations", "XLA compilations in the server process, whatever asked for them (engine "
                       "steps, expert moves, KV hand-overs); flat after warm-up.", s["xla_compilations"])
+        if s.get("warmup"):  # programs that run without compiling (the rest compile in the background)
+            yield gauge("warmup_programs_ready", "Engine-step programs (shape bucket x EP capacity level) compiled or "
+                        "loaded: a batch runs the smallest ready shape that holds it.", s["warmup"]["programs_ready"])
+            yield gauge("warmup_programs", "Engine-step programs warm-up makes ready.", s["warmup"]["programs"])
         yield counter("xla_compilation_cache_hits", "Programs the server process took from JAX's persistent "
                       "compilation cache instead of compiling them; flat after warm-up.", snap.get("xla_cache_hits", 0))
         yield counter("programs_loaded", "Compiled engine steps loaded from disk instead of compiled (saved steps: "

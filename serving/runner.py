@@ -26,21 +26,15 @@ from flax import nnx
 
 from model.overlap import balanced_slots
 from model.transformer import project_logits
-from serving.aot import AotStep, aot_directory, program_key, trim_heap
+from serving.aot import AotStep, aot_directory, program_key
+from serving.buckets import Buckets, bucket  # noqa: F401 - bucket: the scripts' import
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank, zero_shard
 from serving.request import Batch
 from serving.penalties import BY_RANK, PenaltyTable
 from serving.sampling import sampling_arrays, verify
 from serving.structured import fill_masks
+from serving.warmup import Warmup
 from sharding.mesh import logical_sharding, logical_size, param_shardings
-
-
-def bucket(n: int, sizes: tuple[int, ...]) -> int:
-    """The smallest bucket holding n (sizes sorted); n must not exceed the largest."""
-    for s in sizes:
-        if n <= s:
-            return s
-    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
 def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
@@ -136,8 +130,10 @@ class ModelRunner:
         # a row's page table: the context, but never more blocks than a rank holds (the scheduler
         # bounds a request's output by its rank's pool)
         self.max_blocks = min(math.ceil(self.context_len / serving.block_size), self.blocks_per_rank)
-        self.context_buckets = tuple(sorted({min(2 ** i, self.max_blocks) for i in
-                                             range(math.ceil(math.log2(self.max_blocks)) + 1)}))
+        self.buckets = Buckets(serving, drafts, self.max_blocks,  # the shape buckets (serving/buckets.py)
+                               1 if net.ep is None else len(net.ep.capacity_factors))
+        self.context_buckets = self.buckets.context
+        self.warming: Warmup | None = None  # the last warm-up (its background thread, its progress)
         self._place(mesh)
         self.pool = new_pool(layers, self.ranks, self.blocks_per_rank, serving.block_size,
                              self.width, self.kv_dtype, mesh)
@@ -212,12 +208,9 @@ class ModelRunner:
         cfg = self.serving
         per_rank = max(len(rows) for rows in batch.rows)
         width = max(n for rows in batch.rows for _, _, n in rows)
-        if batch.kind == "prefill":
-            rows_b, width = bucket(per_rank, cfg.prefill_rows), bucket(width, cfg.prefill_tokens)
-        else:
-            rows_b, width = bucket(per_rank, cfg.decode_batch), 1 + self.drafts
         need = max(math.ceil((p + n + self.drafts) / cfg.block_size) for rows in batch.rows for _, p, n in rows)
-        blocks = bucket(min(need, self.max_blocks), self.context_buckets)
+        level = 0 if self.net.ep is None else self.net.ep.level
+        _, rows_b, width, blocks = self.buckets.fit(batch.kind, per_rank, width, need, level)
         B = rows_b * self.ranks
         tokens = np.zeros((B, width), np.int32)
         positions = np.full((B, width), -1, np.int32)
@@ -287,9 +280,12 @@ class ModelRunner:
         the step reads it first writes again."""
         if not host[-1]:
             return False
-        self._set_level(self.net.ep.level + 1)
+        table, tokens = launched.arrays[:2]
+        shape = (launched.batch.kind, tokens.shape[0] // self.ranks, tokens.shape[1], table.shape[1])
+        self._set_level(self.buckets.retry_level(shape, self.net.ep.level))  # (the next level, once warmed up)
         self._clean_steps = 0
         self.counters["ep_overflow_retries"] += 1
+        launched.arrays = self.buckets.widen(launched.arrays)  # a raised level's page table (serving/buckets.py)
         launched.out = self.dispatch(launched.batch.kind, launched.arrays)
         return True
 
@@ -301,9 +297,11 @@ class ModelRunner:
             return
         self._clean_steps += 1
         if self._clean_steps >= self.deployment.capacity_window:
-            self._set_level(ep.level - 1)
             self._clean_steps = 0
-            self.counters["ep_capacity_steps_down"] += 1
+            down = self.buckets.down_level(ep.level)  # (the one below, once warmed up)
+            if down < ep.level:
+                self._set_level(down)
+                self.counters["ep_capacity_steps_down"] += 1
 
     def _set_level(self, level: int) -> None:
         """Steps at this capacity level from now on. Stepping down releases the programs of the level
@@ -319,44 +317,18 @@ class ModelRunner:
             left.release()
 
     # ---- warm-up -----------------------------------------------------------------------------------
-    def warmup(self, kinds: tuple[str, ...]) -> int:
+    def warmup(self, kinds: tuple[str, ...], background: bool = False) -> int:
         """Compiles every shape bucket of these step kinds at every EP capacity level a step can reach,
         on all-padding batches (they write nothing), so serving never compiles; returns the number
-        of compilations this took. With saved steps (serving/aot.py) the current level's are loaded
-        and run, and the raised levels' only made sure of on disk."""
-        before = self.compilations
-        cfg, level = self.serving, None if self.net.ep is None else self.net.ep.level
-        shapes = [("prefill", r, t) for r in cfg.prefill_rows for t in cfg.prefill_tokens if "prefill" in kinds]
-        shapes += [("decode", b, 1 + self.drafts) for b in cfg.decode_batch if "decode" in kinds]
-        batches = []
-        for kind, rows, width in shapes:
-            least = bucket(min(self._least_blocks(kind, width), self.max_blocks), self.context_buckets)
-            for blocks in [b for b in self.context_buckets if b >= least]:
-                B = rows * self.ranks
-                batches.append((kind, (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
-                                       np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
-                                       np.full((B, width), -1, np.int32),
-                                       sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots,
-                                                       self._mask(B, None)))))
-        # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
-        for lvl in [None] if level is None else reversed(range(len(self.net.ep.capacity_factors))):
-            if lvl is not None:
-                self._set_level(lvl)
-            calls = [self._call(kind, arrays) for kind, arrays in batches]
-            if lvl != level and self._step.saves:  # a raised level: saved is enough, a step that overflows loads it
-                self._step.prepare(calls, load=False)
-                continue
-            self._step.prepare(calls)  # saved programs, in parallel
-            for kind, arrays in batches:
-                out = self.dispatch(kind, arrays)
-            jax.block_until_ready(out)
-        if level is not None:
-            self._set_level(level)
-        self.penalties.warm_up()
-        self.warm_copies()
-        jax.block_until_ready(self.pool)
-        trim_heap()  # what compiling and loading left free goes back to the OS
-        return self.compilations - before
+        of compilations this took. background: only the cover-all shapes now, the rest on a thread
+        while serving (serving/warmup.py; one process only: a multi-process job's processes must run
+        the same shapes)."""
+        if self.warming is not None:
+            self.warming.stop()
+        self.warming = Warmup(self, kinds)
+        compiled = self.warming.run(background and jax.process_count() == 1)
+        self.warming.start()
+        return compiled
 
     def warm_copies(self) -> None:
         """Compiles the block copies (serving/kv_cache.py: a hand-over out of or into this pool, a
@@ -370,17 +342,14 @@ class ModelRunner:
                 return
             K *= 2
 
-    def _least_blocks(self, kind: str, width: int) -> int:
-        """The fewest KV blocks a batch of this width bucket can need (pack): a prefill chunk in a
-        width bucket holds more tokens than the bucket below it; smaller page tables never occur."""
-        below = max([t for t in self.serving.prefill_tokens if t < width], default=0) if kind == "prefill" else 0
-        return math.ceil((below + 1) / self.serving.block_size)
-
     # ---- elastic capacity --------------------------------------------------------------------------
     def move_to(self, mesh) -> None:
         """Serve on this mesh from now on: every parameter re-placed by the same logical-axis rules it
         was loaded with (routed experts' slots spread over the new EP group, the rest replicated),
         the pool rebuilt from the staying devices' shards (no copy) plus zero shards for new ones."""
+        if self.warming is not None:  # its shapes are the old mesh's: the new one compiles on first use
+            self.warming.stop()
+            self.buckets.ready = None
         state = nnx.state(self.net)
         shardings = nnx.to_pure_dict(param_shardings(state, mesh))
         nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), shardings))

@@ -268,7 +268,8 @@ class Server:
                 return JSONResponse({"status": self.fault}, status_code=503)
             if not self.worker.alive:
                 return JSONResponse({"status": "engine thread not running"}, status_code=503)
-            return {"status": "ok"}
+            warming = getattr(getattr(self.engine, "runner", None), "warming", None)  # (while under way)
+            return {"status": "ok", **({"warmup": warming.progress()} if warming and not warming.done else {})}
 
         @app.get("/metrics")
         async def metrics():

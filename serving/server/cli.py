@@ -151,10 +151,12 @@ def main(argv=None) -> int:
         if llm.tokenizer is not None:  # llguidance's view of the vocabulary, for the first grammar (seconds at 129k)
             llm.engine.grammars.tokenizer  # noqa: B018
         xla = xla_compilations()
-        n = llm.engine.warmup()
+        n = llm.engine.warmup(background=True)  # the buckets that hold any batch now, the rest while serving
+        warming = getattr(getattr(llm.engine, "runner", None), "warming", None)
+        ready = f"; {warming.ready} of {warming.total} programs ready" if warming is not None else ""
         print(f"[server] warm-up: {n} compilations, {llm.engine.programs_loaded} programs loaded in "
               f"{time.perf_counter() - began:.1f}s "
-              f"(cache: {cache_dir or 'off'}; XLA compilations in the process: {xla} before, "
+              f"(cache: {cache_dir or 'off'}{ready}; XLA compilations in the process: {xla} before, "
               f"{xla_compilations()} after, {xla_cache_hits()} programs from the cache)", file=sys.stderr)
     steps = multihost.Shared("step") if multi else None
     if not lead:  # no HTTP here: the same steps as process 0, on the inputs it publishes
