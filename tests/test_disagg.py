@@ -1,5 +1,5 @@
-"""Prefill/decode disaggregation and elastic capacity on the embedded model: the shipped cpu8
-(mixed) and cpu8-disagg deployments give the same greedy tokens as one device without MTP drafts
+"""Prefill/decode disaggregation and elastic capacity on the embedded model in FP8: the shipped cpu8
+(mixed) and cpu8-disagg deployments (compact buckets) give the same greedy tokens as one device without MTP drafts
 (they draft, as the embedded model has MTP weights; the second wave hits the prefix cache), the KV
 hand-over never passes through the host, and resizing in the middle of a workload changes no token."""
 
@@ -21,28 +21,23 @@ def prompts(n: int, seed: int) -> list[str]:
     return [PREFIX + f"add {(seed * 7 + i * 13) % 90}+{(i * 29 + seed) % 90}=" for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def mixed():
-    return LLM(deployment=ROOT / "configs/deploy/cpu8.json")
-
-
-# one shape bucket per kind, one page per request: one context bucket
-COMPACT = {"prefill_tokens": [64], "prefill_rows": [4], "decode_batch": [32], "max_model_len": 64, "block_size": 64}
+# One shape bucket per kind; 16-token blocks, so the shared prefix fills two and the prefix cache
+# finds them; a request fits 4 blocks. Every LLM here compiles only the few programs it reaches.
+COMPACT = {"prefill_tokens": [64], "prefill_rows": [4], "decode_batch": [32], "max_model_len": 64, "block_size": 16}
 
 
 @pytest.fixture(scope="module")
 def plain():
-    """The reference: one device, no MTP drafts."""
-    return LLM(deployment=Deployment(name="plain", dp=1, serving=COMPACT), speculative=None)
+    """The reference: one device, no MTP drafts, the same FP8 weights."""
+    return LLM(deployment=Deployment(name="plain", dp=1, serving=COMPACT), speculative=None, quantization="fp8")
 
 
 def compact(name: str, tmp: Path) -> Path:
-    """A shipped deployment with one shape bucket per kind: each resize to a new mesh then compiles
-    a handful of programs instead of every bucket the workload reaches."""
+    """A shipped deployment with the compact buckets: each resize to a new mesh then compiles a
+    handful of programs instead of every bucket the workload reaches."""
     raw = json.loads((ROOT / "configs/deploy" / name).read_text())
-    serving = COMPACT
     for section in ([raw["prefill"], raw["decode"]] if "prefill" in raw else [raw]):
-        section["serving"] = serving
+        section["serving"] = COMPACT
     path = tmp / name
     path.write_text(json.dumps(raw))
     return path
@@ -50,27 +45,23 @@ def compact(name: str, tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
-    """(mixed, disaggregated) LLMs of the compact cpu8 and cpu8-disagg deployments, for resizing; in
-    quantization fp8 (the FP8 weights and scales re-shard with the rest, the hand-over is the same)."""
+    """(mixed, disaggregated) LLMs of the compact cpu8 and cpu8-disagg deployments, serving and
+    resizing; in quantization fp8 (the FP8 weights and scales re-shard with the rest, the hand-over
+    is the same)."""
     tmp = tmp_path_factory.mktemp("elastic")
     return (LLM(deployment=compact("cpu8.json", tmp), quantization="fp8"),
             LLM(deployment=compact("cpu8-disagg.json", tmp), quantization="fp8"))
 
 
-@pytest.fixture(scope="module")
-def disagg():
-    llm = LLM(deployment=ROOT / "configs/deploy/cpu8-disagg.json")
-    hand_over = llm.engine._hand_over
+def test_disaggregated_greedy_equals_mixed_and_plain_with_shared_prefixes(plain, elastic, monkeypatch):
+    mixed, disagg = elastic  # (first in the module: their counters start here)
+    engine = disagg.engine
+    hand_over = engine._hand_over
 
     def host_free_hand_over():  # the KV blocks go device to device: reading one to the host raises
         with jax.transfer_guard_device_to_host("disallow"):
             hand_over()
-    llm.engine._hand_over = host_free_hand_over
-    return llm
-
-
-def test_disaggregated_greedy_equals_mixed_and_plain_with_shared_prefixes(plain, mixed, disagg):
-    engine = disagg.engine
+    monkeypatch.setattr(engine, "_hand_over", host_free_hand_over)
     assert (engine.prefill.ranks, engine.decode.ranks) == (4, 4)
     assert {d.id for d in engine.prefill.mesh.devices.flat} == {0, 1, 2, 3}
     assert {d.id for d in engine.decode.mesh.devices.flat} == {4, 5, 6, 7}
