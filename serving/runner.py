@@ -52,9 +52,13 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
     leaves, treedef = jax.tree.flatten(state)
     k, mtp_layer = drafts, net.config.num_hidden_layers  # the MTP module's KV rows: the pool's last layer
 
-    def step(leaves, pool, expert_load, table, page_table, tokens, positions, sample_at, n_drafts, next_tokens,
-             sampling, absorbed: bool):
+    def step(leaves, pool, expert_load, table, last, page_table, tokens, positions, sample_at, n_drafts, next_tokens,
+             slots, sampling, fresh, absorbed: bool):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        # async scheduling: a row whose last token the previous step sampled reads it from the device
+        # (slots[:, 0] >= 0), so the host never waits for it (TokenSlots)
+        read = slots[:, 0]
+        tokens = tokens.at[:, 0].set(jnp.where(read >= 0, last[jnp.maximum(read, 0)], tokens[:, 0]))
         hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
         B, W = tokens.shape
         rows, j = jnp.arange(B), jnp.arange(k + 1)
@@ -63,27 +67,36 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         drafts = jnp.take_along_axis(tokens, at[:, 1:], axis=1)  # [B, k]: the drafts being verified
         out, accepted, data = verify(net.logits(hidden[rows[:, None], at]), drafts, n_drafts, sampling, table)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
+        # a step dispatched after one that overflowed ran on its stale tokens: it keeps nothing and
+        # says so (flag 2), and runs again once the one before has (fresh: a re-run ignores the flag)
+        poisoned = (last[-1] > 0) & ~fresh
         head = [accepted[:, None]]
         if k:  # the MTP module sees the token after each position: the prompt's, or this step's accepted run
             after = jnp.take_along_axis(out, jnp.clip(jnp.arange(W)[None] - base[:, None], 0, k), axis=1)
             new, cache, over = net.draft(hidden, jnp.where(next_tokens >= 0, next_tokens, after), positions, cache,
                                          jnp.int32(mtp_layer), base + accepted, k, absorbed)
             head, overflow = head + [new], overflow | over
-        keep = (j[None] <= accepted[:, None]) & ~overflow  # an overflowed step runs again
+        bad = overflow | poisoned
+        keep = (j[None] <= accepted[:, None]) & ~bad  # an overflowed step runs again
         table = table.count(sampling.slot, out, keep)
         if stats:  # ... so its expert loads count once: in the run that did not overflow
-            expert_load = expert_load + jnp.where(overflow, 0, stats["expert_load"])
+            expert_load = expert_load + jnp.where(bad, 0, stats["expert_load"])
+        # each sampling row's last token into its request's slot (the rest into the dump slot)
+        newest = jnp.take_along_axis(out, accepted[:, None], axis=1)[:, 0]
+        last = last.at[jnp.where(bad, last.shape[0] - 2, slots[:, 1])].set(newest)
+        last = last.at[-1].set(bad.astype(jnp.int32))
         # one array to read back per step: per row the tokens accepted, the next drafts, the tokens and
-        # logprobs (serving/sampling.py unpack); then the EP overflow flag
+        # logprobs (serving/sampling.py unpack); then the flag: 1 overflowed, 2 ran after one that did
         rows_out = jnp.concatenate(head + [data.reshape(B, -1)], axis=1)
-        return jnp.concatenate([rows_out.reshape(-1), overflow.astype(jnp.int32)[None]]), cache.pool, expert_load, table
+        flag = overflow.astype(jnp.int32) | (poisoned.astype(jnp.int32) << 1)
+        return jnp.concatenate([rows_out.reshape(-1), flag[None]]), cache.pool, expert_load, table, last
 
     shardings = None
     if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
         replicated, by_rank = logical_sharding(mesh), logical_sharding(mesh, "batch")
         shardings = (replicated, logical_sharding(mesh, *POOL_AXES), replicated,
-                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh))
-    return leaves, step, dict(static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
+                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh), replicated)
+    return leaves, step, dict(static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table", "last"),
                               out_shardings=shardings)
 
 
@@ -109,6 +122,41 @@ def finish_steps(runners: list, launched: list, read) -> list:
             return hosts
         again = read([l.out if x else None for l, x in zip(launched, redo)])
         hosts = [a if x else h for a, h, x in zip(again, hosts, redo)]
+
+
+class TokenSlots:
+    """Async scheduling's device side (vLLM v1's persistent input batch, for the one input the host
+    learns late): each running request's last sampled token in a device array int32[N + 2] (N request
+    slots, a dump slot for rows that sample nothing, the overflow flag), written by the step that
+    samples it and read by that request's row in the next step, so step N + 1 is dispatched before
+    step N's tokens reach the host. Host work: a dict look-up per row."""
+
+    def __init__(self, capacity: int, mesh):
+        self.capacity = capacity
+        self.reset(mesh)
+
+    def reset(self, mesh) -> None:
+        """Fresh slots (a new mesh, or after warm-up's padding steps): no request holds one."""
+        self.free, self.held = list(range(self.capacity - 1, -1, -1)), {}
+        sharding = logical_sharding(mesh) if mesh is not None else None
+        self.device = jax.device_put(np.zeros(self.capacity + 2, np.int32), sharding)
+
+    @property
+    def dump(self) -> int:
+        return self.capacity
+
+    def slot(self, request_id: str) -> int:
+        held = self.held.get(request_id)
+        if held is None:
+            if not self.free:  # (a rank runs at most decode_batch[-1] requests: ModelRunner sizes it)
+                raise RuntimeError(f"request {request_id}: no token slot left of {self.capacity}")
+            held = self.held[request_id] = self.free.pop()
+        return held
+
+    def release(self, request_id: str) -> None:
+        held = self.held.pop(request_id, None)
+        if held is not None:
+            self.free.append(held)
 
 
 class ModelRunner:
@@ -139,6 +187,9 @@ class ModelRunner:
         # requests leave after one step, so a batch's rows are enough there)
         slots = serving.prefill_rows[-1] if role == "prefill" else serving.decode_batch[-1]
         self.penalties = PenaltyTable(self.ranks, slots, cfg.vocab_size, mesh)
+        # a prefill slice's requests leave after their one sample: nothing reads their tokens on device
+        self.role = role
+        self.tokens = TokenSlots(0 if role == "prefill" else self.ranks * serving.decode_batch[-1], mesh)
         # One jitted step per (devices, EP capacity level): a resize back to devices served before,
         # or a capacity level seen before, finds its compiled programs again.
         self._steps: dict[tuple, object] = {}
@@ -181,7 +232,7 @@ class ModelRunner:
                              sorted(xla_options.items())))
             placed = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
             self._steps[key] = AotStep(step, options, aot_directory(), program_key(identity, leaves), placed,
-                                       out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
+                                       out_tree=lambda args: jax.tree.structure((0, *args[1:5])))
         self.leaves, self._step = leaves, self._steps[key]
 
     @property
@@ -215,6 +266,7 @@ class ModelRunner:
         table = np.zeros((B, blocks), np.int32)
         sample_at, n_drafts = np.zeros(B, np.int32), np.zeros(B, np.int32)
         next_tokens = np.full((B, width), -1, np.int32)  # the token after each position, where known
+        reads = np.full((B, 2), (-1, self.tokens.dump), np.int32)  # token slot read (-1: none), written
         params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
         guided = []  # (row, guide, drafts) of the rows a grammar or min_tokens constrains
         overlap = self.net.ep is not None and self.net.ep.overlap != "none"
@@ -229,7 +281,11 @@ class ModelRunner:
                 b = rank * rows_b + slot
                 used = req.blocks[:blocks]
                 if batch.kind == "decode":  # the last token, then its drafts (the next token: this step's)
-                    tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
+                    if pos < len(req.prompt) + len(req.output):
+                        tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
+                    else:  # sampled by the step still running (async scheduling): read on the device
+                        tokens[b, 1:n] = req.drafts
+                        reads[b, 0] = self.tokens.slot(req.id)
                     n_drafts[b] = n - 1
                 else:
                     tokens[b, :n] = req.tokens(pos, pos + n)
@@ -242,12 +298,14 @@ class ModelRunner:
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
                 samples = pos + n >= len(req.prompt) + len(req.output)  # not a middle chunk, nor a preempted request's recompute
+                if samples and self.tokens.capacity:
+                    reads[b, 1] = self.tokens.slot(req.id)
                 if req.params.needs_table and samples:
                     rows_slot[b] = self.penalties.slot(req, rank, live)
                 if req.guide is not None and samples:
                     guided.append((b, req.guide, req.drafts if batch.kind == "decode" else []))
         mask, rows_guided = fill_masks(guided, B, 1 + self.drafts, self.mask_words)
-        return (table, tokens, positions, sample_at, n_drafts, next_tokens,
+        return (table, tokens, positions, sample_at, n_drafts, next_tokens, reads,
                 sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots, self._mask(B, mask),
                                 rows_guided))
 
@@ -262,26 +320,30 @@ class ModelRunner:
                                                  sharding)
         return self._free_masks[B]
 
-    def _call(self, kind: str, arrays: tuple) -> tuple[tuple, dict]:
+    def _call(self, kind: str, arrays: tuple, fresh: bool = False) -> tuple[tuple, dict]:
         """The step's (args, static arguments) for a packed batch."""
-        return (self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays), {"absorbed": kind == "decode"}
+        return ((self.leaves, self.pool, self.expert_load, self.penalties.device, self.tokens.device, *arrays,
+                 np.bool_(fresh)), {"absorbed": kind == "decode"})
 
-    def dispatch(self, kind: str, arrays: tuple) -> jax.Array:
-        """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag)."""
-        args, static = self._call(kind, arrays)
-        out, self.pool, self.expert_load, self.penalties.device = self._step(*args, **static)
+    def dispatch(self, kind: str, arrays: tuple, fresh: bool = False) -> jax.Array:
+        """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag).
+        fresh: a re-run, which ignores the flag an overflowed step before it left."""
+        args, static = self._call(kind, arrays, fresh)
+        out, self.pool, self.expert_load, self.penalties.device, self.tokens.device = self._step(*args, **static)
         return out
 
     def retry_if_overflowed(self, launched: Launched, host: np.ndarray) -> bool:
-        """If rows did not fit the EP capacity bucket (the step's last value), re-dispatches the step
-        at the next level and returns True. Re-running on the returned pool is safe: every cache row
-        the step reads it first writes again."""
+        """If rows did not fit the EP capacity bucket (the step's last value: 1), re-dispatches the
+        step at the next level and returns True; a step that ran after one that overflowed (2) runs
+        again at the same level. Re-running on the returned pool is safe: every cache row the step
+        reads it first writes again."""
         if not host[-1]:
             return False
-        self._set_level(self.net.ep.level + 1)
-        self._clean_steps = 0
-        self.counters["ep_overflow_retries"] += 1
-        launched.out = self.dispatch(launched.batch.kind, launched.arrays)
+        if host[-1] & 1:
+            self._set_level(self.net.ep.level + 1)
+            self._clean_steps = 0
+            self.counters["ep_overflow_retries"] += 1
+        launched.out = self.dispatch(launched.batch.kind, launched.arrays, fresh=True)
         return True
 
     def landed(self) -> None:
@@ -327,6 +389,7 @@ class ModelRunner:
                 batches.append((kind, (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
                                        np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
                                        np.full((B, width), -1, np.int32),
+                                       np.full((B, 2), (-1, self.tokens.dump), np.int32),
                                        sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots,
                                                        self._mask(B, None)))))
         # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
@@ -344,6 +407,7 @@ class ModelRunner:
         if level is not None:
             self._set_level(level)
         self.penalties.warm_up()
+        self.tokens.reset(self.mesh)  # (no padding step's flag reaches the first real step)
         self.warm_copies()
         jax.block_until_ready(self.pool)
         trim_heap()  # what compiling and loading left free goes back to the OS
@@ -391,6 +455,7 @@ class ModelRunner:
              for d in mesh.devices.flat])
         self._place(mesh)
         self.penalties.resize(self.ranks, mesh)
+        self.tokens = TokenSlots(0 if self.role == "prefill" else self.ranks * self.serving.decode_batch[-1], mesh)
         self.reset_expert_load()
         self._use_step()
         for key, step in self._steps.items():  # the meshes left: their saved programs load again if needed
