@@ -196,7 +196,7 @@ class Engine:
         landed in one call. A step falls back to synchronous where the host must see every token
         before the next step: MTP drafts (a row's advance is the drafts accepted), a running request
         with a grammar or min_tokens (its next mask follows the token), a prefill slice, a resize."""
-        events, self._drained = self._drained, []
+        began, (events, self._drained) = time.perf_counter(), (self._drained, [])
         if not self._async_ok():
             events += self.drain()
             launched = self.launch()
@@ -210,7 +210,7 @@ class Engine:
         if launched and any(part.out is not out for part, out in zip(previous, outs)):
             for part in launched:  # it ran after a step that overflowed, and kept nothing: again
                 part.out = self.runner.dispatch(part.batch.kind, part.arrays)
-        return events + self.land(previous, hosts)
+        return events + self.land(previous, hosts, began, launched[-1].prepared if launched else began)
 
     def _finish(self, launched: list[Launched]) -> list[np.ndarray]:
         return finish_steps([self.runner] * len(launched), launched, lambda outs: [np.asarray(o) for o in outs])
@@ -240,9 +240,13 @@ class Engine:
             launched.append(Launched(batch, arrays, self.runner.dispatch(batch.kind, arrays), start, prepared))
         return launched
 
-    def land(self, launched: list[Launched], hosts: list[np.ndarray]) -> list[Event]:
-        """Advances the requests by the step's sampled tokens (hosts: each program's output, read back)."""
-        start, returned, events = launched[0].start, time.perf_counter(), []
+    def land(self, launched: list[Launched], hosts: list[np.ndarray], began: float | None = None,
+             prepared: float | None = None) -> list[Event]:
+        """Advances the requests by the step's sampled tokens (hosts: each program's output, read back).
+        began, prepared: when this engine step started and had dispatched what it dispatches (default:
+        the landed step's own; async scheduling: the next step's, dispatched before this one landed)."""
+        start, returned, events = launched[0].start if began is None else began, time.perf_counter(), []
+        prepared = launched[-1].prepared if prepared is None else prepared
         for part, host in zip(launched, hosts):
             tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
             events += self.scheduler.update_from_output(part.batch, tokens, logprobs, accepted, drafts)
@@ -267,7 +271,7 @@ class Engine:
         self.counters["mixed_steps"] += len(kinds) > 1
         # host bookkeeping: building the batches before the jitted calls and advancing requests after them
         self.last_step = {"kind": "mixed" if len(kinds) > 1 else kinds[0], "wall_s": elapsed,
-                          "host_s": (launched[-1].prepared - start) + (done - returned)}
+                          "host_s": (prepared - start) + (done - returned)}
         if self.eplb is not None:
             self.eplb.after_step(self.counters["steps"])
         return events
