@@ -94,10 +94,54 @@ def test_preemption_recompute_changes_no_output_and_max_tokens_reserves_nothing(
     assert f"jaxseek_preemptions_total {float(engine.counters['preemptions'])}" in text
 
 
+def test_async_scheduling_changes_no_greedy_output(small):
+    """Async scheduling (step N + 1 dispatched before step N is read, its tokens taken on the device)
+    against the synchronous loop, both under pool pressure (preemption mid-stream), with prompts and
+    max_tokens of mixed lengths, a stop token that ends a request one step before the host knows it
+    (its row in the next step wasted), and a request aborted while a step for it runs: every output,
+    stream and finish reason the same."""
+    engine = small.engine
+    prompts = PROMPTS + [list(range(3, 20)), [41, 42]]
+    reference = alone(small, PROMPTS[:1], SamplingParams(max_tokens=8, **GREEDY))[0]
+    params = [SamplingParams(max_tokens=CONTEXT, **GREEDY), SamplingParams(max_tokens=5, **GREEDY),
+              SamplingParams(max_tokens=CONTEXT, **GREEDY), SamplingParams(max_tokens=11, **GREEDY),
+              SamplingParams(max_tokens=9, **GREEDY), SamplingParams(max_tokens=CONTEXT, **GREEDY)]
+    params[0] = SamplingParams(max_tokens=CONTEXT, stop_token_ids=(reference[5],), **GREEDY)
+
+    def serve(asynchronous: bool):
+        engine.async_scheduling, before = asynchronous, engine.counters["preemptions"]
+        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        streamed, overlapped, steps = {r.id: [] for r in reqs}, 0, 0
+        while not engine.idle:
+            for e in engine.step():
+                streamed[e.request.id] += e.new_tokens
+            steps += 1
+            overlapped += engine._inflight is not None  # a step left running on the device
+            if len(reqs[-1].output) == 2 and reqs[-1].finish_reason is None:
+                engine.abort(reqs[-1].id)
+        pool = engine.scheduler.pools[0]
+        assert pool.refs.sum() == 0 and pool.available == pool.num_blocks
+        assert not engine.runner.tokens.held  # every token slot given back
+        return ([(r.output, r.finish_reason) for r in reqs], [streamed[r.id] for r in reqs],
+                engine.counters["preemptions"] - before, overlapped)
+
+    try:
+        sync, async_ = serve(False), serve(True)
+    finally:
+        engine.async_scheduling = engine.cfg.async_scheduling
+    assert sync[2] > 0 and async_[2] > 0  # both preempted
+    assert sync[3] == 0 and async_[3] > 0
+    assert async_[:2] == sync[:2]
+    stop = reference.index(reference[5]) + 1
+    assert sync[0][0] == (reference[:stop], "stop") and sync[0][-1] == (sync[1][-1], "abort")
+    assert len(sync[1][-1]) == 2
+
+
 def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
     """Two streams decode while two 20-token prompts arrive: a 10-token budget leaves 8 prompt tokens a
     step, so the prompts take several mixed steps, and no step leaves a running stream without a token."""
     engine = small.engine
+    engine.async_scheduling = False  # (each step's tokens read in the same call: what this counts)
     params = SamplingParams(max_tokens=12, **GREEDY)
     first = [engine.add_request(p, params) for p in PROMPTS[:2]]
     engine.step()  # their prompts
@@ -118,6 +162,7 @@ def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
             engine.step()
     finally:
         engine.scheduler.budget = engine.cfg.token_budget()
+        engine.async_scheduling = engine.cfg.async_scheduling
     assert [r.output for r in first] == alone(small, PROMPTS[:2], params)
     assert [r.output for r in longs] == alone(small, [r.prompt for r in longs], SamplingParams(max_tokens=4, **GREEDY))
 
