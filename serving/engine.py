@@ -98,7 +98,7 @@ class Engine:
 
     def _preempted(self, req: Request) -> None:
         self.runner.penalties.release(req.id)
-        self.runner.tokens.release(req.id)
+        self.runner.inputs.release(req.id)
 
     # ---- what the runner holds, read by the API, metrics, tests -------------------------------------
     @property
@@ -177,7 +177,7 @@ class Engine:
         self._guided.discard(request_id)
         self.scheduler.abort(request_id)
         self.runner.penalties.release(request_id)
-        self.runner.tokens.release(request_id)  # (a step in flight may still write it: nothing reads it)
+        self.runner.inputs.release(request_id)  # (a step in flight may still write it: nothing reads it)
 
     def receive(self, req: Request) -> bool:
         """Decode role: takes a request prefilled elsewhere if a rank has room; the caller then writes
@@ -259,7 +259,7 @@ class Engine:
                     e.request.guide.advance(e.new_tokens)
             if e.finished or self.role == "prefill":
                 self.runner.penalties.release(e.request.id)
-                self.runner.tokens.release(e.request.id)
+                self.runner.inputs.release(e.request.id)
         self.runner.landed()
         done = time.perf_counter()
         elapsed = done - start

@@ -26,6 +26,7 @@ from flax import nnx
 
 from model.overlap import balanced_slots
 from serving.aot import AotStep, aot_directory, program_key, trim_heap
+from serving.input_batch import InputBatch
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank
 from serving.request import Batch
 from serving.penalties import PenaltyTable
@@ -52,11 +53,12 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
     leaves, treedef = jax.tree.flatten(state)
     k, mtp_layer = drafts, net.config.num_hidden_layers  # the MTP module's KV rows: the pool's last layer
 
-    def step(leaves, pool, expert_load, table, last, page_table, tokens, positions, sample_at, n_drafts, next_tokens,
-             slots, sampling, fresh, absorbed: bool):
+    def step(leaves, pool, expert_load, table, last, pages, page_rows, tokens, positions, sample_at, n_drafts,
+             next_tokens, slots, sampling, fresh, absorbed: bool, blocks: int):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        page_table = pages[page_rows, :blocks]  # [B, blocks]: the rows' page tables, kept on the device
         # async scheduling: a row whose last token the previous step sampled reads it from the device
-        # (slots[:, 0] >= 0), so the host never waits for it (TokenSlots)
+        # (slots[:, 0] >= 0), so the host never waits for it (serving/input_batch.py)
         read = slots[:, 0]
         tokens = tokens.at[:, 0].set(jnp.where(read >= 0, last[jnp.maximum(read, 0)], tokens[:, 0]))
         hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
@@ -96,7 +98,8 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         replicated, by_rank = logical_sharding(mesh), logical_sharding(mesh, "batch")
         shardings = (replicated, logical_sharding(mesh, *POOL_AXES), replicated,
                      PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh), replicated)
-    return leaves, step, dict(static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table", "last"),
+    return leaves, step, dict(static_argnames=("absorbed", "blocks"),
+                              donate_argnames=("pool", "expert_load", "table", "last"),
                               out_shardings=shardings)
 
 
@@ -122,41 +125,6 @@ def finish_steps(runners: list, launched: list, read) -> list:
             return hosts
         again = read([l.out if x else None for l, x in zip(launched, redo)])
         hosts = [a if x else h for a, h, x in zip(again, hosts, redo)]
-
-
-class TokenSlots:
-    """Async scheduling's device side (vLLM v1's persistent input batch, for the one input the host
-    learns late): each running request's last sampled token in a device array int32[N + 2] (N request
-    slots, a dump slot for rows that sample nothing, the overflow flag), written by the step that
-    samples it and read by that request's row in the next step, so step N + 1 is dispatched before
-    step N's tokens reach the host. Host work: a dict look-up per row."""
-
-    def __init__(self, capacity: int, mesh):
-        self.capacity = capacity
-        self.reset(mesh)
-
-    def reset(self, mesh) -> None:
-        """Fresh slots (a new mesh, or after warm-up's padding steps): no request holds one."""
-        self.free, self.held = list(range(self.capacity - 1, -1, -1)), {}
-        sharding = logical_sharding(mesh) if mesh is not None else None
-        self.device = jax.device_put(np.zeros(self.capacity + 2, np.int32), sharding)
-
-    @property
-    def dump(self) -> int:
-        return self.capacity
-
-    def slot(self, request_id: str) -> int:
-        held = self.held.get(request_id)
-        if held is None:
-            if not self.free:  # (a rank runs at most decode_batch[-1] requests: ModelRunner sizes it)
-                raise RuntimeError(f"request {request_id}: no token slot left of {self.capacity}")
-            held = self.held[request_id] = self.free.pop()
-        return held
-
-    def release(self, request_id: str) -> None:
-        held = self.held.pop(request_id, None)
-        if held is not None:
-            self.free.append(held)
 
 
 class ModelRunner:
@@ -187,15 +155,19 @@ class ModelRunner:
         # requests leave after one step, so a batch's rows are enough there)
         slots = serving.prefill_rows[-1] if role == "prefill" else serving.decode_batch[-1]
         self.penalties = PenaltyTable(self.ranks, slots, cfg.vocab_size, mesh)
-        # a prefill slice's requests leave after their one sample: nothing reads their tokens on device
         self.role = role
-        self.tokens = TokenSlots(0 if role == "prefill" else self.ranks * serving.decode_batch[-1], mesh)
+        self.inputs = self._input_batch(mesh)
         # One jitted step per (devices, EP capacity level): a resize back to devices served before,
         # or a capacity level seen before, finds its compiled programs again.
         self._steps: dict[tuple, object] = {}
         self._clean_steps = 0  # steps landed since the last overflow
         self.mask_words = -(-cfg.vocab_size // 32)  # W: token-mask words per row
         self._use_step()
+
+    def _input_batch(self, mesh) -> InputBatch:
+        """Rows for the requests a rank runs at once (a prefill slice's: one batch's), on every rank."""
+        per_rank = self.serving.prefill_rows[-1] if self.role == "prefill" else self.serving.decode_batch[-1]
+        return InputBatch(self.ranks * per_rank, self.max_blocks, mesh)
 
     def _place(self, mesh) -> None:
         self.mesh = mesh
@@ -263,10 +235,10 @@ class ModelRunner:
         B = rows_b * self.ranks
         tokens = np.zeros((B, width), np.int32)
         positions = np.full((B, width), -1, np.int32)
-        table = np.zeros((B, blocks), np.int32)
+        page_rows = np.full(B, self.inputs.dump, np.int32)  # each row's page table: its request's input-batch row
         sample_at, n_drafts = np.zeros(B, np.int32), np.zeros(B, np.int32)
         next_tokens = np.full((B, width), -1, np.int32)  # the token after each position, where known
-        reads = np.full((B, 2), (-1, self.tokens.dump), np.int32)  # token slot read (-1: none), written
+        reads = np.full((B, 2), (-1, self.inputs.dump), np.int32)  # token slot read (-1: none), written
         params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
         guided = []  # (row, guide, drafts) of the rows a grammar or min_tokens constrains
         overlap = self.net.ep is not None and self.net.ep.overlap != "none"
@@ -279,33 +251,33 @@ class ModelRunner:
             batch.slots.append(slots)
             for (req, pos, n), slot in zip(rows, slots):
                 b = rank * rows_b + slot
-                used = req.blocks[:blocks]
+                held = min(len(req.blocks), blocks)
                 if batch.kind == "decode":  # the last token, then its drafts (the next token: this step's)
                     if pos < len(req.prompt) + len(req.output):
                         tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
                     else:  # sampled by the step still running (async scheduling): read on the device
                         tokens[b, 1:n] = req.drafts
-                        reads[b, 0] = self.tokens.slot(req.id)
+                        reads[b, 0] = self.inputs.slot(req.id)
                     n_drafts[b] = n - 1
                 else:
                     tokens[b, :n] = req.tokens(pos, pos + n)
                     known = req.tokens(pos + 1, pos + n + 1)
                     next_tokens[b, :len(known)] = known
                 # rows past what the request holds (a window running past its context) are not written
-                positions[b, :n] = np.where(np.arange(pos, pos + n) < len(used) * cfg.block_size,
+                positions[b, :n] = np.where(np.arange(pos, pos + n) < held * cfg.block_size,
                                             np.arange(pos, pos + n), -1)
-                table[b, :len(used)] = used
+                page_rows[b] = self.inputs.page_row(req.id, req.blocks)
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
                 samples = pos + n >= len(req.prompt) + len(req.output)  # not a middle chunk, nor a preempted request's recompute
-                if samples and self.tokens.capacity:
-                    reads[b, 1] = self.tokens.slot(req.id)
+                if samples:
+                    reads[b, 1] = page_rows[b]
                 if req.params.needs_table and samples:
                     rows_slot[b] = self.penalties.slot(req, rank, live)
                 if req.guide is not None and samples:
                     guided.append((b, req.guide, req.drafts if batch.kind == "decode" else []))
         mask, rows_guided = fill_masks(guided, B, 1 + self.drafts, self.mask_words)
-        return (table, tokens, positions, sample_at, n_drafts, next_tokens, reads,
+        return (blocks, page_rows, tokens, positions, sample_at, n_drafts, next_tokens, reads,
                 sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots, self._mask(B, mask),
                                 rows_guided))
 
@@ -322,14 +294,16 @@ class ModelRunner:
 
     def _call(self, kind: str, arrays: tuple, fresh: bool = False) -> tuple[tuple, dict]:
         """The step's (args, static arguments) for a packed batch."""
-        return ((self.leaves, self.pool, self.expert_load, self.penalties.device, self.tokens.device, *arrays,
-                 np.bool_(fresh)), {"absorbed": kind == "decode"})
+        blocks, *arrays = arrays  # (the page-table width bucket: static)
+        return ((self.leaves, self.pool, self.expert_load, self.penalties.device, self.inputs.tokens,
+                 self.inputs.pages, *arrays, np.bool_(fresh)), {"absorbed": kind == "decode", "blocks": blocks})
 
     def dispatch(self, kind: str, arrays: tuple, fresh: bool = False) -> jax.Array:
         """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag).
         fresh: a re-run, which ignores the flag an overflowed step before it left."""
+        self.inputs.write()  # the page-table entries the packed batches added
         args, static = self._call(kind, arrays, fresh)
-        out, self.pool, self.expert_load, self.penalties.device, self.tokens.device = self._step(*args, **static)
+        out, self.pool, self.expert_load, self.penalties.device, self.inputs.tokens = self._step(*args, **static)
         return out
 
     def retry_if_overflowed(self, launched: Launched, host: np.ndarray) -> bool:
@@ -386,10 +360,10 @@ class ModelRunner:
             least = bucket(min(self._least_blocks(kind, width), self.max_blocks), self.context_buckets)
             for blocks in [b for b in self.context_buckets if b >= least]:
                 B = rows * self.ranks
-                batches.append((kind, (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32),
+                batches.append((kind, (blocks, np.full(B, self.inputs.dump, np.int32), np.zeros((B, width), np.int32),
                                        np.full((B, width), -1, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32),
                                        np.full((B, width), -1, np.int32),
-                                       np.full((B, 2), (-1, self.tokens.dump), np.int32),
+                                       np.full((B, 2), (-1, self.inputs.dump), np.int32),
                                        sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.penalties.slots,
                                                        self._mask(B, None)))))
         # the highest level first: each step down releases the level left (saved programs: serving/aot.py)
@@ -407,7 +381,8 @@ class ModelRunner:
         if level is not None:
             self._set_level(level)
         self.penalties.warm_up()
-        self.tokens.reset(self.mesh)  # (no padding step's flag reaches the first real step)
+        self.inputs.warm_up()
+        self.inputs.reset(self.mesh)  # (no padding step's flag reaches the first real step)
         self.warm_copies()
         jax.block_until_ready(self.pool)
         trim_heap()  # what compiling and loading left free goes back to the OS
@@ -455,7 +430,7 @@ class ModelRunner:
              for d in mesh.devices.flat])
         self._place(mesh)
         self.penalties.resize(self.ranks, mesh)
-        self.tokens = TokenSlots(0 if self.role == "prefill" else self.ranks * self.serving.decode_batch[-1], mesh)
+        self.inputs = self._input_batch(mesh)
         self.reset_expert_load()
         self._use_step()
         for key, step in self._steps.items():  # the meshes left: their saved programs load again if needed

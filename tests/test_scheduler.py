@@ -121,7 +121,7 @@ def test_async_scheduling_changes_no_greedy_output(small):
                 engine.abort(reqs[-1].id)
         pool = engine.scheduler.pools[0]
         assert pool.refs.sum() == 0 and pool.available == pool.num_blocks
-        assert not engine.runner.tokens.held  # every token slot given back
+        assert not engine.runner.inputs.held  # every token slot given back
         return ([(r.output, r.finish_reason) for r in reqs], [streamed[r.id] for r in reqs],
                 engine.counters["preemptions"] - before, overlapped)
 
@@ -135,6 +135,33 @@ def test_async_scheduling_changes_no_greedy_output(small):
     stop = reference.index(reference[5]) + 1
     assert sync[0][0] == (reference[:stop], "stop") and sync[0][-1] == (sync[1][-1], "abort")
     assert len(sync[1][-1]) == 2
+
+
+def test_host_sends_per_decode_step_do_not_grow_with_context(small):
+    """The persistent input batch: a decode step's host->device bytes (the packed arrays, the
+    page-table entries written) are the same at a 6-token and a 24-token context; a request's page
+    table is sent once, then a block at a time as its sequence crosses block boundaries."""
+    import jax
+    engine = small.engine
+    inputs = engine.runner.inputs
+
+    def decode_step_bytes(prompt):
+        req = engine.add_request(prompt, SamplingParams(max_tokens=6, **GREEDY))
+        sent, per_step = inputs.entries_sent, []
+        while not engine.idle:
+            before = inputs.bytes_sent
+            engine.step()
+            for part in engine._inflight or []:
+                if part.batch.kind == "decode":
+                    host = sum(a.nbytes for a in jax.tree.leaves(part.arrays[1:]) if isinstance(a, np.ndarray))
+                    per_step.append(host + inputs.bytes_sent - before)
+        return per_step, inputs.entries_sent - sent, len(req.blocks)
+
+    short, long = decode_step_bytes(PROMPTS[0]), decode_step_bytes(list(range(3, 27)))
+    assert len(short[0]) == len(long[0]) >= 5
+    # the same bytes a step (more in a step whose sequence crosses a block boundary: its new block)
+    assert set(short[0]) == set(long[0])
+    assert short[1] == short[2] and long[1] == long[2] == 8  # each block id sent once
 
 
 def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
