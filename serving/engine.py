@@ -8,6 +8,10 @@ capacity resizes (serving/elastic.py); statistics in serving/stats.py. A step:
     outs = [runner.dispatch(runner.pack(b)) for b in batches]  # one jitted step each, not waited for
     hosts = finish_steps(runner, outs)             # the device->host reads; overflow re-runs
     events = [scheduler.update_from_output(b, *unpack(h)) for b, h in ...]  # tokens, logprobs
+
+With async scheduling (the default) a step dispatches step N + 1 before it reads and lands step N:
+N + 1's rows take N's tokens on the device (serving/input_batch.py), the host learns them one step
+late (Engine.step says where a step runs synchronously instead).
 """
 
 from __future__ import annotations
