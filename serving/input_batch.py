@@ -35,6 +35,7 @@ class InputBatch:
         """Fresh rows (a new mesh, or after warm-up's padding steps): no request holds one."""
         self.free, self.held, self.sent = list(range(self.capacity - 1, -1, -1)), {}, {}
         sharding = logical_sharding(mesh) if mesh is not None else None
+        self._write = _writer(sharding)
         self.tokens = jax.device_put(np.zeros(self.capacity + 2, np.int32), sharding)
         self.pages = jax.device_put(np.zeros((self.capacity + 1, self.max_blocks), np.int32), sharding)
         self.updates: list[tuple[int, int, list[int]]] = []  # (slot, first column, block ids) not yet written
@@ -84,7 +85,7 @@ class InputBatch:
             padded[:, 0] = self.dump  # padding entries write the padding row
             padded[:len(part)] = part
             self.bytes_sent += padded.nbytes
-            self.pages = _write_pages(self.pages, padded)
+            self.pages = self._write(self.pages, padded)
 
     def warm_up(self) -> None:
         """Compiles every write size on the padding row (nothing a request reads changes)."""
@@ -92,11 +93,17 @@ class InputBatch:
         while size <= UPDATE_CHUNK:
             entries = np.zeros((size, 3), np.int32)
             entries[:, 0] = self.dump
-            self.pages = _write_pages(self.pages, entries)
+            self.pages = self._write(self.pages, entries)
             size *= 2
 
 
-@functools.partial(jax.jit, donate_argnums=0)
 def _write_pages(pages, entries):
     """pages int32[N + 1, MB], entries int32[U, 3] (row, column, block id) -> pages with them written."""
     return pages.at[entries[:, 0], entries[:, 1]].set(entries[:, 2])
+
+
+@functools.cache
+def _writer(sharding):
+    """The page-table write for pages placed so (its output placed the same: a write never meets a
+    placement it was not compiled for; one per placement, so a mesh served before compiles nothing)."""
+    return jax.jit(_write_pages, donate_argnums=0, out_shardings=sharding)
