@@ -158,7 +158,10 @@ def main(argv=None) -> int:
     # requests decode in the mixed steps while the last prompts prefill: room for those steps too, so
     # that every request still runs at the measured steps (the first prefilled: that much more context)
     first = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
-    max_tokens += 2 * -(-args.batch * args.prompt_len // (first.dp * first.serving.token_budget())) + 2
+    extra = 2 * -(-args.batch * args.prompt_len // (first.dp * first.serving.token_budget())) + 2
+    max_tokens += extra
+    if args.context:  # (the first prefilled reach the context, not a page-table bucket past it)
+        args.prompt_len -= extra
     deployment = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
     llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None,
               speculative=speculative_flag(args), async_scheduling=args.async_scheduling)
