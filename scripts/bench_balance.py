@@ -60,6 +60,7 @@ def simulate(policy: str, n: int = 2000, ranks: int = 4, seed: int = 0, load: fl
             prefill.add(pending.pop())
         for scheduler in (prefill, decode):
             for batch in scheduler.schedule():  # (the first token of a prompt is sampled on the prefill slice)
+                scheduler.dispatched(batch)
                 scheduler.update_from_output(batch, np.zeros(ranks * max(map(len, batch.rows)), np.int32))
             while scheduler is prefill and prefill.outbox:  # FIFO hand-over, as serving/disagg.py does
                 req = prefill.outbox[0]

@@ -11,6 +11,7 @@ at every EP capacity level the steps may move between.
 
     python scripts/bench_engine.py --batch 64 --steps 50 --json [--dtype bfloat16] [--no-speculative]
     python scripts/bench_engine.py --shapes issue31 --sweep 16x256,64x256,256x256,16x2048,64x2048,256x2048 --json
+    python scripts/bench_engine.py --shapes issue31 --sweep 64x2048 --both-schedulings --json  # sync vs async
     python scripts/bench_engine.py --workload mixed --json        # streams decoding while prompts arrive
     python scripts/bench_engine.py --workload concurrency --json  # max_tokens reserving nothing
 (the scheduler's workloads: scripts/bench_scheduler.py)
@@ -20,7 +21,10 @@ the compiled step alone, block_until_ready, on the arrays of the next batch) and
 time, their difference (`wall_minus_replay_ms`, also as `exposed_host_share` of the step).
 --context C sets the prompt so that the measured steps run at about C tokens of context (prompt +
 the tokens decoded before and during the measurement); --sweep BxC,... runs each (batch, context)
-in a process of its own and prints the list. --shapes issue31: a random checkpoint of the shapes
+in a process of its own and prints the list; --both-schedulings runs each synchronously and with
+async scheduling (--no-async-scheduling / --async-scheduling: one run's mode; the default is the
+deployment's, async). Under async scheduling a step's wall time is one engine.step() call: it
+dispatches step N + 1, then reads and lands step N. --shapes issue31: a random checkpoint of the shapes
 issue 31 compares with the peer (scripts/bench_model.py; its 4,096-token context holds 2K prompts),
 written once under --model-dir.
 
@@ -46,6 +50,7 @@ def replay_ms(engine, repeats: int) -> float:
     """Median ms of the jitted decode step alone, on the arrays of the engine's next decode batch."""
     import jax
     import numpy as np
+    engine.drain()  # (async scheduling: the step in flight lands first)
     batches = engine.scheduler.schedule()
     assert [b.kind for b in batches] == ["decode"], "the replay measures a decode step"
     batch = batches[0]
@@ -108,8 +113,11 @@ def main(argv=None) -> int:
     devices = ap.parse_known_args(argv)[0].cpu_devices
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
     os.environ.setdefault("PJRT_NPROC", str(2 * devices))
-    from serving.api import add_speculative_flags
+    from serving.api import add_scheduling_flags, add_speculative_flags
     add_speculative_flags(ap)
+    add_scheduling_flags(ap)
+    ap.add_argument("--both-schedulings", action="store_true",
+                    help="--sweep: each (batch, context) synchronous, then with async scheduling")
     args = ap.parse_args(argv)
     if args.sweep:
         return sweep(args, argv if argv is not None else sys.argv[1:])
@@ -141,15 +149,22 @@ def main(argv=None) -> int:
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return 0
     # room for every measured step to give each request up to 1 + k tokens (MTP drafts accepted)
-    max_tokens = (args.steps + 8) * (1 if args.no_speculative else 1 + (args.speculative_tokens or 1))
+    max_tokens = (args.steps + 10) * (1 if args.no_speculative else 1 + (args.speculative_tokens or 1))
     if args.context:  # the measured steps run between context - (steps + 8) and context tokens
-        args.prompt_len = args.context - (args.steps + 8)
+        args.prompt_len = args.context - (args.steps + 10)
     if args.shapes:
         from bench_model import issue31_checkpoint
         args.model = issue31_checkpoint(args.model_dir)
+    # requests decode in the mixed steps while the last prompts prefill: room for those steps too, so
+    # that every request still runs at the measured steps (the first prefilled: that much more context)
+    first = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
+    extra = 2 * -(-args.batch * args.prompt_len // (first.dp * first.serving.token_budget())) + 2
+    max_tokens += extra
+    if args.context:  # (the first prefilled reach the context, not a page-table bucket past it)
+        args.prompt_len -= extra
     deployment = narrowed(args.deployment, args.batch, args.prompt_len, max_tokens)
     llm = LLM(args.model or default_model(), deployment=deployment, dtype=getattr(jnp, args.dtype) if args.dtype else None,
-              speculative=speculative_flag(args))
+              speculative=speculative_flag(args), async_scheduling=args.async_scheduling)
     engine = llm.engine
     warmup_s = time.perf_counter()
     warmup_compilations = 0 if args.lazy else engine.warmup()
@@ -168,13 +183,15 @@ def main(argv=None) -> int:
         engine.add_request(prompt(i), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
         engine.step()
-    for _ in range(args.steps + 3):  # warm-up: every context bucket the measured steps will reach
+    for _ in range(args.steps + 5):  # warm-up: every context bucket the measured steps will reach
         engine.step()
     for req in list(engine.requests.values()):
         engine.abort(req.id)
     for i in range(args.batch):
         engine.add_request(prompt(i), params)
     while any(r.in_prefill for rank in engine.scheduler.running for r in rank) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(2):  # (async scheduling: the last prefill step lands, the step in flight is a decode)
         engine.step()
     compiled, retries = engine.compilations, engine.counters["ep_overflow_retries"]
     before = dict(engine.counters)
@@ -192,11 +209,13 @@ def main(argv=None) -> int:
     result = {
         "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
         "deployment": llm.deployment.name, "dtype": str(engine.pool.dtype), "batch": running, "steps": args.steps,
+        "async_scheduling": engine.async_scheduling,
         "decode_tokens_per_s": c["generated_tokens"] / elapsed,
         "speculative_tokens": engine.drafts,
         "acceptance_rate": c["spec_accepted_tokens"] / max(c["spec_draft_tokens"], 1),
         "tokens_per_step": (c["spec_drafts"] + c["spec_accepted_tokens"]) / c["spec_drafts"] if c["spec_drafts"] else 1.0,
-        "step_ms_median": 1e3 * float(np.median(walls)),
+        "step_ms_median": 1e3 * float(np.median(walls)), "step_ms_max": 1e3 * max(walls),
+        "step_ms_mean": 1e3 * elapsed / args.steps,
         "device_step_ms_median": device,
         "host_overhead_ms": 1e3 * float(np.median(hosts)),
         "wall_minus_replay_ms": 1e3 * float(np.median(walls)) - device,
@@ -225,14 +244,20 @@ def sweep(args, argv: list[str]) -> int:
             skip = False
         elif a in ("--sweep", "--batch", "--context"):
             skip = True
+        elif a in ("--both-schedulings", "--async-scheduling", "--no-async-scheduling") and args.both_schedulings:
+            pass
         elif not a.startswith(("--sweep=", "--batch=", "--context=")):
             rest.append(a)
     results = []
-    specs = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.sweep.split(",")]
-    for i, (batch, context) in enumerate(specs):
-        print(f"[bench_engine] {i + 1}/{len(specs)}: batch {batch}, context {context}", file=sys.stderr, flush=True)
+    modes = ["--no-async-scheduling", "--async-scheduling"] if args.both_schedulings else [None]
+    specs = [(*(int(v) for v in spec.lower().split("x")), mode) for spec in args.sweep.split(",") for mode in modes]
+    started = time.perf_counter()
+    for i, (batch, context, mode) in enumerate(specs):
+        eta = "" if not i else f", about {(time.perf_counter() - started) / i * (len(specs) - i) / 60:.0f} min left"
+        print(f"[bench_engine] {i + 1}/{len(specs)}: batch {batch}, context {context}{' ' + mode if mode else ''}{eta}",
+              file=sys.stderr, flush=True)
         run = subprocess.run([sys.executable, __file__, *rest, "--batch", str(batch), "--context", str(context),
-                              "--json"], capture_output=True, text=True)
+                              *([mode] if mode else []), "--json"], capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"batch {batch}, context {context} failed:\n{run.stderr[-3000:]}")
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))

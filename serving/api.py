@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import functools
 import json
@@ -111,6 +113,13 @@ def add_speculative_flags(ap) -> None:
     group.add_argument("--no-speculative", action="store_true", help="decode without MTP drafts")
 
 
+def add_scheduling_flags(ap) -> None:
+    """--async-scheduling / --no-async-scheduling (vLLM's flag; python -m serving.generate and serving.server)."""
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="schedule and dispatch step N + 1 while step N runs (default: the deployment's "
+                         "serving.async_scheduling, on); --no-async-scheduling reads each step before the next")
+
+
 def speculative_flag(args):
     """The flags above -> LLM's `speculative` argument."""
     if args.no_speculative:
@@ -120,7 +129,8 @@ def speculative_flag(args):
 
 class LLM:
     def __init__(self, model_path=None, deployment=None, dtype=None, quantization=None, speculative="auto",
-                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None):
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
+                 async_scheduling: bool | None = None):
         """model_path: a HF checkpoint dir or one written by DeepseekV3.save (default: the embedded
         tiny model). deployment: a deployment file or sharding.deployment.Deployment (default: every
         device present). dtype: activations and non-FP8 weights (default float32 on CPU, bfloat16
@@ -128,7 +138,8 @@ class LLM:
         FP8 checkpoint, none otherwise). speculative: {"method": "mtp", "num_tokens": k} (MTP drafts k
         tokens per step, verified in the next), None (off) or "auto" (the deployment's section; by
         default 1 token where the checkpoint has MTP weights). max_model_len (default: the model's
-        context) and max_num_batched_tokens (per rank and step) override the deployment's serving."""
+        context), max_num_batched_tokens (per rank and step) and async_scheduling (step N + 1
+        dispatched while step N runs) override the deployment's serving."""
         from model import ModelConfig
         from model.quant import check_quantization
         if quantization is not None:
@@ -140,7 +151,7 @@ class LLM:
         elif not isinstance(deployment, (Deployment, Disaggregated)):
             deployment = read(deployment)
         deployment = with_serving(deployment, max_model_len=max_model_len,
-                                  max_num_batched_tokens=max_num_batched_tokens)
+                                  max_num_batched_tokens=max_num_batched_tokens, async_scheduling=async_scheduling)
         if speculative != "auto":  # both slices of a disaggregated deployment
             def speculating(d):
                 return dataclasses.replace(d, speculative=speculative)

@@ -77,11 +77,9 @@ class Buckets:
         return (*shape[:3], self.context[-1])
 
     def widen(self, arrays: tuple) -> tuple:
-        """A packed batch (page table first) with the widest page table, to re-run at a raised level."""
-        table = arrays[0]
-        if table.shape[1] == self.context[-1]:
-            return arrays
-        return (np.pad(table, ((0, 0), (0, self.context[-1] - table.shape[1]))), *arrays[1:])
+        """A packed batch (its page-table width first) with the widest page table, to re-run at a
+        raised level (the rows' page tables are on the device: serving/input_batch.py)."""
+        return (self.context[-1], *arrays[1:])
 
     def fit(self, kind: str, per_rank: int, width: int, need: int, level: int = 0) -> Shape:
         """The shape this batch runs: the smallest holding it, or while warm-up is under way the

@@ -65,6 +65,7 @@ class Elastic:
                                       [(req.rank, req.blocks, rank, blocks) for req, rank, blocks in moves])
             for req, rank, blocks in moves:
                 engine.scheduler.move(req, rank, blocks)
+                runner.inputs.release(req.id)  # (other blocks: its page table is sent again)
         self.history.append({"from_dp": runner.ranks, "to_dp": dp, "migrated": len(moves),
                              "requested_at": time.perf_counter() - engine.started})
         self.advance()

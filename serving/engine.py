@@ -8,6 +8,10 @@ capacity resizes (serving/elastic.py); statistics in serving/stats.py. A step:
     outs = [runner.dispatch(runner.pack(b)) for b in batches]  # one jitted step each, not waited for
     hosts = finish_steps(runner, outs)             # the device->host reads; overflow re-runs
     events = [scheduler.update_from_output(b, *unpack(h)) for b, h in ...]  # tokens, logprobs
+
+With async scheduling (the default) a step dispatches step N + 1 before it reads and lands step N:
+N + 1's rows take N's tokens on the device (serving/input_batch.py), the host learns them one step
+late (Engine.step says where a step runs synchronously instead).
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class Engine:
         if self.disk_tier:
             self.scheduler.on_prompt_done = self.disk_tier.store
         # a preempted request's penalty row is rebuilt from its prompt and output when it samples again
-        self.scheduler.on_preempt = lambda req: self.runner.penalties.release(req.id)
+        # (and its next token, once read, goes to the device with its recompute)
+        self.scheduler.on_preempt = self._preempted
         self.eplb = LiveEPLB(self.runner, deployment) if net.moe_layers is not None else None
         self.elastic = Elastic(self)
         self.started = time.perf_counter()
@@ -90,6 +95,14 @@ class Engine:
         self._next_id = 0
         self.grammars = Grammars(tokenizer_file, net.config.vocab_size, tuple(net.config.eos_token_ids))
         self.seeds: random.Random | None = None  # draws the seeds of requests without one (vLLM's --seed)
+        self.async_scheduling = self.cfg.async_scheduling
+        self._inflight: list[Launched] | None = None  # async scheduling: the step dispatched, not yet read
+        self._guided: set[str] = set()  # requests whose grammar or min_tokens needs every token on the host
+        self._drained: list[Event] = []  # landed out of turn (before a resize): the next step returns them
+
+    def _preempted(self, req: Request) -> None:
+        self.runner.penalties.release(req.id)
+        self.runner.inputs.release(req.id)
 
     # ---- what the runner holds, read by the API, metrics, tests -------------------------------------
     @property
@@ -153,6 +166,8 @@ class Engine:
                 except ValueError as e:
                     raise ValueError(f"request {rid}: structured_outputs: {e}") from None
             self.scheduler.add(req)
+            if req.guide is not None:  # steps run synchronously while it runs (Engine.step)
+                self._guided.add(rid)
         except ValueError:
             self.counters["rejected"] += 1
             raise
@@ -163,8 +178,10 @@ class Engine:
         req = self.scheduler.requests.get(request_id)
         if req is not None:
             req.guide = None
+        self._guided.discard(request_id)
         self.scheduler.abort(request_id)
         self.runner.penalties.release(request_id)
+        self.runner.inputs.release(request_id)  # (a step in flight may still write it: nothing reads it)
 
     def receive(self, req: Request) -> bool:
         """Decode role: takes a request prefilled elsewhere if a rank has room; the caller then writes
@@ -173,15 +190,43 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return self.scheduler.idle and self.elastic.pending is None
+        return self.scheduler.idle and self.elastic.pending is None and self._inflight is None and not self._drained
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[Event]:
+        """One engine step. Async scheduling (serving.async_scheduling, the default): schedules and
+        dispatches step N + 1, then reads and lands step N, whose events it returns (one step late);
+        the device runs N + 1 while the host lands N. Synchronous: step N is dispatched, read and
+        landed in one call. A step falls back to synchronous where the host must see every token
+        before the next step: MTP drafts (a row's advance is the drafts accepted), a running request
+        with a grammar or min_tokens (its next mask follows the token), a prefill slice, a resize."""
+        began, (events, self._drained) = time.perf_counter(), (self._drained, [])
+        if not self._async_ok():
+            events += self.drain()
+            launched = self.launch()
+            return events + (self.land(launched, self._finish(launched)) if launched else [])
         launched = self.launch()
-        if not launched:
-            return []
-        hosts = finish_steps([self.runner] * len(launched), launched, lambda outs: [np.asarray(o) for o in outs])
-        return self.land(launched, hosts)
+        previous, self._inflight = self._inflight, launched or None
+        if previous is None:
+            return events
+        outs = [part.out for part in previous]
+        hosts = self._finish(previous)
+        if launched and any(part.out is not out for part, out in zip(previous, outs)):
+            for part in launched:  # it ran after a step that overflowed, and kept nothing: again
+                part.out = self.runner.dispatch(part.batch.kind, part.arrays)
+        return events + self.land(previous, hosts, began, launched[-1].prepared if launched else began)
+
+    def _finish(self, launched: list[Launched]) -> list[np.ndarray]:
+        return finish_steps([self.runner] * len(launched), launched, lambda outs: [np.asarray(o) for o in outs])
+
+    def drain(self) -> list[Event]:
+        """Lands the step still in flight (async scheduling), if any: its events."""
+        previous, self._inflight = self._inflight, None
+        return self.land(previous, self._finish(previous)) if previous else []
+
+    def _async_ok(self) -> bool:
+        return (self.async_scheduling and not self.drafts and self.role != "prefill"
+                and self.elastic.pending is None and not self._guided)
 
     # A step in two halves around the read, so a disaggregated deployment spanning processes can
     # launch both slices' steps before reading either (serving/disagg.py).
@@ -194,24 +239,31 @@ class Engine:
         launched = []
         for batch in self.scheduler.schedule():
             arrays = self.runner.pack(batch, self.requests.__contains__)
+            self.scheduler.dispatched(batch)
             prepared = time.perf_counter()
             launched.append(Launched(batch, arrays, self.runner.dispatch(batch.kind, arrays), start, prepared))
         return launched
 
-    def land(self, launched: list[Launched], hosts: list[np.ndarray]) -> list[Event]:
-        """Advances the requests by the step's sampled tokens (hosts: each program's output, read back)."""
-        start, returned, events = launched[0].start, time.perf_counter(), []
+    def land(self, launched: list[Launched], hosts: list[np.ndarray], began: float | None = None,
+             prepared: float | None = None) -> list[Event]:
+        """Advances the requests by the step's sampled tokens (hosts: each program's output, read back).
+        began, prepared: when this engine step started and had dispatched what it dispatches (default:
+        the landed step's own; async scheduling: the next step's, dispatched before this one landed)."""
+        start, returned, events = launched[0].start if began is None else began, time.perf_counter(), []
+        prepared = launched[-1].prepared if prepared is None else prepared
         for part, host in zip(launched, hosts):
             tokens, accepted, drafts, *logprobs = unpack(host[:-1], self.net.config.vocab_size, self.drafts)
             events += self.scheduler.update_from_output(part.batch, tokens, logprobs, accepted, drafts)
-        for e in events:  # a request that leaves this engine gives back its penalty row
+        for e in events:  # a request that leaves this engine gives back its penalty row and token slot
             if e.request.guide is not None:  # the grammar moves by the accepted tokens only
                 if e.finished:
                     e.request.guide = None  # (finished requests are kept for stats: not their matchers)
+                    self._guided.discard(e.request.id)
                 else:
                     e.request.guide.advance(e.new_tokens)
             if e.finished or self.role == "prefill":
                 self.runner.penalties.release(e.request.id)
+                self.runner.inputs.release(e.request.id)
         self.runner.landed()
         done = time.perf_counter()
         elapsed = done - start
@@ -223,7 +275,7 @@ class Engine:
         self.counters["mixed_steps"] += len(kinds) > 1
         # host bookkeeping: building the batches before the jitted calls and advancing requests after them
         self.last_step = {"kind": "mixed" if len(kinds) > 1 else kinds[0], "wall_s": elapsed,
-                          "host_s": (launched[-1].prepared - start) + (done - returned)}
+                          "host_s": (prepared - start) + (done - returned)}
         if self.eplb is not None:
             self.eplb.after_step(self.counters["steps"])
         return events
@@ -242,10 +294,12 @@ class Engine:
     # ---- elastic capacity ---------------------------------------------------------------------------
     def resize(self, devices) -> None:
         """Serve on these devices from now on (serving/elastic.py)."""
+        self._drained += self.drain()  # (the requests move with every token read)
         self.elastic.resize(devices)
 
     def resize_dp(self, dp: int, spare: list) -> None:
         """Resize to dp ranks: leaving devices go to `spare`, new ranks come from it (in order)."""
+        self._drained += self.drain()
         self.elastic.resize_dp(dp, spare)
 
     # ---- statistics --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 import time
 
 from serving import multihost
-from serving.api import add_speculative_flags, speculative_flag
+from serving.api import add_scheduling_flags, add_speculative_flags, speculative_flag
 
 
 def main(argv=None) -> int:
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
     add_speculative_flags(ap)
+    add_scheduling_flags(ap)
     ap.add_argument("--quantization", choices=("fp8", "none"),
                     help="weights: fp8 (FP8 GEMMs, DeepSeek's serving form) or none (default: the deployment's, "
                          "else fp8 on a GPU for an FP8 checkpoint, none otherwise)")
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
                                 top_p=args.top_p, seed=args.seed)
         print("[generate] loading the model and compiling (first run takes a while)...", file=sys.stderr)
         llm = LLM(args.model, deployment=args.deployment, quantization=args.quantization, speculative=speculative_flag(args),
-                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
+                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                  async_scheduling=args.async_scheduling)
         prompts = ([llm.chat_prompt([{"role": "user", "content": p}]) for p in args.prompt] if args.chat
                    else list(args.prompt)) + prompt_ids
     except ValueError as e:

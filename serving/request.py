@@ -21,7 +21,8 @@ class Request:
     blocks: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # full prompt blocks
     cached: int = 0  # prompt tokens found in the prefix cache (device or disk)
-    computed: int = 0  # tokens whose KV rows are in the cache
+    computed: int = 0  # tokens whose KV rows are in the cache (or being written by a dispatched step)
+    pending: int = 0  # tokens sampled by dispatched steps, not yet read by the host (async scheduling)
     output: list[int] = dataclasses.field(default_factory=list)
     drafts: list[int] = dataclasses.field(default_factory=list)  # MTP's proposals for the next step to verify
     guide: object = None  # serving.structured.Guide: its grammar / min_tokens (None: unconstrained)

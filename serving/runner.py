@@ -28,6 +28,7 @@ from model.overlap import balanced_slots
 from model.transformer import project_logits
 from serving.aot import AotStep, aot_directory, program_key
 from serving.buckets import Buckets, bucket  # noqa: F401 - bucket: the scripts' import
+from serving.input_batch import InputBatch
 from serving.kv_cache import POOL_AXES, PagedCache, new_pool, read_rank, write_rank, zero_shard
 from serving.request import Batch
 from serving.penalties import BY_RANK, PenaltyTable
@@ -47,9 +48,14 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
     leaves, treedef = jax.tree.flatten(state)
     k, mtp_layer = drafts, net.config.num_hidden_layers  # the MTP module's KV rows: the pool's last layer
 
-    def step(leaves, pool, expert_load, table, page_table, tokens, positions, sample_at, n_drafts, next_tokens,
-             sampling, absorbed: bool):
+    def step(leaves, pool, expert_load, table, last, pages, page_rows, tokens, positions, sample_at, n_drafts,
+             next_tokens, slots, sampling, fresh, absorbed: bool, blocks: int):
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        page_table = pages[page_rows, :blocks]  # [B, blocks]: the rows' page tables, kept on the device
+        # async scheduling: a row whose last token the previous step sampled reads it from the device
+        # (slots[:, 0] >= 0), so the host never waits for it (serving/input_batch.py)
+        read = slots[:, 0]
+        tokens = tokens.at[:, 0].set(jnp.where(read >= 0, last[jnp.maximum(read, 0)], tokens[:, 0]))
         hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
         B, W = tokens.shape
         j = jnp.arange(k + 1)
@@ -66,27 +72,37 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         out, accepted, data = table.per_rank(sample_rows, (BY_RANK,) * 3, hidden, tokens, base, n_drafts, sampling,
                                              table.counts, table.bias, net.head_weight(), replicated=1)
         overflow = stats["overflow"] if stats else jnp.bool_(False)
+        # a step dispatched after one that overflowed ran on its stale tokens: it keeps nothing and
+        # says so (flag 2), and runs again once the one before has (fresh: a re-run ignores the flag)
+        poisoned = (last[-1] > 0) & ~fresh
         head = [accepted[:, None]]
         if k:  # the MTP module sees the token after each position: the prompt's, or this step's accepted run
             after = jnp.take_along_axis(out, jnp.clip(jnp.arange(W)[None] - base[:, None], 0, k), axis=1)
             new, cache, over = net.draft(hidden, jnp.where(next_tokens >= 0, next_tokens, after), positions, cache,
                                          jnp.int32(mtp_layer), base + accepted, k, absorbed)
             head, overflow = head + [new], overflow | over
-        keep = (j[None] <= accepted[:, None]) & ~overflow  # an overflowed step runs again
+        bad = overflow | poisoned
+        keep = (j[None] <= accepted[:, None]) & ~bad  # an overflowed step runs again
         table = table.count(sampling.slot, out, keep)
         if stats:  # ... so its expert loads count once: in the run that did not overflow
-            expert_load = expert_load + jnp.where(overflow, 0, stats["expert_load"])
+            expert_load = expert_load + jnp.where(bad, 0, stats["expert_load"])
+        # each sampling row's last token into its request's slot (the rest into the dump slot)
+        newest = jnp.take_along_axis(out, accepted[:, None], axis=1)[:, 0]
+        last = last.at[jnp.where(bad, last.shape[0] - 2, slots[:, 1])].set(newest)
+        last = last.at[-1].set(bad.astype(jnp.int32))
         # one array to read back per step: per row the tokens accepted, the next drafts, the tokens and
-        # logprobs (serving/sampling.py unpack); then the EP overflow flag
+        # logprobs (serving/sampling.py unpack); then the flag: 1 overflowed, 2 ran after one that did
         rows_out = jnp.concatenate(head + [data.reshape(B, -1)], axis=1)
-        return jnp.concatenate([rows_out.reshape(-1), overflow.astype(jnp.int32)[None]]), cache.pool, expert_load, table
+        flag = overflow.astype(jnp.int32) | (poisoned.astype(jnp.int32) << 1)
+        return jnp.concatenate([rows_out.reshape(-1), flag[None]]), cache.pool, expert_load, table, last
 
     shardings = None
     if mesh is not None:  # what the host reads is replicated, so every process (multi-host) can read it
         replicated, by_rank = logical_sharding(mesh), logical_sharding(mesh, "batch")
         shardings = (replicated, logical_sharding(mesh, *POOL_AXES), replicated,
-                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh))
-    return leaves, step, dict(static_argnames=("absorbed",), donate_argnames=("pool", "expert_load", "table"),
+                     PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh), replicated)
+    return leaves, step, dict(static_argnames=("absorbed", "blocks"),
+                              donate_argnames=("pool", "expert_load", "table", "last"),
                               out_shardings=shardings)
 
 
@@ -144,12 +160,19 @@ class ModelRunner:
         # requests leave after one step, so a batch's rows are enough there)
         slots = serving.prefill_rows[-1] if role == "prefill" else serving.decode_batch[-1]
         self.penalties = PenaltyTable(self.ranks, slots, cfg.vocab_size, mesh)
+        self.role = role
+        self.inputs = self._input_batch(mesh)
         # One jitted step per (devices, EP capacity level): a resize back to devices served before,
         # or a capacity level seen before, finds its compiled programs again.
         self._steps: dict[tuple, object] = {}
         self._clean_steps = 0  # steps landed since the last overflow
         self.mask_words = -(-cfg.vocab_size // 32)  # W: token-mask words per row
         self._use_step()
+
+    def _input_batch(self, mesh) -> InputBatch:
+        """Rows for the requests a rank runs at once (a prefill slice's: one batch's), on every rank."""
+        per_rank = self.serving.prefill_rows[-1] if self.role == "prefill" else self.serving.decode_batch[-1]
+        return InputBatch(self.ranks * per_rank, self.max_blocks, mesh)
 
     def _place(self, mesh) -> None:
         self.mesh = mesh
@@ -186,7 +209,7 @@ class ModelRunner:
                              sorted(xla_options.items())))
             placed = jax.devices()[:1] if self.mesh is None else self.mesh.devices.flat
             self._steps[key] = AotStep(step, options, aot_directory(), program_key(identity, leaves), placed,
-                                       out_tree=lambda args: jax.tree.structure((0, *args[1:4])))
+                                       out_tree=lambda args: jax.tree.structure((0, *args[1:5])))
         self.leaves, self._step = leaves, self._steps[key]
 
     @property
@@ -214,9 +237,10 @@ class ModelRunner:
         B = rows_b * self.ranks
         tokens = np.zeros((B, width), np.int32)
         positions = np.full((B, width), -1, np.int32)
-        table = np.zeros((B, blocks), np.int32)
+        page_rows = np.full(B, self.inputs.dump, np.int32)  # each row's page table: its request's input-batch row
         sample_at, n_drafts = np.zeros(B, np.int32), np.zeros(B, np.int32)
         next_tokens = np.full((B, width), -1, np.int32)  # the token after each position, where known
+        reads = np.full((B, 2), (-1, self.inputs.dump), np.int32)  # token slot read (-1: none), written
         params, seeds, counters, rows_slot = [None] * B, [0] * B, [0] * B, [None] * B
         guided = []  # (row, guide, drafts) of the rows a grammar or min_tokens constrains
         overlap = self.net.ep is not None and self.net.ep.overlap != "none"
@@ -229,27 +253,33 @@ class ModelRunner:
             batch.slots.append(slots)
             for (req, pos, n), slot in zip(rows, slots):
                 b = rank * rows_b + slot
-                used = req.blocks[:blocks]
+                held = min(len(req.blocks), blocks)
                 if batch.kind == "decode":  # the last token, then its drafts (the next token: this step's)
-                    tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
+                    if pos < len(req.prompt) + len(req.output):
+                        tokens[b, :n] = req.tokens(pos, pos + 1) + req.drafts
+                    else:  # sampled by the step still running (async scheduling): read on the device
+                        tokens[b, 1:n] = req.drafts
+                        reads[b, 0] = self.inputs.slot(req.id)
                     n_drafts[b] = n - 1
                 else:
                     tokens[b, :n] = req.tokens(pos, pos + n)
                     known = req.tokens(pos + 1, pos + n + 1)
                     next_tokens[b, :len(known)] = known
                 # rows past what the request holds (a window running past its context) are not written
-                positions[b, :n] = np.where(np.arange(pos, pos + n) < len(used) * cfg.block_size,
+                positions[b, :n] = np.where(np.arange(pos, pos + n) < held * cfg.block_size,
                                             np.arange(pos, pos + n), -1)
-                table[b, :len(used)] = used
+                page_rows[b] = self.inputs.page_row(req.id, req.blocks)
                 sample_at[b] = n - 1
                 params[b], seeds[b], counters[b] = req.params, req.seed, pos + n
                 samples = pos + n >= len(req.prompt) + len(req.output)  # not a middle chunk, nor a preempted request's recompute
+                if samples:
+                    reads[b, 1] = page_rows[b]
                 if req.params.needs_table and samples:
                     rows_slot[b] = self.penalties.slot(req, rank, live)
                 if req.guide is not None and samples:
                     guided.append((b, req.guide, req.drafts if batch.kind == "decode" else []))
         mask, rows_guided = fill_masks(guided, B, 1 + self.drafts, self.mask_words)
-        return (table, tokens, positions, sample_at, n_drafts, next_tokens,
+        return (blocks, page_rows, tokens, positions, sample_at, n_drafts, next_tokens, reads,
                 sampling_arrays(params, seeds, counters, rows_slot, self.penalties.slots, self._mask(B, mask),
                                 rows_guided))
 
@@ -264,29 +294,36 @@ class ModelRunner:
                                                  sharding)
         return self._free_masks[B]
 
-    def _call(self, kind: str, arrays: tuple) -> tuple[tuple, dict]:
+    def _call(self, kind: str, arrays: tuple, fresh: bool = False) -> tuple[tuple, dict]:
         """The step's (args, static arguments) for a packed batch."""
-        return (self.leaves, self.pool, self.expert_load, self.penalties.device, *arrays), {"absorbed": kind == "decode"}
+        blocks, *arrays = arrays  # (the page-table width bucket: static)
+        return ((self.leaves, self.pool, self.expert_load, self.penalties.device, self.inputs.tokens,
+                 self.inputs.pages, *arrays, np.bool_(fresh)), {"absorbed": kind == "decode", "blocks": blocks})
 
-    def dispatch(self, kind: str, arrays: tuple) -> jax.Array:
-        """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag)."""
-        args, static = self._call(kind, arrays)
-        out, self.pool, self.expert_load, self.penalties.device = self._step(*args, **static)
+    def dispatch(self, kind: str, arrays: tuple, fresh: bool = False) -> jax.Array:
+        """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag).
+        fresh: a re-run, which ignores the flag an overflowed step before it left."""
+        self.inputs.write()  # the page-table entries the packed batches added
+        args, static = self._call(kind, arrays, fresh)
+        out, self.pool, self.expert_load, self.penalties.device, self.inputs.tokens = self._step(*args, **static)
         return out
 
     def retry_if_overflowed(self, launched: Launched, host: np.ndarray) -> bool:
-        """If rows did not fit the EP capacity bucket (the step's last value), re-dispatches the step
-        at the next level and returns True. Re-running on the returned pool is safe: every cache row
-        the step reads it first writes again."""
+        """If rows did not fit the EP capacity bucket (the step's last value: 1), re-dispatches the
+        step at the next level and returns True; a step that ran after one that overflowed (2) runs
+        again at the same level. Re-running on the returned pool is safe: every cache row the step
+        reads it first writes again."""
         if not host[-1]:
             return False
-        table, tokens = launched.arrays[:2]
-        shape = (launched.batch.kind, tokens.shape[0] // self.ranks, tokens.shape[1], table.shape[1])
-        self._set_level(self.buckets.retry_level(shape, self.net.ep.level))  # (the next level, once warmed up)
-        self._clean_steps = 0
-        self.counters["ep_overflow_retries"] += 1
-        launched.arrays = self.buckets.widen(launched.arrays)  # a raised level's page table (serving/buckets.py)
-        launched.out = self.dispatch(launched.batch.kind, launched.arrays)
+        if host[-1] & 1:
+            blocks, _, tokens = launched.arrays[:3]
+            shape = (launched.batch.kind, tokens.shape[0] // self.ranks, tokens.shape[1], blocks)
+            self._set_level(self.buckets.retry_level(shape, self.net.ep.level))  # (the next level, once warmed up)
+            self._clean_steps = 0
+            self.counters["ep_overflow_retries"] += 1
+        if self.net.ep.level:  # a raised level's page table (serving/buckets.py); a step packed before the raise
+            launched.arrays = self.buckets.widen(launched.arrays)
+        launched.out = self.dispatch(launched.batch.kind, launched.arrays, fresh=True)
         return True
 
     def landed(self) -> None:
@@ -369,6 +406,7 @@ class ModelRunner:
              for d in mesh.devices.flat])
         self._place(mesh)
         self.penalties.resize(self.ranks, mesh)
+        self.inputs = self._input_batch(mesh)
         self.reset_expert_load()
         self._use_step()
         for key, step in self._steps.items():  # the meshes left: their saved programs load again if needed

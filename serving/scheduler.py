@@ -224,7 +224,9 @@ class Scheduler:
         chunk, rows = self.cfg.prefill_tokens[-1], self.cfg.prefill_rows[-1]
         prefill, decode = [], []
         for reqs in self.running:  # one pass: this runs every step over every running request
-            d = [(r, r.computed, 1 + len(r.drafts)) for r in reqs if not r.in_prefill]
+            # (async scheduling: a request whose last token in flight is its max_tokens-th has no next step)
+            d = [(r, r.computed, 1 + len(r.drafts)) for r in reqs
+                 if not r.in_prefill and len(r.output) + r.pending < r.max_tokens]
             left, p = self.budget - sum(n for _, _, n in d), []
             for r in reqs:
                 if left <= 0 or len(p) == rows:
@@ -280,6 +282,20 @@ class Scheduler:
         if self.on_preempt is not None:
             self.on_preempt(req)
 
+    def dispatched(self, batch: Batch) -> None:
+        """A batch went to the device: its rows' KV is as good as computed (positions advance now, so the
+        next step can be scheduled before this one's tokens are read: async scheduling), and each row
+        that samples has a token in flight (`pending`) until `update_from_output`. With MTP drafts a
+        decode row's advance is known only when read (1 + the drafts accepted)."""
+        for rows in batch.rows:
+            for req, pos, n in rows:
+                if batch.kind == "prefill":
+                    req.computed = pos + n
+                    req.pending += pos + n >= len(req.prompt) + len(req.output)
+                else:
+                    req.computed = pos + 1 if not self.drafts else req.computed
+                    req.pending += 1
+
     def update_from_output(self, batch: Batch, tokens, logprobs=None, accepted=None, drafts=None) -> list[Event]:
         """Advances every request of the batch by its row's new tokens (tokens [B] or [B, S]: rank r's
         rows at [r * rows_per_rank, ...); accepted [B]: how many of a row's drafts the step accepted,
@@ -298,11 +314,15 @@ class Scheduler:
             for (req, pos, n), slot in zip(rows, batch.slots[rank] if batch.slots else range(len(rows))):
                 row = rank * rows_b + slot
                 a = int(accepted[row]) if accepted is not None else 0
-                # a decode row's window is its last token then its drafts: the accepted ones are computed
-                req.computed = pos + n if batch.kind == "prefill" else pos + 1 + a
                 if batch.kind == "prefill" and pos + n < len(req.prompt) + len(req.output):
                     continue  # a middle chunk of a long prompt, or a preempted request's recompute: no token
-                if batch.kind == "prefill":
+                req.pending -= 1
+                if req.finish_reason is not None:  # finished (or aborted) after this step was dispatched
+                    continue
+                placed = req.rank >= 0  # (async: preempted after this step was dispatched; the token stands)
+                if batch.kind == "decode" and self.drafts and placed:
+                    req.computed = pos + 1 + a  # the window's last token and its accepted drafts are computed
+                if batch.kind == "prefill" and placed:
                     self.register_prompt_blocks(req)
                     if self.on_prompt_done is not None:
                         self.on_prompt_done(req)
@@ -324,8 +344,12 @@ class Scheduler:
                         break
                 counters["generated_tokens"] += len(new)
                 req.drafts = [] if drafts is None or reason else [int(t) for t in drafts[row]]
+                if reason and not placed:  # waiting to run again: nothing held
+                    self.waiting.remove(req)
+                    req.finish_reason, req.finished_at = reason, time.perf_counter()
                 if reason:
-                    self.finish(req, reason)
+                    if placed:
+                        self.finish(req, reason)
                     counters["finished"] += 1
                     self.finished.append(self.requests.pop(req.id))
                 elif self.role == "prefill":  # decode happens on the decode slice; the blocks stay until sent

@@ -66,19 +66,22 @@ class Warmup:
             if lvl is not None:
                 runner._set_level(lvl)
             step, raised, at = runner._step, lvl != serve, lvl or 0
-            calls = {shape: runner._call(shape[0], self._arrays(shape)) for l, shape in first if l == at}
+            batches = {shape: self._arrays(shape) for l, shape in first if l == at}
+            calls = {shape: runner._call(shape[0], arrays) for shape, arrays in batches.items()}
             if raised and step.saves:  # a raised level: saved is enough, a step that overflows loads it
                 step.prepare(list(calls.values()), load=False)
             elif calls:
                 if step.saves or background:
                     step.prepare(list(calls.values()))  # saved programs loaded in parallel, the rest compiled
                 if not background:  # (else not run now: serving is waiting for them)
-                    for shape, (args, static) in calls.items():
-                        out = runner.dispatch(shape[0], args[4:])
+                    for shape, arrays in batches.items():
+                        out = runner.dispatch(shape[0], arrays)
                     jax.block_until_ready(out)
             steps[at] = (at > 0 and step.saves, step, {shape: jax.tree.map(
                 _spec, runner._call(shape[0], self._arrays(shape))) for l, shape in rest if l == at})
         runner.penalties.warm_up()
+        runner.inputs.warm_up()
+        runner.inputs.reset(runner.mesh)  # (no padding step's flag reaches the first real step)
         runner.warm_copies()
         jax.block_until_ready(runner.pool)
         trim_heap()  # what compiling and loading left free goes back to the OS
@@ -104,9 +107,10 @@ class Warmup:
     def _arrays(self, shape) -> tuple:
         """An all-padding batch of this shape (it writes nothing)."""
         kind, rows, width, blocks = shape
-        B = rows * self.runner.ranks
-        return (np.zeros((B, blocks), np.int32), np.zeros((B, width), np.int32), np.full((B, width), -1, np.int32),
+        B, dump = rows * self.runner.ranks, self.runner.inputs.dump  # (the input batch's row no request holds)
+        return (blocks, np.full(B, dump, np.int32), np.zeros((B, width), np.int32), np.full((B, width), -1, np.int32),
                 np.zeros(B, np.int32), np.zeros(B, np.int32), np.full((B, width), -1, np.int32),
+                np.full((B, 2), (-1, dump), np.int32),
                 sampling_arrays([None] * B, [0] * B, [0] * B, [None] * B, self.runner.penalties.slots,
                                 self.runner._mask(B, None)))
 

@@ -97,6 +97,9 @@ class ServingConfig:
     # Disk tier of the prefix cache (serving/kv_disk.py): one checksummed file per full block.
     disk_cache_dir: str | None = None
     disk_cache_mb: float = 1024.0
+    # Async scheduling (vLLM's --async-scheduling): step N + 1 is scheduled and dispatched while step
+    # N runs; false: each step is read before the next is scheduled (serving/engine.py).
+    async_scheduling: bool = True
 
     def __post_init__(self):
         for name in ("prefill_tokens", "prefill_rows", "decode_batch"):
@@ -110,6 +113,8 @@ class ServingConfig:
             raise ValueError(f"serving.placement {self.placement!r} is not one of {PLACEMENTS}")
         if self.disk_cache_mb <= 0:
             raise ValueError(f"serving.disk_cache_mb={self.disk_cache_mb} must be > 0")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"serving.async_scheduling must be true or false, got {self.async_scheduling!r}")
         if self.max_num_batched_tokens is not None and (not isinstance(self.max_num_batched_tokens, int)
                                                         or self.max_num_batched_tokens < 1):
             raise ValueError(f"serving.max_num_batched_tokens must be a positive integer, got "

@@ -94,10 +94,81 @@ def test_preemption_recompute_changes_no_output_and_max_tokens_reserves_nothing(
     assert f"jaxseek_preemptions_total {float(engine.counters['preemptions'])}" in text
 
 
+def test_async_scheduling_changes_no_greedy_output(small):
+    """Async scheduling (step N + 1 dispatched before step N is read, its tokens taken on the device)
+    against the synchronous loop, both under pool pressure (preemption mid-stream), with prompts and
+    max_tokens of mixed lengths, a stop token that ends a request one step before the host knows it
+    (its row in the next step wasted), and a request aborted while a step for it runs: every output,
+    stream and finish reason the same."""
+    engine = small.engine
+    prompts = PROMPTS + [list(range(3, 20)), [41, 42]]
+    reference = alone(small, PROMPTS[:1], SamplingParams(max_tokens=8, **GREEDY))[0]
+    params = [SamplingParams(max_tokens=CONTEXT, **GREEDY), SamplingParams(max_tokens=5, **GREEDY),
+              SamplingParams(max_tokens=CONTEXT, **GREEDY), SamplingParams(max_tokens=11, **GREEDY),
+              SamplingParams(max_tokens=9, **GREEDY), SamplingParams(max_tokens=CONTEXT, **GREEDY)]
+    params[0] = SamplingParams(max_tokens=CONTEXT, stop_token_ids=(reference[5],), **GREEDY)
+
+    def serve(asynchronous: bool):
+        engine.async_scheduling, before = asynchronous, engine.counters["preemptions"]
+        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        streamed, overlapped, steps = {r.id: [] for r in reqs}, 0, 0
+        while not engine.idle:
+            for e in engine.step():
+                streamed[e.request.id] += e.new_tokens
+            steps += 1
+            overlapped += engine._inflight is not None  # a step left running on the device
+            if len(reqs[-1].output) == 2 and reqs[-1].finish_reason is None:
+                engine.abort(reqs[-1].id)
+        pool = engine.scheduler.pools[0]
+        assert pool.refs.sum() == 0 and pool.available == pool.num_blocks
+        assert not engine.runner.inputs.held  # every token slot given back
+        return ([(r.output, r.finish_reason) for r in reqs], [streamed[r.id] for r in reqs],
+                engine.counters["preemptions"] - before, overlapped)
+
+    try:
+        sync, async_ = serve(False), serve(True)
+    finally:
+        engine.async_scheduling = engine.cfg.async_scheduling
+    assert sync[2] > 0 and async_[2] > 0  # both preempted
+    assert sync[3] == 0 and async_[3] > 0
+    assert async_[:2] == sync[:2]
+    stop = reference.index(reference[5]) + 1
+    assert sync[0][0] == (reference[:stop], "stop") and sync[0][-1] == (sync[1][-1], "abort")
+    assert len(sync[1][-1]) == 2
+
+
+def test_host_sends_per_decode_step_do_not_grow_with_context(small):
+    """The persistent input batch: a decode step's host->device bytes (the packed arrays, the
+    page-table entries written) are the same at a 6-token and a 24-token context; a request's page
+    table is sent once, then a block at a time as its sequence crosses block boundaries."""
+    import jax
+    engine = small.engine
+    inputs = engine.runner.inputs
+
+    def decode_step_bytes(prompt):
+        req = engine.add_request(prompt, SamplingParams(max_tokens=6, **GREEDY))
+        sent, per_step = inputs.entries_sent, []
+        while not engine.idle:
+            before = inputs.bytes_sent
+            engine.step()
+            for part in engine._inflight or []:
+                if part.batch.kind == "decode":
+                    host = sum(a.nbytes for a in jax.tree.leaves(part.arrays[1:]) if isinstance(a, np.ndarray))
+                    per_step.append(host + inputs.bytes_sent - before)
+        return per_step, inputs.entries_sent - sent, len(req.blocks)
+
+    short, long = decode_step_bytes(PROMPTS[0]), decode_step_bytes(list(range(3, 27)))
+    assert len(short[0]) == len(long[0]) >= 5
+    # the same bytes a step (more in a step whose sequence crosses a block boundary: its new block)
+    assert set(short[0]) == set(long[0])
+    assert short[1] == short[2] and long[1] == long[2] == 8  # each block id sent once
+
+
 def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
     """Two streams decode while two 20-token prompts arrive: a 10-token budget leaves 8 prompt tokens a
     step, so the prompts take several mixed steps, and no step leaves a running stream without a token."""
     engine = small.engine
+    engine.async_scheduling = False  # (each step's tokens read in the same call: what this counts)
     params = SamplingParams(max_tokens=12, **GREEDY)
     first = [engine.add_request(p, params) for p in PROMPTS[:2]]
     engine.step()  # their prompts
@@ -118,6 +189,7 @@ def test_decodes_get_a_token_every_step_while_long_prompts_prefill(small):
             engine.step()
     finally:
         engine.scheduler.budget = engine.cfg.token_budget()
+        engine.async_scheduling = engine.cfg.async_scheduling
     assert [r.output for r in first] == alone(small, PROMPTS[:2], params)
     assert [r.output for r in longs] == alone(small, [r.prompt for r in longs], SamplingParams(max_tokens=4, **GREEDY))
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from serving import multihost
-from serving.api import add_speculative_flags, speculative_flag
+from serving.api import add_scheduling_flags, add_speculative_flags, speculative_flag
 from serving.server.app import DEFAULT_MAX_BODY_BYTES
 from serving.server.parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, REASONING_PARSERS, THINK_END,
                                     THINK_START, TOOL_CALL_PARSERS, TOOL_SEP)
@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--deployment", help="deployment file (default: every device present)")
     add_speculative_flags(ap)
+    add_scheduling_flags(ap)
     ap.add_argument("--quantization", choices=("fp8", "none"),
                     help="weights: fp8 or none (default: the deployment's, else fp8 on a GPU for an FP8 checkpoint)")
     ap.add_argument("-tp", "--tensor-parallel-size", type=int, metavar="N",
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
         check_parsers(Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None, args)
         print(f"[server] loading {model_dir}...", file=sys.stderr)
         llm = LLM(model_dir, deployment=deployment(args, model_dir), quantization=args.quantization,
-                  speculative=speculative_flag(args), max_num_batched_tokens=args.max_num_batched_tokens)
+                  speculative=speculative_flag(args), max_num_batched_tokens=args.max_num_batched_tokens,
+                  async_scheduling=args.async_scheduling)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
