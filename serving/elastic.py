@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 import jax
+import numpy as np
 
 from serving.kv_cache import copy_blocks, zero_shard
 from sharding.mesh import make_mesh
@@ -59,7 +60,7 @@ class Elastic:
             raise ValueError(f"resize to {len(devices)} devices: the {runner.net.n_physical_experts} physical "
                              f"experts per layer do not divide over EP{len(devices)}")
         self.pending = devices
-        moves = engine.scheduler.migrations(list(range(dp, runner.ranks)))
+        moves = migrations(engine.scheduler, list(range(dp, runner.ranks)))
         if moves:
             runner.pool = copy_blocks(runner.pool, runner.cache_mesh, runner.pool, runner.cache_mesh,
                                       [(req.rank, req.blocks, rank, blocks) for req, rank, blocks in moves])
@@ -105,3 +106,24 @@ class Elastic:
         engine.counters["resizes"] += 1
         self.history[-1].update(done_at=time.perf_counter() - engine.started, reshard_s=time.perf_counter() - started,
                                 compilations=compiled)
+
+
+def migrations(scheduler, leaving: list[int]) -> list[tuple]:
+    """Moves for the requests of ranks about to leave: (request, new rank, new blocks), each placed
+    by the decode balancer among the staying ranks. A request that finds no room stays, and
+    finishes where it is. Apply each move with `Scheduler.move` once its blocks are copied."""
+    for rank in leaving:
+        scheduler.active[rank] = False
+    loads, moves = scheduler.decode_loads(), []
+    for rank in leaving:
+        for req in scheduler.running[rank]:
+            need = len(req.blocks)
+            allowed = np.array([scheduler.active[r] and loads[r, 1] < scheduler.max_running
+                                and scheduler.pools[r].available >= need for r in range(scheduler.ranks)])
+            cost = np.tile([req.computed, 1.0], (scheduler.ranks, 1))
+            dest = scheduler.decode_balancer.choose(loads, cost, allowed)
+            if dest is None:
+                continue
+            loads[dest] += cost[dest]
+            moves.append((req, dest, scheduler.pools[dest].allocate(need)))
+    return moves

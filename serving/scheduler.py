@@ -373,26 +373,6 @@ class Scheduler:
             self.pools[req.rank].register(req.blocks[i], h)
 
     # ---- elastic resize ----------------------------------------------------------------------------
-    def migrations(self, leaving: list[int]) -> list[tuple[Request, int, list[int]]]:
-        """Moves for the requests of ranks about to leave: (request, new rank, new blocks), each placed
-        by the decode balancer among the staying ranks. A request that finds no room stays, and
-        finishes where it is. Apply each move with `move` once its blocks are copied."""
-        for rank in leaving:
-            self.active[rank] = False
-        loads, moves = self.decode_loads(), []
-        for rank in leaving:
-            for req in self.running[rank]:
-                need = len(req.blocks)
-                allowed = np.array([self.active[r] and loads[r, 1] < self.max_running
-                                    and self.pools[r].available >= need for r in range(self.ranks)])
-                cost = np.tile([req.computed, 1.0], (self.ranks, 1))
-                dest = self.decode_balancer.choose(loads, cost, allowed)
-                if dest is None:
-                    continue
-                loads[dest] += cost[dest]
-                moves.append((req, dest, self.pools[dest].allocate(need)))
-        return moves
-
     def move(self, req: Request, rank: int, blocks: list[int]) -> None:
         self.release(req)
         req.rank, req.blocks = rank, blocks
