@@ -14,10 +14,11 @@ layout over the 8 devices (1, 8, 1): experts and heads over them. Its decode att
 
     python scripts/bench_peer.py --peer /path/to/deepseek_r1_jax --json
 
-Reported per system and dtype: ms per decode step (median of --steps steps after 3 settling steps: the
-peer's decode_step waited on per step, as its main.py loop reads each token; jaxseek's Engine.step, which
-reads its tokens every step) and tokens/s (batch / step). The two systems' steps are interleaved, one
-each in turn, so both see the same load on a shared machine. jaxseek compiles its decode program in its
+Reported per system and dtype: ms per decode step (over --steps consecutive steps after 3 settling
+steps: the peer's decode_step waited on per step, as its main.py loop reads each token; jaxseek's
+Engine.step, which reads its tokens every step, one step late under async scheduling, the default;
+--no-async-scheduling: each step read before the next is dispatched) and tokens/s (batch / step).
+Each system runs its block alone: on a shared machine, compare runs made under the same load. jaxseek compiles its decode program in its
 first settling step (the bench runs no Engine.warmup): counted apart from the measured steps, which
 must compile nothing.
 """
@@ -67,14 +68,16 @@ def peer_stepper(peer, dtype, batch: int, prompt_len: int, max_seq_len: int):
     return step
 
 
-def jaxseek_stepper(model: Path, deployment: str, dtype, batch: int, prompt_len: int, steps: int):
+def jaxseek_stepper(model: Path, deployment: str, dtype, batch: int, prompt_len: int, steps: int,
+                    async_scheduling: bool = True):
     """jaxseek's engine with the batch's requests added and prefilled -> (step(): one Engine.step,
     which reads its tokens; the engine, for its compilation count)."""
     import numpy as np
 
     from bench_engine import narrowed
     from serving import LLM, SamplingParams
-    llm = LLM(model, deployment=narrowed(deployment, batch, prompt_len, steps + 8), dtype=dtype, speculative=None)
+    llm = LLM(model, deployment=narrowed(deployment, batch, prompt_len, steps + 8), dtype=dtype, speculative=None,
+              async_scheduling=async_scheduling)
     engine = llm.engine  # (no Engine.warmup: the settling steps before the measured ones compile what they run)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
@@ -86,22 +89,21 @@ def jaxseek_stepper(model: Path, deployment: str, dtype, batch: int, prompt_len:
 
 
 def measure(peer_step, jaxseek_step, engine, steps: int, settle: int = 3) -> tuple[float, float, int, int]:
-    """The two systems' steps interleaved, one each in turn, so both see the same load on a shared
-    machine -> (peer ms, jaxseek ms: medians of the measured steps, jaxseek's compilations while
-    settling (its decode program's first run) and while measured)."""
-    import numpy as np
-    times: dict[str, list[float]] = {"peer": [], "jaxseek": []}
-    compiled = engine.compilations
-    for i in range(steps + settle):  # the first `settle`: compile and settle
-        if i == settle:
-            settling, compiled = engine.compilations - compiled, engine.compilations
-        for name, step in (("peer", peer_step), ("jaxseek", jaxseek_step)):
-            t0 = time.perf_counter()
+    """Each system's steps in one consecutive block, after `settle` steps of its own -> (peer ms,
+    jaxseek ms: per step over the block, jaxseek's compilations while settling (its decode program's
+    first run) and while measured). Blocks, not one step each in turn: under async scheduling a
+    jaxseek step returns with the next one in flight, which would run during the peer's step."""
+    ms, compiled = {}, engine.compilations
+    for name, step in (("peer", peer_step), ("jaxseek", jaxseek_step)):
+        for _ in range(settle):  # compile and settle
             step()
-            if i >= settle:
-                times[name].append(time.perf_counter() - t0)
-    return (1e3 * float(np.median(times["peer"])), 1e3 * float(np.median(times["jaxseek"])), settling,
-            engine.compilations - compiled)
+        if name == "jaxseek":
+            settling, compiled = engine.compilations - compiled, engine.compilations
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        ms[name] = 1e3 * (time.perf_counter() - t0) / steps
+    return ms["peer"], ms["jaxseek"], settling, engine.compilations - compiled
 
 
 def main(argv=None) -> int:
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--max-seq-len", type=int, default=256, help="the peer's cache length")
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                    help="jaxseek's engine loop (default: async, as it serves)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not (args.peer / "deepseek_r1_jax" / "model.py").is_file():
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         dtype = getattr(jnp, name)
         peer_step = peer_stepper(peer, dtype, args.batch, args.prompt_len, args.max_seq_len)
         jaxseek_step, engine = jaxseek_stepper(model, args.deployment, dtype, args.batch, args.prompt_len,
-                                               args.steps)
+                                               args.steps, args.async_scheduling)
         theirs, ours, settling, compiled = measure(peer_step, jaxseek_step, engine, args.steps)
         rows.append({"dtype": name, "peer_ms_per_step": theirs, "jaxseek_ms_per_step": ours,
                      "peer_tokens_per_s": args.batch / theirs * 1e3, "jaxseek_tokens_per_s": args.batch / ours * 1e3,
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
         print(f"[bench_peer] {name}: peer {theirs:.1f} ms/step, jaxseek {ours:.1f} ms/step", file=sys.stderr, flush=True)
     result = {"device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "batch": args.batch,
               "prompt_len": args.prompt_len, "steps": args.steps, "peer_max_seq_len": args.max_seq_len,
-              "deployment": Path(args.deployment).name, "results": rows}
+              "deployment": Path(args.deployment).name, "async_scheduling": args.async_scheduling, "results": rows}
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return 0
 
