@@ -230,7 +230,11 @@ class ModelRunner:
 
     def dispatch(self, kind: str, arrays: tuple, fresh: bool = False) -> jax.Array:
         """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag).
-        fresh: a re-run, which ignores the flag an overflowed step before it left."""
+        fresh: a re-run, which ignores the flag an overflowed step before it left. At a raised EP
+        capacity level every batch runs the widest page table (serving/buckets.py), whichever level
+        it was packed at (a re-run, or a step dispatched before the level rose)."""
+        if self.net.ep is not None and self.net.ep.level:
+            arrays = self.buckets.widen(arrays)
         self.inputs.write()  # the page-table entries the packed batches added
         args, static = self._call(kind, arrays, fresh)
         out, self.pool, self.expert_load, self.penalties.device, self.inputs.tokens = self._step(*args, **static)
@@ -249,8 +253,6 @@ class ModelRunner:
             self._set_level(self.buckets.retry_level(shape, self.net.ep.level))  # (the next level, once warmed up)
             self._clean_steps = 0
             self.counters["ep_overflow_retries"] += 1
-        if self.net.ep.level:  # a raised level's page table (serving/buckets.py); a step packed before the raise
-            launched.arrays = self.buckets.widen(launched.arrays)
         launched.out = self.dispatch(launched.batch.kind, launched.arrays, fresh=True)
         return True
 
