@@ -27,6 +27,7 @@ from serving.input_batch import InputBatch
 from serving.kv_cache import POOL_AXES, new_pool, read_rank, write_rank, zero_shard
 from serving.request import Batch
 from serving.step import build_step
+from serving.transfer import pack_rows
 from serving.penalties import PenaltyTable
 from serving.sampling import sampling_arrays
 from serving.structured import fill_masks
@@ -223,10 +224,13 @@ class ModelRunner:
         return self._free_masks[B]
 
     def _call(self, kind: str, arrays: tuple, fresh: bool = False) -> tuple[tuple, dict]:
-        """The step's (args, static arguments) for a packed batch."""
+        """The step's (args, static arguments) for a packed batch: its host arrays as one transfer
+        (serving/transfer.py)."""
         blocks, *arrays = arrays  # (the page-table width bucket: static)
+        host_rows, host_kept, layout = pack_rows(arrays, arrays[0].shape[0])
         return ((self.leaves, self.pool, self.expert_load, self.penalties.device, self.inputs.tokens,
-                 self.inputs.pages, *arrays, np.bool_(fresh)), {"absorbed": kind == "decode", "blocks": blocks})
+                 self.inputs.pages, host_rows, host_kept, np.bool_(fresh)),
+                {"absorbed": kind == "decode", "blocks": blocks, "layout": layout})
 
     def dispatch(self, kind: str, arrays: tuple, fresh: bool = False) -> jax.Array:
         """Runs the step on these arrays without waiting; returns its output (tokens + overflow flag).

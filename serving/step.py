@@ -11,12 +11,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from model.transformer import project_logits
 from serving.kv_cache import POOL_AXES, PagedCache
 from serving.penalties import BY_RANK, PenaltyTable
 from serving.sampling import verify
+from serving.transfer import unpack_rows
 from sharding.mesh import logical_sharding
+
+
+def write_last(last, slot, newest, bad):
+    """The device token slots int32[N + 2] with each row's newest token at its slot (N: the dump slot,
+    where an overflowed step writes) and the overflow flag in the last."""
+    last = last.at[jnp.where(bad, last.shape[0] - 2, slot)].set(newest)
+    return last.at[-1].set(bad.astype(jnp.int32))
 
 
 def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
@@ -28,15 +37,29 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
     graphdef, state = nnx.split(net)
     leaves, treedef = jax.tree.flatten(state)
     k, mtp_layer = drafts, net.config.num_hidden_layers  # the MTP module's KV rows: the pool's last layer
+    everywhere = None if mesh is None else logical_sharding(mesh)
 
-    def step(leaves, pool, expert_load, table, last, pages, page_rows, tokens, positions, sample_at, n_drafts,
-             next_tokens, slots, sampling, fresh, absorbed: bool, blocks: int):
+    def replicate(a):
+        return a if everywhere is None else jax.lax.with_sharding_constraint(a, everywhere)
+
+    def on_every_device(fn, *args):  # fn on replicated values, computed whole on each device
+        if mesh is None:
+            return fn(*args)
+        return jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(*args)
+
+    def step(leaves, pool, expert_load, table, last, pages, host_rows, host_kept, fresh, absorbed: bool, blocks: int,
+             layout):
+        # the batch's host arrays arrive as one buffer (serving/transfer.py), whole on every device (a
+        # few KB): each rank takes its rows where it reads them, and a value every device needs (the
+        # slots written) is there, not gathered
+        page_rows, tokens, positions, sample_at, n_drafts, next_tokens, slots, sampling = unpack_rows(
+            replicate(host_rows), host_kept, layout, place=replicate)
         net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         page_table = pages[page_rows, :blocks]  # [B, blocks]: the rows' page tables, kept on the device
         # async scheduling: a row whose last token the previous step sampled reads it from the device
         # (slots[:, 0] >= 0), so the host never waits for it (serving/input_batch.py)
         read = slots[:, 0]
-        tokens = tokens.at[:, 0].set(jnp.where(read >= 0, last[jnp.maximum(read, 0)], tokens[:, 0]))
+        tokens = replicate(tokens.at[:, 0].set(jnp.where(read >= 0, last[jnp.maximum(read, 0)], tokens[:, 0])))
         hidden, cache, stats = net.forward_step(tokens, positions, PagedCache(pool, page_table, cache_mesh), absorbed)
         B, W = tokens.shape
         j = jnp.arange(k + 1)
@@ -67,13 +90,17 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         table = table.count(sampling.slot, out, keep)
         if stats:  # ... so its expert loads count once: in the run that did not overflow
             expert_load = expert_load + jnp.where(bad, 0, stats["expert_load"])
-        # each sampling row's last token into its request's slot (the rest into the dump slot)
-        newest = jnp.take_along_axis(out, accepted[:, None], axis=1)[:, 0]
-        last = last.at[jnp.where(bad, last.shape[0] - 2, slots[:, 1])].set(newest)
-        last = last.at[-1].set(bad.astype(jnp.int32))
         # one array to read back per step: per row the tokens accepted, the next drafts, the tokens and
-        # logprobs (serving/sampling.py unpack); then the flag: 1 overflowed, 2 ran after one that did
-        rows_out = jnp.concatenate(head + [data.reshape(B, -1)], axis=1)
+        # logprobs (serving/sampling.py unpack); then the flag: 1 overflowed, 2 ran after one that did.
+        # With each row's last token beside it, it is made whole on every device by one all-gather (the
+        # slots' write and the output each gathered the rows' values before: three collectives a step)
+        newest = jnp.take_along_axis(out, accepted[:, None], axis=1)  # [B, 1]
+        rows_out = replicate(jnp.concatenate(head + [data.reshape(B, -1), newest], axis=1))
+        rows_out, newest = rows_out[:, :-1], rows_out[:, -1]
+        # each sampling row's last token into its request's slot (the rest into the dump slot), the
+        # same writes on every device: left to the partitioner, it split the writes over the ranks and
+        # gathered them back (two more collectives)
+        last = on_every_device(write_last, last, slots[:, 1], newest, bad)
         flag = overflow.astype(jnp.int32) | (poisoned.astype(jnp.int32) << 1)
         return jnp.concatenate([rows_out.reshape(-1), flag[None]]), cache.pool, expert_load, table, last
 
@@ -82,6 +109,6 @@ def build_step(net, mesh, cache_mesh, slots: int, drafts: int = 0):
         replicated, by_rank = logical_sharding(mesh), logical_sharding(mesh, "batch")
         shardings = (replicated, logical_sharding(mesh, *POOL_AXES), replicated,
                      PenaltyTable.Device(by_rank, by_rank, slots, cache_mesh), replicated)
-    return leaves, step, dict(static_argnames=("absorbed", "blocks"),
+    return leaves, step, dict(static_argnames=("absorbed", "blocks", "layout"),
                               donate_argnames=("pool", "expert_load", "table", "last"),
                               out_shardings=shardings)
