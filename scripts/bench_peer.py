@@ -18,9 +18,12 @@ Reported per system and dtype: ms per decode step (over --steps consecutive step
 steps: the peer's decode_step waited on per step, as its main.py loop reads each token; jaxseek's
 Engine.step, which reads its tokens every step, one step late under async scheduling, the default;
 --no-async-scheduling: each step read before the next is dispatched) and tokens/s (batch / step).
-Each system runs its block alone: on a shared machine, compare runs made under the same load. jaxseek compiles its decode program in its
-first settling step (the bench runs no Engine.warmup): counted apart from the measured steps, which
-must compile nothing.
+Each system runs its block alone: on a shared machine, compare runs made under the same load. jaxseek
+is warmed up first (Engine.warmup on a deployment narrowed to the workload: the decode programs of
+every page-table width the run reaches, as the context grows, at every EP capacity level); its
+compilations while settling and while measured are reported, and must be 0.
+Per decode step the EP capacity level matters: an overflow (skewed routing) raises it for a window of
+steps (serving/runner.py CapacityWindow), each of which runs a larger expert bucket.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def jaxseek_stepper(model: Path, deployment: str, dtype, batch: int, prompt_len:
     from serving import LLM, SamplingParams
     llm = LLM(model, deployment=narrowed(deployment, batch, prompt_len, steps + 8), dtype=dtype, speculative=None,
               async_scheduling=async_scheduling)
-    engine = llm.engine  # (no Engine.warmup: the settling steps before the measured ones compile what they run)
+    engine = llm.engine
+    engine.warmup()  # every program the run reaches (the page table widens as the context grows), no more
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
     for _ in range(batch):

@@ -14,7 +14,7 @@ position -1 (nothing written, nothing sampled) and page-table entries past a row
 read, so any larger shape computes the same tokens.
 
 At a raised EP capacity level (a step re-run after its rows overflowed the level's expert buckets,
-and the `capacity_window` steps after it) the page table is always the widest: a raised level is
+and the window of steps after it: serving/runner.py CapacityWindow) the page table is always the widest: a raised level is
 rare and short-lived, and one width there instead of one per context bucket makes about half of
 all programs unnecessary (126 -> 62 on cpu8). An overflowed step's table is widened (`widen`: zero
 columns, never read) before it re-runs.

@@ -4,7 +4,7 @@ It owns the weights (the flat list of arrays the jitted step takes), the paged K
 accumulated expert loads and the compiled steps, one per (devices, EP capacity level). It packs a
 scheduled batch into bucketed arrays, dispatches the step, re-runs a step whose rows overflowed an
 EP capacity bucket at the next level (`finish_steps`: the one overflow retry), brings the level
-back down after `dispatch.capacity_window` steps without an overflow, and warms up every shape
+back down after a window of steps without an overflow (`CapacityWindow`), and warms up every shape
 bucket at every capacity level, so serving never compiles.
 
 The step it dispatches is one pure function (serving/step.py).
@@ -59,6 +59,38 @@ def finish_steps(runners: list, launched: list, read) -> list:
         hosts = [a if x else h for a, h, x in zip(again, hosts, redo)]
 
 
+class CapacityWindow:
+    """When a raised EP capacity level steps back down: after `window` steps in a row without an
+    overflow. The window starts at dispatch.capacity_window and doubles (up to `growth` times that)
+    each time an overflow comes back within a window of a step down, so a lasting skew stays at the
+    raised level and a passing one pays a short window. A raised level costs every step it lasts
+    (larger expert buckets, the widest page table: serving/buckets.py); a re-run costs one step."""
+
+    def __init__(self, first: int, growth: int = 64):
+        self.first, self.longest = first, first * growth
+        self.window, self.clean, self.since_down = first, 0, None  # since_down: steps since the last step down
+
+    def overflowed(self) -> None:
+        soon = self.since_down is not None and self.since_down < self.window
+        self.window = min(2 * self.window, self.longest) if soon else self.first
+        self.clean, self.since_down = 0, None
+
+    def landed(self, raised: bool) -> bool:
+        """A step completed at a raised level or not -> whether the level steps down now."""
+        if self.since_down is not None:
+            self.since_down += 1
+        if not raised:
+            return False
+        self.clean += 1
+        if self.clean < self.window:
+            return False
+        self.clean = 0
+        return True
+
+    def stepped_down(self) -> None:
+        self.since_down = 0
+
+
 class ModelRunner:
     def __init__(self, net, deployment, mesh, counters: dict, role: str = "mixed", drafts: int = 0):
         """drafts: k, the MTP draft tokens per request and step (0: none); the MTP module's KV rows are
@@ -94,7 +126,7 @@ class ModelRunner:
         # One jitted step per (devices, EP capacity level): a resize back to devices served before,
         # or a capacity level seen before, finds its compiled programs again.
         self._steps: dict[tuple, object] = {}
-        self._clean_steps = 0  # steps landed since the last overflow
+        self.capacity_window = CapacityWindow(self.deployment.capacity_window)
         self.mask_words = -(-cfg.vocab_size // 32)  # W: token-mask words per row
         self._use_step()
 
@@ -255,24 +287,23 @@ class ModelRunner:
             blocks, _, tokens = launched.arrays[:3]
             shape = (launched.batch.kind, tokens.shape[0] // self.ranks, tokens.shape[1], blocks)
             self._set_level(self.buckets.retry_level(shape, self.net.ep.level))  # (the next level, once warmed up)
-            self._clean_steps = 0
+            self.capacity_window.overflowed()
             self.counters["ep_overflow_retries"] += 1
         launched.out = self.dispatch(launched.batch.kind, launched.arrays, fresh=True)
         return True
 
     def landed(self) -> None:
         """After a step completed: a window of steps without overflow at a raised capacity level brings
-        the level down one (the next overflow, if the load is still skewed, raises it again)."""
+        the level down one (the next overflow, if the load is still skewed, raises it again:
+        CapacityWindow)."""
         ep = self.net.ep
-        if ep is None or ep.level == 0:
+        if ep is None or not self.capacity_window.landed(raised=ep.level > 0):
             return
-        self._clean_steps += 1
-        if self._clean_steps >= self.deployment.capacity_window:
-            self._clean_steps = 0
-            down = self.buckets.down_level(ep.level)  # (the one below, once warmed up)
-            if down < ep.level:
-                self._set_level(down)
-                self.counters["ep_capacity_steps_down"] += 1
+        down = self.buckets.down_level(ep.level)  # (the one below, once warmed up)
+        if down < ep.level:
+            self._set_level(down)
+            self.capacity_window.stepped_down()
+            self.counters["ep_capacity_steps_down"] += 1
 
     def _set_level(self, level: int) -> None:
         """Steps at this capacity level from now on. Stepping down releases the programs of the level

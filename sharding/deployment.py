@@ -6,7 +6,7 @@
      "mesh": {"dp": 8, "tp": 1, "gpus_per_node": 8},
      "experts": {"redundant": 8, "rebalance_interval": 0, "rebalance_window": 4, "rebalance_threshold": 1.1},
      "dispatch": {"dtype": "auto", "combine_dtype": "auto", "capacity_factors": [2.0, 4.0, null],
-                  "capacity_window": 64, "overlap": "none"},
+                  "capacity_window": 8, "overlap": "none"},
      "kernels": {"attention_decode": "auto", "attention_prefill": "auto", "gemm": "auto", "transport": "auto"},
      "compiler_options": {},
      "serving": {"block_size": 16, "kv_cache_mb": 64, "prefill_tokens": [16, 64, 256], ...},
@@ -187,7 +187,8 @@ class Deployment:
     capacity_factors: tuple[float | None, ...] = (2.0, 4.0, None)
     # After an overflow raised the EP capacity level, this many steps in a row without one bring it
     # back down a level: one skewed batch must not make every later step pay for a larger bucket.
-    capacity_window: int = 64
+    # An overflow soon after a step down doubles the window (serving/runner.py CapacityWindow).
+    capacity_window: int = 8
     overlap: str = "none"  # none | auto (two_batch prefill, five_stage decode) | two_batch | five_stage
     kernels: Kernels = Kernels()  # (a dict is taken as the file's section)
     serving: ServingConfig = ServingConfig()  # (a dict is taken as the file's section)

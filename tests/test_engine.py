@@ -229,6 +229,27 @@ def steps_kept(request, tmp_path, monkeypatch):
         yield request.param
 
 
+def test_capacity_window_doubles_when_the_skew_comes_back_and_resets_when_it_passed():
+    """A raised level steps down after `first` clean steps; an overflow within a window of that step
+    down doubles the window (up to growth x first), one after it starts again at `first`."""
+    from serving.runner import CapacityWindow
+    w = CapacityWindow(4, growth=4)
+
+    def steps_to_step_down():
+        for n in range(1, 100):
+            if w.landed(raised=True):
+                w.stepped_down()
+                return n
+    w.overflowed()
+    assert steps_to_step_down() == 4
+    for expected in (8, 16, 16):  # the skew is back at once, each time: doubled, then capped at 4 x 4
+        w.overflowed()
+        assert steps_to_step_down() == expected
+    assert not any(w.landed(raised=False) for _ in range(16))  # at level 0 nothing steps down
+    w.overflowed()  # 16 steps after the last step down: a new skew, the first window again
+    assert steps_to_step_down() == 4
+
+
 def test_capacity_level_rises_and_steps_back_down_with_nothing_compiled_after_warmup(hf, steps_kept):
     """A capacity bucket far too small: every prefill step overflows after warm-up and re-runs at the
     next EP capacity level, which warm-up compiled (the compilation counter does not move); the decode
