@@ -152,15 +152,20 @@ class MLA(nnx.Module):
 
     def attend_absorbed(self, q_nope, q_pe, rows, mask):
         """Same contract as attend_naive, computed in latent space."""
-        latent, k_pe = jnp.split(rows, [self.cfg.kv_lora_rank], axis=-1)
+        latent = rows[..., :self.cfg.kv_lora_rank]
+        # q_latent . latent + q_pe . k_pe as one product over the cache rows' C = R + P columns (no
+        # slice of the rows for the second)
         q_latent = self.absorb_query(q_nope)
-        scores = (jnp.einsum("bshr,btr->bhst", q_latent, latent, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bshp,btp->bhst", q_pe, k_pe, preferred_element_type=jnp.float32))
+        q_rows = jnp.concatenate([q_latent, q_pe.astype(q_latent.dtype)], axis=-1)  # [B, S, H, C]
+        scores = jnp.einsum("bshc,btc->bhst", q_rows, rows, preferred_element_type=jnp.float32)
         probs = self._softmax(scores, mask).astype(latent.dtype)
-        # on float32 operands (the bf16 probabilities and latents exactly), as XLA:CPU runs a bf16 x bf16 dot
-        # on a slow path and takes no bf16 x bf16 -> float32 one there (measured on cpu8: the bf16 decode
-        # step's slowest GEMMs); the context is rounded to the activations' dtype after, as before
-        context = jnp.einsum("bhst,btr->bshr", probs.astype(jnp.float32), latent.astype(jnp.float32))
+        # probabilities x latents on float32 operands (the bf16 values exactly: XLA:CPU runs a bf16 x
+        # bf16 dot on a slow path and has no bf16 x bf16 -> float32 one) and as a plain batched matmul
+        # [B, H*S, T] x [B, T, R], which XLA:CPU hands to its fast GEMM (YNNPACK): the einsum's operand
+        # order ran as a generic dot, 2.3x slower (docs/PERFORMANCE.md, issue 31). Rounded after.
+        B, H, S, T = probs.shape
+        context = jnp.matmul(probs.reshape(B, H * S, T).astype(jnp.float32), latent.astype(jnp.float32))
+        context = context.reshape(B, H, S, -1).transpose(0, 2, 1, 3)  # [B, S, H, R]
         return self.absorb_output(context.astype(q_nope.dtype))
 
     def __call__(self, x, cos, sin, cache, layer, slots, mask, absorbed: bool):
