@@ -92,22 +92,28 @@ def jaxseek_stepper(model: Path, deployment: str, dtype, batch: int, prompt_len:
     return engine.step, engine
 
 
-def measure(peer_step, jaxseek_step, engine, steps: int, settle: int = 3) -> tuple[float, float, int, int]:
+# while measured: steps re-run after an EP capacity overflow, and the raised levels' steps down
+EP_COUNTERS = ("ep_overflow_retries", "ep_capacity_steps_down")
+
+
+def measure(peer_step, jaxseek_step, engine, steps: int, settle: int = 3) -> tuple[float, float, int, int, dict]:
     """Each system's steps in one consecutive block, after `settle` steps of its own -> (peer ms,
-    jaxseek ms: per step over the block, jaxseek's compilations while settling (its decode program's
-    first run) and while measured). Blocks, not one step each in turn: under async scheduling a
+    jaxseek ms: per step over the block, jaxseek's compilations while settling and while measured,
+    its EP_COUNTERS while measured). Blocks, not one step each in turn: under async scheduling a
     jaxseek step returns with the next one in flight, which would run during the peer's step."""
-    ms, compiled = {}, engine.compilations
+    ms, compiled, counters = {}, engine.compilations, engine.runner.counters
     for name, step in (("peer", peer_step), ("jaxseek", jaxseek_step)):
         for _ in range(settle):  # compile and settle
             step()
         if name == "jaxseek":
             settling, compiled = engine.compilations - compiled, engine.compilations
+            before = {k: counters[k] for k in EP_COUNTERS}
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         ms[name] = 1e3 * (time.perf_counter() - t0) / steps
-    return ms["peer"], ms["jaxseek"], settling, engine.compilations - compiled
+    ep = {f"jaxseek_{k}": counters[k] - before[k] for k in EP_COUNTERS}
+    return ms["peer"], ms["jaxseek"], settling, engine.compilations - compiled, ep
 
 
 def main(argv=None) -> int:
@@ -143,11 +149,11 @@ def main(argv=None) -> int:
         peer_step = peer_stepper(peer, dtype, args.batch, args.prompt_len, args.max_seq_len)
         jaxseek_step, engine = jaxseek_stepper(model, args.deployment, dtype, args.batch, args.prompt_len,
                                                args.steps, args.async_scheduling)
-        theirs, ours, settling, compiled = measure(peer_step, jaxseek_step, engine, args.steps)
+        theirs, ours, settling, compiled, ep = measure(peer_step, jaxseek_step, engine, args.steps)
         rows.append({"dtype": name, "peer_ms_per_step": theirs, "jaxseek_ms_per_step": ours,
                      "peer_tokens_per_s": args.batch / theirs * 1e3, "jaxseek_tokens_per_s": args.batch / ours * 1e3,
                      "jaxseek_over_peer": ours / theirs, "jaxseek_compilations_while_settling": settling,
-                     "jaxseek_compilations_while_measured": compiled})
+                     "jaxseek_compilations_while_measured": compiled, **ep})
         del peer_step, jaxseek_step, engine
         print(f"[bench_peer] {name}: peer {theirs:.1f} ms/step, jaxseek {ours:.1f} ms/step", file=sys.stderr, flush=True)
     result = {"device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "batch": args.batch,
