@@ -27,10 +27,10 @@ from serving.input_batch import InputBatch
 from serving.kv_cache import POOL_AXES, new_pool, read_rank, write_rank, zero_shard
 from serving.request import Batch
 from serving.step import build_step
-from serving.transfer import pack_rows
 from serving.penalties import PenaltyTable
 from serving.sampling import sampling_arrays
 from serving.structured import fill_masks
+from serving.transfer import pack_rows
 from serving.warmup import Warmup
 from sharding.mesh import logical_sharding, logical_size, param_shardings
 
