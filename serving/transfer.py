@@ -2,8 +2,8 @@
 parameters, ...) packed side by side into one int32 buffer [B, K], unpacked inside the compiled step.
 
 Each host array a jitted call receives is its own transfer, and on the CPU mesh each costs about
-0.3 ms of host time (JAX shards it in Python): a step's nineteen cost more than the rest of its host
-work together (docs/PERFORMANCE.md, issue 31). Packed, the host makes one.
+0.3 ms of host time (JAX shards it in Python): a decode step's nineteen cost 5-7 ms of a ~30 ms step
+(docs/DESIGN_NOTES.md, "Host cost of a jitted call"). Packed, the host makes one.
 
 The layout (which leaves are packed, their shapes and dtypes, their columns) is a static argument of
 the step, so each layout is its own program, as each set of shapes was before.
