@@ -162,7 +162,8 @@ class MLA(nnx.Module):
         # probabilities x latents on float32 operands (the bf16 values exactly: XLA:CPU runs a bf16 x
         # bf16 dot on a slow path and has no bf16 x bf16 -> float32 one) and as a plain batched matmul
         # [B, H*S, T] x [B, T, R], which XLA:CPU hands to its fast GEMM (YNNPACK): the einsum's operand
-        # order ran as a generic dot, 2.3x slower (docs/PERFORMANCE.md, issue 31). Rounded after.
+        # order compiled to a generic dot (docs/PERFORMANCE.md, issue 31: the long-context decode
+        # step). Rounded after.
         B, H, S, T = probs.shape
         context = jnp.matmul(probs.reshape(B, H * S, T).astype(jnp.float32), latent.astype(jnp.float32))
         context = context.reshape(B, H, S, -1).transpose(0, 2, 1, 3)  # [B, S, H, R]

@@ -1,9 +1,9 @@
 """One host-to-device transfer per step: the step's per-row host arrays (tokens, positions, sampling
 parameters, ...) packed side by side into one int32 buffer [B, K], unpacked inside the compiled step.
 
-Each host array a jitted call receives is its own transfer, and on the CPU mesh each costs about
-0.3 ms of host time (JAX shards it in Python): a decode step's nineteen cost 5-7 ms of a ~30 ms step
-(docs/DESIGN_NOTES.md, "Host cost of a jitted call"). Packed, the host makes one.
+Each host array a jitted call receives is its own transfer, which JAX shards in Python: a decode
+step's nineteen were the largest host cost of a step (docs/DESIGN_NOTES.md, "Host cost of a jitted
+call"). Packed, the host makes one.
 
 The layout (which leaves are packed, their shapes and dtypes, their columns) is a static argument of
 the step, so each layout is its own program, as each set of shapes was before.
@@ -14,9 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-WORD = np.dtype(np.int32)
-
 
 def _packable(a, rows: int) -> bool:
     return isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == rows and a.dtype.kind in "biuf" \

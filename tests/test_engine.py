@@ -229,6 +229,30 @@ def steps_kept(request, tmp_path, monkeypatch):
         yield request.param
 
 
+def test_host_arrays_packed_as_one_buffer_come_back_exactly():
+    """pack_rows / unpack_rows (serving/transfer.py): every row-shaped leaf of these dtypes (bool and
+    int8 widened, float32 and int32 bit-cast) goes into one int32 buffer and comes back bit for bit
+    inside a jitted function; leaves of another row count, or 8-byte ones, are passed beside it."""
+    import jax
+
+    from serving.transfer import pack_rows, unpack_rows
+    rng = np.random.default_rng(0)
+    tree = {"tokens": rng.integers(-5, 1000, (4, 3)).astype(np.int32), "mask": rng.random(4) > 0.5,
+            "temp": np.array([0.0, -1.5, np.inf, np.nan], np.float32), "small": np.int8([-128, -1, 0, 127]),
+            "nested": (rng.random((4, 2, 2)).astype(np.float32), np.uint8([0, 1, 254, 255])),
+            "seeds": np.arange(4, dtype=np.int64), "other_rows": np.arange(3, dtype=np.int32)}
+    buffer, kept, layout = pack_rows(tree, 4)
+    assert buffer.dtype == np.int32 and buffer.shape == (4, 3 + 1 + 1 + 1 + 4 + 1) and len(kept) == 2
+    out = jax.jit(lambda b, k: unpack_rows(b, k, layout))(buffer, kept)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(out)):
+        got = np.asarray(got)
+        if any(want is k for k in kept):  # (passed as they are: jax.jit makes int64 int32)
+            assert np.array_equal(got, want), path
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape, path
+        assert want.tobytes() == got.tobytes(), path
+
+
 def test_capacity_window_doubles_when_the_skew_comes_back_and_resets_when_it_passed():
     """A raised level steps down after `first` clean steps; an overflow within a window of that step
     down doubles the window (up to growth x first), one after it starts again at `first`."""
